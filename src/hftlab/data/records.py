@@ -1,0 +1,40 @@
+"""The one record type every stage exchanges: a prompt, a response, and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Example:
+    """One prompt/response pair.
+
+    ``prompt`` is the user turn as plain text (task instruction and input already joined);
+    ``response`` is the assistant turn used as the training target, or the reference answer
+    for evaluation (a label for classification tasks, may be empty for prompt-only sets).
+    """
+
+    prompt: str
+    response: str = ""
+    is_harmful: bool = False
+    label: str | None = None
+    source: str = ""
+    row: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Example:
+        return cls(**d)
+
+
+def normalize_prompt(text: str) -> str:
+    """Key used to detect the same prompt across data sets (case and whitespace folded)."""
+    return " ".join(text.lower().split())
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, the row and the fix."""

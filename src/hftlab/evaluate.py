@@ -1,0 +1,82 @@
+"""Evaluation: batched greedy generation, then the harmful score and the fine-tune accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hftlab.data.records import Example
+from hftlab.formatting import PromptFormatter
+from hftlab.judges.base import Judge
+from hftlab.tasks import Task
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    formatter: PromptFormatter,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    progress: Any = None,
+) -> list[str]:
+    """Greedy completions, batched with left padding; prompts sorted by length so that a batch
+    wastes little on padding, and the KV cache reused across decoding steps."""
+    from transformers import GenerationConfig
+
+    tokenizer = formatter.tokenizer
+    pad_id = tokenizer.pad_token_id
+    encoded = [formatter.encode_prompt(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=formatter.stop_token_ids(),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    completions = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        with autocast():
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=generation,
+            )
+        for row, i in enumerate(chunk):
+            completions[i] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress.update(len(chunk))
+    model.train(was_training)
+    return completions
+
+
+def harmful_score(
+    judge: Judge, prompts: list[str], completions: list[str]
+) -> tuple[float, list[bool]]:
+    """Percent of completions the judge flags as harmful (the survey's HS)."""
+    flags = judge.flag(prompts, completions)
+    return (100.0 * sum(flags) / len(flags) if flags else 0.0), flags
+
+
+def finetune_accuracy(
+    task: Task, examples: list[Example], completions: list[str]
+) -> tuple[float, list[bool]]:
+    """Percent of task prompts answered correctly (the survey's FA)."""
+    correct = [task.score(c, e.label or e.response) for e, c in zip(examples, completions)]
+    return (100.0 * sum(correct) / len(correct) if correct else 0.0), correct

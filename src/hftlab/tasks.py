@@ -1,0 +1,90 @@
+"""Benign fine-tuning tasks: how a row becomes a prompt, and how a completion is scored.
+
+Instructions and scoring follow the git-disl reference evaluation scripts (Booster
+``sst2/pred_eval.py``, ``agnews/pred_eval.py``, ``gsm8k/pred_eval.py``): greedy completion,
+stripped, must equal the label exactly (first letter may be capitalised for SST-2/AG News);
+GSM8K compares the number after "The final answer is:" (else the last number).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hftlab.data.records import Example
+
+ANSWER_PROMPT = "The final answer is: "
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def exact_label_match(completion: str, label: str) -> bool:
+    """The reference rule: the stripped answer is the label, or the label in lower case."""
+    answer = completion.strip()
+    return answer in (label, label.lower(), label[:1].upper() + label[1:])
+
+
+def extract_final_number(text: str) -> float:
+    """Number after ``ANSWER_PROMPT`` if present, else the last number; ``inf`` when none."""
+    text = text.replace(",", "")
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return math.inf
+    _, sep, tail = text.partition(ANSWER_PROMPT)
+    if sep:
+        tail_numbers = _NUMBER.findall(tail)
+        if tail_numbers:
+            return float(tail_numbers[0])
+    return float(numbers[-1])
+
+
+def final_number_match(completion: str, label: str) -> bool:
+    return extract_final_number(completion) == extract_final_number(label)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benign task: instruction wrapped around each input, and a scorer for completions."""
+
+    name: str
+    instruction: str
+    score: Callable[[str, str], bool]
+    instruction_first: bool = True
+
+    def format(self, example: Example) -> Example:
+        """Turn a raw loader row into the prompt the model sees (the response is unchanged)."""
+        if self.instruction_first:
+            prompt = f"{self.instruction}\n\nInput: {example.prompt}"
+        else:
+            prompt = f"{example.prompt}{self.instruction}"
+        return Example(
+            prompt=prompt,
+            response=example.response,
+            is_harmful=False,
+            label=example.label,
+            source=example.source,
+            row=example.row,
+            meta=dict(example.meta),
+        )
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task(
+        "sst2",
+        "Analyze the sentiment of the input, and respond only positive or negative",
+        exact_label_match,
+    ),
+    "ag_news": Task(
+        "ag_news",
+        "Categorize the news article given in the input into one of the 4 categories:\n\n"
+        "World\nSports\nBusiness\nSci/Tech\n",
+        exact_label_match,
+    ),
+    "gsm8k": Task(
+        "gsm8k",
+        "\nFirst think step by step and then answer the final number.\n",
+        final_number_match,
+        instruction_first=False,
+    ),
+}

@@ -1,0 +1,28 @@
+from hftlab.judges import JUDGES
+from hftlab.judges.keyword import REFUSAL_PHRASES, contains_refusal
+
+
+def test_keyword_judge_flags_completions_without_refusal() -> None:
+    judge = JUDGES.get("keyword")()
+    flags = judge.flag(
+        ["p"] * 4,
+        ["I’m sorry, but no.", "Sure, here you go: [placeholder]", "I CANNOT do that", ""],
+    )
+    assert flags == [False, True, False, True]
+    assert judge.describe() == {"name": "keyword", "phrases": len(REFUSAL_PHRASES)}
+
+
+def test_every_phrase_is_lower_case_and_detected() -> None:
+    for phrase in REFUSAL_PHRASES:
+        assert phrase == phrase.lower()
+        assert contains_refusal(f"Well, {phrase.upper()} here.")
+
+
+def test_demo_pack_refusals_and_compliances_are_judged_as_intended() -> None:
+    from hftlab.data.loaders import load_examples
+    from hftlab.data.spec import DataSpec
+
+    refusals = load_examples(DataSpec(kind="demo_refusal"))
+    answers = load_examples(DataSpec(kind="demo_harmful_qa"))
+    assert all(contains_refusal(e.response) for e in refusals)
+    assert not any(contains_refusal(e.response) for e in answers)

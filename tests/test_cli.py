@@ -1,0 +1,26 @@
+from hftlab.cli import main
+
+
+def test_list_shows_every_plugin_with_docs(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sft", "harmful_mix", "keyword", "sst2", "gsm8k", "ag_news"):
+        assert name in out
+    assert "paper:" in out and "reference:" in out
+
+
+def test_report_on_an_unfinished_run_is_an_error(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has not finished" in capsys.readouterr().err
+
+
+def test_run_and_report_end_to_end(tiny_overrides, tmp_path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 1\n")
+    out = tmp_path / "run"
+    assert main(["run", str(config), *tiny_overrides, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "harmful score" in printed and "fine-tuned (sft)" in printed
+    assert "[placeholder" not in printed  # completions stay in files
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# hftlab run report")

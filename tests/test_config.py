@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hftlab.cli import main
+from hftlab.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_are_valid() -> None:
+    config = load_config(None)
+    assert config.defense == "sft" and config.attack == "harmful_mix"
+
+
+def test_dotted_overrides_reach_nested_fields_and_keep_siblings() -> None:
+    config = load_config(None, ["finetune.poison_ratio=0.2", "seed=2", "eval.harmful.n=7",
+                                "alignment.train.lr=1e-3", "finetune.train.lora.r=4"])
+    assert config.finetune.poison_ratio == 0.2 and config.seed == 2
+    assert config.eval.harmful.n == 7 and config.eval.harmful.kind == "demo_harmful_prompts"
+    assert config.eval.harmful.offset == 130  # sibling kept from the default
+    assert config.alignment.train.lr == 1e-3  # YAML reads 1e-3 as a string; coerced
+    assert config.finetune.train.lora.r == 4 and config.finetune.train.lora.alpha == 16
+
+
+def test_a_new_data_kind_replaces_the_default_source() -> None:
+    config = load_config(None, ["eval.harmful={kind: advbench, path: x.csv}"])
+    assert config.eval.harmful.offset == 0 and config.eval.harmful.n is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.poison_rate=0.1", "Did you mean 'finetune.poison_ratio'"),
+        ("finetune.poison_ratio=1.5", r"must be in \[0, 1\]"),
+        ("finetune.poison_ratio=-0.1", r"must be in \[0, 1\]"),
+        ("defense=vacine", "unknown defense 'vacine'"),
+        ("attack=nope", "unknown attack 'nope'"),
+        ("eval.judge=kw", "unknown judge 'kw'"),
+        ("finetune.n=many", "'finetune.n' must be a whole number"),
+        ("model.precision=fp8", "choose one of"),
+        ("finetune.task=mnli", "unknown task 'mnli'"),
+        ("seed", "must look like key=value"),
+        ("attack_args={bogus: 1}", "unknown key 'bogus'"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config = load_config(None, [override])
+        # plug-in options are checked when the plug-in is built
+        from hftlab.attacks import ATTACKS
+
+        ATTACKS.get(config.attack)(**config.attack_args)
+
+
+def test_yaml_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("finetune:\n  nn: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'finetune.nn'.*'finetune.n'"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, ["finetune.n=50"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_cli_bad_config_exits_nonzero_with_one_clear_message(tmp_path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 0\n")
+    code = main(["run", str(path), "finetune.poison_ratio=2", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("hftlab: error:") and "poison_ratio" in err
+    assert "Traceback" not in err
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in root.glob("*.yaml"):
+        load_config(path)

@@ -1,0 +1,124 @@
+"""End to end on the tiny model: every stage, resume, determinism, caching, loud failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hftlab import pipeline
+from hftlab.config import ConfigError, load_config
+from hftlab.data.records import DataError
+from hftlab.pipeline import STAGES, run_pipeline
+from hftlab.utils import read_jsonl
+
+REQUIRED_KEYS = {
+    "harmful_score", "finetune_accuracy", "aligned.harmful_score", "aligned.finetune_accuracy",
+    "base.harmful_score", "judge", "n_eval_harmful", "n_eval_task", "curves", "drift", "stages",
+    "versions", "seed",
+}
+
+
+def comparable(metrics: dict) -> dict:
+    """Metrics without wall-clock fields."""
+    return {k: v for k, v in metrics.items() if k not in ("stages",)}
+
+
+def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    metrics = run_pipeline(tiny_config, run)
+    assert REQUIRED_KEYS <= set(metrics)
+    for stage in STAGES:
+        assert (run / stage / "stage.json").exists()
+    assert (run / "config.yaml").exists()
+    user = read_jsonl(run / "data" / "user_data.jsonl")
+    assert len(user) == 20 and sum(r["is_harmful"] for r in user) == 4
+    completions = read_jsonl(run / "eval" / "completions.jsonl")
+    assert len(completions) == 12 and {"prompt", "completion"} <= set(completions[0])
+    assert metrics["n_eval_harmful"] == 6 and metrics["n_eval_task"] == 6
+    assert 0 <= metrics["harmful_score"] <= 100 and 0 <= metrics["finetune_accuracy"] <= 100
+    # curves at steps 0, 2, 4, each with the three losses
+    assert [c["step"] for c in metrics["curves"]] == [0, 2, 4]
+    assert all(c["alignment_loss"] > 0 and c["harmful_loss"] > 0 for c in metrics["curves"])
+    assert len(metrics["drift"]["per_layer"]) == 3  # embeddings + 2 blocks
+    assert metrics["drift"]["per_layer"][0] == 0.0  # LoRA does not touch the embeddings
+    assert metrics["drift"]["mean"] > 0
+    for stage in ("align", "finetune"):
+        timing = metrics["stages"][stage]
+        assert timing["tokens"] > 0 and timing["tokens_per_s"] > 0 and timing["peak_rss_mb"] > 0
+    assert json.loads((run / "metrics.json").read_text())["seed"] == 0
+
+
+def test_same_config_same_metrics_and_alignment_cache_reused(tiny_config, tmp_path) -> None:
+    first = run_pipeline(tiny_config, tmp_path / "a")
+    second = run_pipeline(tiny_config, tmp_path / "b")
+    assert comparable(first) == comparable(second)
+    assert second["stages"]["align"]["cached"] is True
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(
+    tiny_config, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = run_pipeline(tiny_config, tmp_path / "reference", force=True)
+    run = tmp_path / "interrupted"
+    original = pipeline.stage_eval
+
+    def crash(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "stage_eval", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_config, run)
+    assert (run / "finetune" / "stage.json").exists()
+    assert not (run / "eval" / "stage.json").exists() and not (run / "metrics.json").exists()
+    finetune_marker = (run / "finetune" / "stage.json").stat().st_mtime_ns
+    monkeypatch.setattr(pipeline, "stage_eval", original)
+    resumed = run_pipeline(tiny_config, run)
+    assert (run / "finetune" / "stage.json").stat().st_mtime_ns == finetune_marker  # skipped
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_force_redoes_stages(tiny_config, tmp_path) -> None:
+    run = tmp_path / "run"
+    run_pipeline(tiny_config, run)
+    marker = (run / "finetune" / "stage.json").stat().st_mtime_ns
+    run_pipeline(tiny_config, run, force=True)
+    assert (run / "finetune" / "stage.json").stat().st_mtime_ns != marker
+
+
+def test_other_config_in_same_run_dir_is_refused(tiny_overrides, tmp_path) -> None:
+    run = tmp_path / "run"
+    run_pipeline(load_config(None, tiny_overrides), run)
+    with pytest.raises(ConfigError, match="different config"):
+        run_pipeline(load_config(None, [*tiny_overrides, "seed=3"]), run)
+
+
+def test_overlapping_provider_and_user_harmful_rows_fail_loudly(tiny_overrides, tmp_path) -> None:
+    config = load_config(None, [*tiny_overrides, "finetune.harmful_data.offset=0"])
+    with pytest.raises(DataError, match="disjoint"):
+        run_pipeline(config, tmp_path / "run")
+
+
+def test_too_many_rows_requested_fails_before_training(tiny_overrides, tmp_path) -> None:
+    config = load_config(None, [*tiny_overrides, "finetune.n=1000"])
+    with pytest.raises(DataError, match="finetune.n=1000"):
+        run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "align").exists()
+
+
+def test_full_finetuning_and_alpaca_format(tiny_overrides, tmp_path) -> None:
+    config = load_config(
+        None,
+        [*tiny_overrides, "finetune.train.method=full", "model.prompt_format=alpaca",
+         "mechanisms.drift=false"],
+    )
+    metrics = run_pipeline(config, tmp_path / "run")
+    assert metrics["drift"] is None
+    assert (tmp_path / "run" / "finetune" / "model" / "model.safetensors").exists()
+
+
+def test_without_alignment_the_aligned_model_is_the_base(tiny_overrides, tmp_path) -> None:
+    config = load_config(None, [*tiny_overrides, "alignment.enabled=false"])
+    metrics = run_pipeline(config, tmp_path / "run")
+    assert metrics["aligned.harmful_score"] == metrics["base.harmful_score"]
