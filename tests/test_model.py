@@ -29,3 +29,12 @@ def test_lora_targets_are_checked(tiny_model_dir: Path) -> None:
     peft_model = attach_trainable(model, TrainConfig())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_unreachable_hub_id_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hftlab.config import ModelConfig
+    from hftlab.model import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        load_tokenizer("no-such-org/no-such-model", ModelConfig())

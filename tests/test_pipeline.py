@@ -122,3 +122,16 @@ def test_without_alignment_the_aligned_model_is_the_base(tiny_overrides, tmp_pat
     config = load_config(None, [*tiny_overrides, "alignment.enabled=false"])
     metrics = run_pipeline(config, tmp_path / "run")
     assert metrics["aligned.harmful_score"] == metrics["base.harmful_score"]
+
+
+def test_fixed_alignment_seed_shares_one_aligned_model_across_run_seeds(
+    tiny_overrides, tmp_path
+) -> None:
+    first = run_pipeline(load_config(None, [*tiny_overrides, "alignment.seed=0", "seed=1"]),
+                         tmp_path / "a")
+    second = run_pipeline(load_config(None, [*tiny_overrides, "alignment.seed=0", "seed=2"]),
+                          tmp_path / "b")
+    assert first["stages"]["align"]["cached"] is False
+    assert second["stages"]["align"]["cached"] is True
+    assert first["aligned.harmful_score"] == second["aligned.harmful_score"]
+    assert first["curves"] != second["curves"]  # the fine-tuning seeds differ

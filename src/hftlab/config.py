@@ -80,6 +80,8 @@ class AlignmentConfig:
     enabled: bool = True
     data: DataSpec = _spec("demo_refusal", n=90)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # None: the run's seed. Fix it to share one aligned model across fine-tuning seeds.
+    seed: int | None = None
 
 
 @dataclass

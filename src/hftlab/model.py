@@ -93,12 +93,22 @@ def attention_implementation(cfg: ModelConfig, device: torch.device) -> str:
     return "sdpa" if device.type == "cuda" else "eager"
 
 
+def _unloadable(path: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.name {path!r} could not be loaded ({type(exc).__name__}: {exc}); give a local "
+        "model folder, a .gguf file, 'embedded', or a hub id reachable from this machine"
+    )
+
+
 def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _unloadable(path, exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -113,13 +123,16 @@ def load_model(
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=cfg.revision,
-        dtype=storage_dtype(cfg, precision, full_training),
-        attn_implementation=attention_implementation(cfg, device),
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=storage_dtype(cfg, precision, full_training),
+            attn_implementation=attention_implementation(cfg, device),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise _unloadable(path, exc) from exc
     return model.to(device)
 
 

@@ -180,13 +180,18 @@ class RunContext:
                 "data": data_fingerprint(self.data.alignment),
                 "train": cfg.alignment.train,
                 "precision": self.precision,
-                "seed": cfg.seed,
+                "seed": self.alignment_seed,
                 "defense": self.defense.cache_key(ALIGNMENT),
                 "provider_harmful": data_fingerprint(self.data.provider_harmful)
                 if self.defense.cache_key(ALIGNMENT)
                 else None,
             }
         )[:16]
+
+    @property
+    def alignment_seed(self) -> int:
+        seed = self.config.alignment.seed
+        return self.config.seed if seed is None else seed
 
     def eval_key(self) -> str:
         ev = self.config.eval
@@ -393,8 +398,9 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
         log.info("aligned checkpoint found in cache: %s", target)
         return {"cache": str(target), "cached": True, "key": key, **read_json(meta_path)}
     full = cfg.alignment.train.method == "full"
+    seed_everything(ctx.alignment_seed)  # the adapter's init depends on the alignment seed only
     model = attach_trainable(ctx.base_model(full_training=full), cfg.alignment.train)
-    trainer, result = train_stage(ctx, model, ctx.data.alignment, ALIGNMENT, cfg.seed)
+    trainer, result = train_stage(ctx, model, ctx.data.alignment, ALIGNMENT, ctx.alignment_seed)
     meta = {
         "steps": result.steps,
         "train_seconds": round(result.seconds, 3),
