@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.config import ModelConfig, TrainConfig
+from hftlab.context import resolve_precision
 from hftlab.data.loaders import load_examples
 from hftlab.data.spec import DataSpec
 from hftlab.defenses import DEFENSES
 from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.model import attach_trainable, load_model, load_tokenizer, resolve_model_path
-from hftlab.pipeline import resolve_precision
 from hftlab.tasks import TASKS
 from hftlab.train import IGNORE_INDEX, SFTTrainer, collate
 
@@ -72,8 +72,11 @@ def fresh_model(path: str, train: TrainConfig, model_cfg: ModelConfig | None, pr
     return attach_trainable(model, train)
 
 
-def run_baseline(path: str, items: list[Tokenized], train: TrainConfig, pad_id: int) -> dict:
-    """``transformers.Trainer`` with its defaults for SFT on a CPU."""
+def run_baseline(
+    path: str, items: list[Tokenized], train: TrainConfig, pad_id: int, bf16: bool = False
+) -> dict:
+    """``transformers.Trainer`` with its defaults for SFT on a CPU (``bf16=True``: its own
+    mixed precision, autocast over fp32 weights)."""
     from transformers import Trainer, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
@@ -107,6 +110,7 @@ def run_baseline(path: str, items: list[Tokenized], train: TrainConfig, pad_id: 
         save_strategy="no",
         report_to=[],
         use_cpu=True,
+        bf16=bf16,
         seed=0,
         disable_tqdm=True,
     )
@@ -192,9 +196,11 @@ def main() -> None:
           f"LoRA r={train.lora.r} on {len(train.lora.target_modules)} modules · "
           f"threads {torch.get_num_threads()} · hftlab precision {precision}")
     runs = {"transformers.Trainer (baseline)": run_baseline(path, items, train, pad_id)}
-    runs["hftlab"] = run_hftlab(path, items, train, pad_id, precision)
-    if args.ablate:
-        runs["hftlab fp32"] = run_hftlab(path, items, train, pad_id, "fp32")
+    runs["hftlab fp32"] = run_hftlab(path, items, train, pad_id, "fp32")
+    if precision == "bf16":
+        runs["transformers.Trainer bf16=True"] = run_baseline(path, items, train, pad_id, True)
+        runs["hftlab bf16"] = run_hftlab(path, items, train, pad_id, precision)
+    if args.ablate and precision == "bf16":
         runs["hftlab fp32 weights + autocast"] = run_hftlab(
             path, items, train, pad_id, precision, model_cfg=ModelConfig(dtype="float32")
         )
@@ -212,6 +218,15 @@ def main() -> None:
         rate = r["tokens"] / r["seconds"]
         print(f"{name:<34}{r['tokens']:>8}{r['seconds']:>9.1f}{rate:>8.0f}"
               f"{rate / base_rate:>6.2f}×{r['mean_loss']:>11.4f}")
+    print("\nsame precision, side by side (ratio at matching numerics):")
+    pairs = [("hftlab fp32", "transformers.Trainer (baseline)"),
+             ("hftlab bf16", "transformers.Trainer bf16=True")]
+    for ours, theirs in pairs:
+        if ours in runs and theirs in runs:
+            a, b = runs[ours], runs[theirs]
+            ratio = (a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"])
+            print(f"  {ours} / {theirs}: {ratio:.2f}× · mean loss "
+                  f"{a['mean_loss']:.4f} vs {b['mean_loss']:.4f}")
 
 
 if __name__ == "__main__":

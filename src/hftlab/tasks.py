@@ -58,15 +58,7 @@ class Task:
             prompt = f"{self.instruction}\n\nInput: {example.prompt}"
         else:
             prompt = f"{example.prompt}{self.instruction}"
-        return Example(
-            prompt=prompt,
-            response=example.response,
-            is_harmful=False,
-            label=example.label,
-            source=example.source,
-            row=example.row,
-            meta=dict(example.meta),
-        )
+        return example.replace(prompt=prompt, is_harmful=False)
 
 
 TASKS: dict[str, Task] = {

@@ -34,6 +34,13 @@ def test_not_enough_rows_is_an_error(n: int, p: float, message: str) -> None:
         ATTACKS.get("harmful_mix")().build(inputs(n, p))
 
 
+def test_unknown_sampling_is_a_config_error() -> None:
+    from hftlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use first or random"):
+        ATTACKS.get("harmful_mix")(sample="last")
+
+
 def test_p_zero_and_one() -> None:
     attack = ATTACKS.get("harmful_mix")()
     assert not any(r.is_harmful for r in attack.build(inputs(10, 0.0)))

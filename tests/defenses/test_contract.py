@@ -21,7 +21,7 @@ def test_defense_runs_every_stage(name: str, tiny_overrides, tmp_path) -> None:
     metrics = run_pipeline(config, run)
     assert all(math.isfinite(c[k]) for c in metrics["curves"]
                for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    from hftlab.pipeline import RunContext
+    from hftlab.context import RunContext
 
     ctx = RunContext(config, run)
     tuned = finetuned_model(ctx)

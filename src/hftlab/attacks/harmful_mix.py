@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 from hftlab.attacks.base import ATTACKS, Attack, AttackInputs
+from hftlab.config import ConfigError
 from hftlab.data.records import DataError, Example
 
 
@@ -28,9 +29,11 @@ class HarmfulMix(Attack):
     class Options:
         sample: str = "first"  # first | random
 
+        def __post_init__(self) -> None:
+            if self.sample not in ("first", "random"):
+                raise ConfigError(f"attack_args.sample is {self.sample!r}; use first or random")
+
     def build(self, inputs: AttackInputs) -> list[Example]:
-        if self.options.sample not in ("first", "random"):
-            raise DataError(f"attack_args.sample is {self.options.sample!r}; use first or random")
         n_harmful = int(inputs.n * inputs.poison_ratio)
         n_benign = inputs.n - n_harmful
         if n_harmful > len(inputs.harmful):
@@ -50,18 +53,6 @@ class HarmfulMix(Attack):
             benign = rng.sample(inputs.task, n_benign)
         else:
             harmful, benign = inputs.harmful[:n_harmful], inputs.task[:n_benign]
-        rows = [_as_harmful(e) for e in harmful] + benign
+        rows = [e.replace(is_harmful=True) for e in harmful] + benign
         rng.shuffle(rows)
         return rows
-
-
-def _as_harmful(example: Example) -> Example:
-    return Example(
-        prompt=example.prompt,
-        response=example.response,
-        is_harmful=True,
-        label=example.label,
-        source=example.source,
-        row=example.row,
-        meta=dict(example.meta),
-    )

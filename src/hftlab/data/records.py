@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ class Example:
     source: str = ""
     row: int = -1
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Example:
+        """A copy with ``changes`` applied (``meta`` copied, never shared)."""
+        return dataclasses.replace(self, **{"meta": dict(self.meta), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from hftlab.data.records import Example
 from hftlab.registry import Plugin, Registry
 
 if TYPE_CHECKING:
-    from hftlab.pipeline import RunContext
+    from hftlab.context import RunContext
     from hftlab.train import Batch, SFTTrainer
 
 ALIGNMENT, FINETUNE, POST_FINETUNE = "alignment", "finetune", "post_finetune"

@@ -1,0 +1,236 @@
+"""What the stages share: the run's config, devices and precision, tokenizer and plug-ins, and
+every data set the run reads, loaded once, split into its roles and checked for overlaps."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hftlab.attacks import ATTACKS, AttackInputs
+from hftlab.config import Config
+from hftlab.data.loaders import data_fingerprint, load_examples
+from hftlab.data.records import DataError, Example, normalize_prompt
+from hftlab.data.spec import DataSpec
+from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, Defense
+from hftlab.formatting import PromptFormatter, Tokenized
+from hftlab.judges import JUDGES
+from hftlab.model import load_model, load_tokenizer, resolve_model_path
+from hftlab.tasks import TASKS
+from hftlab.utils import read_json, stable_hash
+
+log = logging.getLogger(__name__)
+MARKER = "stage.json"
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware computes it natively, else fp32."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on ``device`` when ``precision`` is bf16; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunData:
+    """Every data set a run reads, loaded once and split into its roles."""
+
+    alignment: list[Example]
+    user: list[Example]
+    mech_alignment: list[Example]
+    mech_harmful: list[Example]
+    eval_harmful: list[Example]
+    eval_task: list[Example]
+    provider_harmful: list[Example]
+    overlaps: dict[str, int] = field(default_factory=dict)
+
+
+class RunContext:
+    """Everything the stages share: config, folders, tokenizer, plug-ins, devices."""
+
+    def __init__(self, config: Config, run_dir: Path, force: bool = False) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.run_dir = run_dir
+        self.force = force
+        self.cache_dir = config.resolved_cache_dir()
+        self.data_root = config.resolved_data_root()
+        # Mixed precision is our own autocast (see SFTTrainer.autocast), so one process can run
+        # configs of different precisions; accelerate supplies devices and data parallelism.
+        self.accelerator = Accelerator(mixed_precision="no")
+        self.device = self.accelerator.device
+        self.precision = resolve_precision(config.model.precision, self.device)
+        self.defense: Defense = DEFENSES.get(config.defense)(**config.defense_args)
+        self.attack = ATTACKS.get(config.attack)(**config.attack_args)
+        self.judge = JUDGES.get(config.eval.judge)(**config.eval.judge_args)
+        self.task = TASKS[config.finetune.task]
+        self.model_path = resolve_model_path(config.model.name, self.cache_dir)
+        self.tokenizer = load_tokenizer(self.model_path, config.model)
+        self.formatter = PromptFormatter(self.tokenizer, config.model)
+        self._data: RunData | None = None
+
+    # ----------------------------------------------------------------------------- helpers
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast(self) -> Any:
+        return autocast_context(self.device, self.precision)
+
+    def load(self, spec: DataSpec) -> list[Example]:
+        return load_examples(spec, self.data_root)
+
+    def tokenize(self, examples: list[Example], max_length: int) -> list[Tokenized]:
+        """Token ids of ``examples``; rows whose prompt alone fills ``max_length`` have nothing
+        left to learn from and are dropped, with a warning that counts them."""
+        items = [self.formatter.encode(e, max_length) for e in examples]
+        kept = [item for item in items if item.n_supervised > 0]
+        if len(kept) < len(items):
+            log.warning(
+                "%d of %d rows have no answer tokens left after truncation to max_length=%d "
+                "and are skipped; raise train.max_length to keep them",
+                len(items) - len(kept), len(items), max_length,
+            )
+        return kept
+
+    def base_model(self, full_training: bool = False) -> torch.nn.Module:
+        return load_model(
+            self.model_path, self.config.model, self.device, self.precision, full_training
+        )
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def stage_info(self, stage: str) -> dict[str, Any]:
+        return read_json(self.stage_dir(stage) / MARKER)
+
+    @property
+    def data(self) -> RunData:
+        if self._data is None:
+            self._data = load_run_data(self)
+        return self._data
+
+    def model_key(self) -> dict[str, Any]:
+        cfg = self.config.model
+        return {
+            "model": self.model_path,
+            "revision": cfg.revision,
+            "dtype": cfg.dtype,
+            "attn_implementation": cfg.attn_implementation,
+            "prompt_format": cfg.prompt_format,
+            "system_prompt": cfg.system_prompt,
+        }
+
+    def alignment_key(self) -> str:
+        cfg = self.config
+        return stable_hash(
+            {
+                **self.model_key(),
+                "enabled": cfg.alignment.enabled,
+                "data": data_fingerprint(self.data.alignment),
+                "train": cfg.alignment.train,
+                "precision": self.precision,
+                "seed": self.alignment_seed,
+                "defense": self.defense.cache_key(ALIGNMENT),
+                "provider_harmful": data_fingerprint(self.data.provider_harmful)
+                if self.defense.cache_key(ALIGNMENT)
+                else None,
+            }
+        )[:16]
+
+    @property
+    def alignment_seed(self) -> int:
+        seed = self.config.alignment.seed
+        return self.config.seed if seed is None else seed
+
+    def eval_key(self) -> str:
+        ev = self.config.eval
+        return stable_hash(
+            {
+                "harmful": data_fingerprint(self.data.eval_harmful),
+                "task": data_fingerprint(self.data.eval_task),
+                "task_name": self.task.name,
+                "judge": self.judge.describe(),
+                "max_new_tokens": ev.max_new_tokens,
+                "task_max_new_tokens": ev.task_max_new_tokens,
+                "precision": self.precision,
+            }
+        )[:16]
+
+
+# -------------------------------------------------------------------------------- the data
+
+
+def load_run_data(ctx: RunContext) -> RunData:
+    cfg = ctx.config
+    ft = cfg.finetune
+    task_rows = [ctx.task.format(e) for e in ctx.load(ft.task_data)]
+    harmful_rows = ctx.load(ft.harmful_data)
+    user = ctx.attack.build(AttackInputs(task_rows, harmful_rows, ft.n, ft.poison_ratio, cfg.seed))
+    mech = cfg.mechanisms
+    data = RunData(
+        alignment=ctx.load(cfg.alignment.data) if cfg.alignment.enabled else [],
+        user=ctx.defense.prepare_data(FINETUNE, user, ctx),
+        mech_alignment=ctx.load(mech.alignment_data) if mech.every or mech.drift else [],
+        mech_harmful=ctx.load(mech.harmful_data) if mech.every else [],
+        eval_harmful=ctx.load(cfg.eval.harmful),
+        eval_task=[ctx.task.format(e) for e in ctx.load(cfg.eval.task)],
+        provider_harmful=ctx.load(cfg.provider_harmful) if cfg.provider_harmful else [],
+    )
+    data.alignment = ctx.defense.prepare_data(ALIGNMENT, data.alignment, ctx)
+    data.overlaps = check_disjoint(data, [e for e in user if e.is_harmful])
+    return data
+
+
+def check_disjoint(data: RunData, user_harmful: list[Example]) -> dict[str, int]:
+    """Fail when the provider's training data and the user's harmful rows share a prompt, or a
+    held-out set leaks into training; count (and report) eval prompts seen in training."""
+    must_differ = [
+        ("finetune.harmful_data (user)", user_harmful, "alignment.data", data.alignment),
+        ("finetune.harmful_data (user)", user_harmful, "provider_harmful", data.provider_harmful),
+        ("finetune.harmful_data (user)", user_harmful, "mechanisms.harmful_data",
+         data.mech_harmful),
+        ("alignment.data", data.alignment, "mechanisms.alignment_data", data.mech_alignment),
+    ]
+    for name_a, rows_a, name_b, rows_b in must_differ:
+        seen = {normalize_prompt(e.prompt): e for e in rows_b}
+        for example in rows_a:
+            other = seen.get(normalize_prompt(example.prompt))
+            if other is not None:
+                raise DataError(
+                    f"{name_a} row {example.row} ({example.source}) has the same prompt as "
+                    f"{name_b} row {other.row} ({other.source}); these roles must come from "
+                    "disjoint rows: give them different files or disjoint offset/n slices"
+                )
+    train_prompts = {normalize_prompt(e.prompt) for e in user_harmful + data.alignment}
+    leaked = sum(normalize_prompt(e.prompt) in train_prompts for e in data.eval_harmful)
+    if leaked:
+        log.warning("%d harmful eval prompts also occur in training data (reported)", leaked)
+    return {"eval_harmful_prompts_seen_in_training": leaked}

@@ -1,0 +1,68 @@
+"""``metrics.json``: what a finished run reports."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from hftlab import __version__
+from hftlab.context import RunContext
+from hftlab.utils import read_json
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {
+        "hftlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, Any]:
+    cfg = ctx.config
+    ev = ctx.stage_info("eval")["results"]
+    data_info = ctx.stage_info("data")
+    ft_dir = ctx.stage_dir("finetune")
+    stages = {name: ctx.stage_info(name)["timing"] for name in stage_names}
+    align = ctx.stage_info("align")
+    if align.get("train_seconds"):
+        stages["align"]["train_seconds"] = align["train_seconds"]
+        stages["align"]["train_tokens"] = align.get("train_tokens")
+        stages["align"]["seconds_per_step"] = align.get("seconds_per_step")
+        stages["align"]["cached"] = align.get("cached", False)
+    finetune = ctx.stage_info("finetune")
+    stages["finetune"]["seconds_per_step"] = finetune["seconds_per_step"]
+    stages["finetune"]["train_seconds"] = finetune["train_seconds"]
+    return {
+        "harmful_score": ev["final"]["harmful_score"],
+        "finetune_accuracy": ev["final"]["finetune_accuracy"],
+        "aligned.harmful_score": ev["aligned"]["harmful_score"],
+        "aligned.finetune_accuracy": ev["aligned"]["finetune_accuracy"],
+        "base.harmful_score": ev["base"]["harmful_score"] if "base" in ev else None,
+        "base.finetune_accuracy": ev["base"]["finetune_accuracy"] if "base" in ev else None,
+        "judge": ctx.judge.describe(),
+        "task": ctx.task.name,
+        "n_eval_harmful": ev["final"]["n_eval_harmful"],
+        "n_eval_task": ev["final"]["n_eval_task"],
+        "defense": cfg.defense,
+        "attack": data_info["attack"],
+        "data_counts": data_info["counts"],
+        "overlaps": data_info["overlaps"],
+        "curves": read_json(ft_dir / "curves.json"),
+        "drift": read_json(ft_dir / "drift.json"),
+        "stages": stages,
+        "precision": ctx.precision,
+        "device": str(ctx.device),
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "versions": library_versions(),
+    }
