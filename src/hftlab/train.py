@@ -92,6 +92,12 @@ def supervised_logits(
     return logits, targets[keep], out
 
 
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on ``device`` when ``precision`` is bf16 (weights keep their storage
+    dtype); a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def supervised_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the supervised tokens of the batch."""
     logits, targets, _ = supervised_logits(model, batch)
@@ -176,7 +182,7 @@ class SFTTrainer:
         self.defense = defense
         self.seed = seed
         self.precision = precision
-        self.context = context
+        self.context = context  # the RunContext, for defenses that need the run's data
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -185,10 +191,7 @@ class SFTTrainer:
         return self.accelerator.device
 
     def autocast(self) -> Any:
-        """bf16 autocast when the stage runs in bf16 (weights stay in their storage dtype)."""
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-        )
+        return autocast_context(self.device, self.precision)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
