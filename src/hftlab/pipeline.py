@@ -25,6 +25,7 @@ from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
 from hftlab.defenses import ALIGNMENT, FINETUNE, POST_FINETUNE
 from hftlab.evaluate import finetune_accuracy, generate, harmful_score
+from hftlab.formatting import Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
 from hftlab.model import attach_trainable, load_trained, save_trained
@@ -236,10 +237,11 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
     examples = user_data(ctx)
     model = aligned_model(ctx, full_training=cfg.finetune.train.method == "full")
     max_len = cfg.finetune.train.max_length
-    drift_items = [
-        ctx.formatter.encode(Example(prompt=e.prompt), max_len)
-        for e in ctx.data.mech_alignment
+    # Drift is measured on the held-out alignment prompts as the model sees them at inference.
+    drift_prompts = [
+        ctx.formatter.encode_prompt(e.prompt)[:max_len] for e in ctx.data.mech_alignment
     ]
+    drift_items = [Tokenized(ids, len(ids)) for ids in drift_prompts]
     before = (
         hidden_states(model, drift_items, ctx.tokenizer.pad_token_id, mech.batch_size,
                       ctx.device, ctx.autocast)
