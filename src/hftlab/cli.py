@@ -60,6 +60,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def option_defaults(cls: type) -> str:
+    """``name=default`` for each option of a plug-in (what ``*_args`` accepts)."""
+    import dataclasses
+
+    options = getattr(cls, "Options", None)
+    if options is None:
+        return ""
+    parts = []
+    for f in dataclasses.fields(options):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parts.append(f"{f.name}={default}")
+    return ", ".join(parts)
+
+
 def cmd_list() -> int:
     from hftlab.attacks import ATTACKS
     from hftlab.defenses import DEFENSES
@@ -75,6 +89,9 @@ def cmd_list() -> int:
                 print(f"  {'':<14} paper: {cls.paper}")
             if cls.reference:
                 print(f"  {'':<14} reference: {cls.reference}")
+            defaults = option_defaults(cls)
+            if defaults:
+                print(f"  {'':<14} options: {defaults}")
     print("tasks:")
     for name, task in TASKS.items():
         print(f"  {name:<14} {task.instruction.strip().splitlines()[0]}")

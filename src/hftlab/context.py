@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hftlab.attacks import ATTACKS, AttackInputs
-from hftlab.config import Config
+from hftlab.config import Config, ConfigError
 from hftlab.data.loaders import data_fingerprint, load_examples
 from hftlab.data.records import DataError, Example, normalize_prompt
 from hftlab.data.spec import DataSpec
@@ -83,6 +83,12 @@ class RunContext:
         self.device = self.accelerator.device
         self.precision = resolve_precision(config.model.precision, self.device)
         self.defense: Defense = DEFENSES.get(config.defense)(**config.defense_args)
+        if self.defense.needs_provider_harmful and config.provider_harmful is None:
+            raise ConfigError(
+                f"defense '{config.defense}' needs the provider's own harmful QA: set "
+                "provider_harmful (e.g. provider_harmful='{kind: demo_harmful_qa, n: 90}' for "
+                "the demo pack; configs/cpu_sst2.yaml uses BeaverTails rows 50-149)"
+            )
         self.attack = ATTACKS.get(config.attack)(**config.attack_args)
         self.judge = JUDGES.get(config.eval.judge)(**config.eval.judge_args)
         self.task = TASKS[config.finetune.task]

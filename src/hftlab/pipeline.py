@@ -191,6 +191,7 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
         "train_tokens": result.tokens,
         "final_loss": result.losses[-1],
         "defense": ctx.defense.cache_key(ALIGNMENT),
+        "defense_report": ctx.defense.report(ALIGNMENT),
     }
     if ctx.is_main:
         with atomic_dir(target) as tmp:
@@ -277,6 +278,7 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
         "seconds_per_step": round(result.seconds_per_step, 4),
         "final_loss": result.losses[-1],
         "tokens": result.tokens,
+        "defense_report": ctx.defense.report(FINETUNE),
     }
 
 

@@ -16,6 +16,7 @@ from hftlab.pipeline import finetuned_model, run_pipeline
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_defense_runs_every_stage(name: str, tiny_overrides, tmp_path) -> None:
     config = load_config(None, [*tiny_overrides, f"defense={name}",
+                                "provider_harmful={kind: demo_harmful_qa, n: 16}",
                                 "finetune.train.max_steps=3", "alignment.train.max_steps=2"])
     run = tmp_path / "run"
     metrics = run_pipeline(config, run)

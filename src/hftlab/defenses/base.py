@@ -24,6 +24,7 @@ ALIGNMENT, FINETUNE, POST_FINETUNE = "alignment", "finetune", "post_finetune"
 
 class Defense(Plugin):
     stages: ClassVar[tuple[str, ...]] = ()
+    needs_provider_harmful: ClassVar[bool] = False  # reads the config's provider_harmful set
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
         """Change a training set before a stage (e.g. mix in safety data)."""
@@ -42,6 +43,10 @@ class Defense(Plugin):
         loss = self.loss(stage, trainer, batch)
         trainer.backward(loss)
         return {"loss": float(loss.detach())}
+
+    def report(self, stage: str) -> dict[str, Any]:
+        """What the defense wants recorded about a finished training stage (its stage.json)."""
+        return {}
 
     def post_finetune(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
         """Repair the fine-tuned model before deployment."""

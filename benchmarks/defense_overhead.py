@@ -1,0 +1,113 @@
+"""Overhead of each defense in the stage it acts in, against plain SFT, side by side.
+
+Same model, same data (the config's alignment data, or the user's data for fine-tuning-stage
+defenses), same batch size and number of optimizer steps, one process. Prints seconds per
+optimizer step, the ratio to ``sft`` and the number of forward-backward passes the algorithm
+needs per step (the floor the ratio should approach), plus peak accelerator memory on GPUs.
+
+    python benchmarks/defense_overhead.py                           # quickstart config
+    python benchmarks/defense_overhead.py configs/cpu_sst2.yaml --steps 10
+    python benchmarks/defense_overhead.py --defenses vaccine booster --args tar='{inner_steps: 4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from hftlab.config import load_config
+from hftlab.context import RunContext, seed_everything
+from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE
+from hftlab.model import attach_trainable
+from hftlab.train import SFTTrainer
+
+# forward-backward passes per optimizer step, by the algorithm (with its default options)
+PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+    parser.add_argument("--defenses", nargs="*", default=None, help="default: all registered")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--args", nargs="*", default=[], metavar="NAME=YAML",
+                        help="defense options, e.g. tar='{inner_steps: 4}'")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config overrides, e.g. alignment.train.batch_size=4")
+    return parser.parse_args()
+
+
+def acting_stage(name: str) -> str:
+    stages = DEFENSES.get(name).stages
+    return ALIGNMENT if ALIGNMENT in stages or not stages else FINETUNE
+
+
+def time_defense(
+    ctx: RunContext, name: str, stage: str, options: dict, steps: int, warmup: int
+) -> dict:
+    defense = DEFENSES.get(name)(**options)
+    section = ctx.config.alignment if stage == ALIGNMENT else ctx.config.finetune
+    train_cfg = section.train
+    examples = ctx.data.alignment if stage == ALIGNMENT else ctx.data.user
+    items = ctx.tokenize(examples, train_cfg.max_length)
+    seed_everything(0)
+    model = attach_trainable(ctx.base_model(full_training=train_cfg.method == "full"), train_cfg)
+    ctx.defense = defense
+    from dataclasses import replace
+
+    train = replace(train_cfg, max_steps=warmup + steps)
+    trainer = SFTTrainer(model, train, ctx.accelerator, ctx.tokenizer.pad_token_id, stage,
+                         defense, seed=0, precision=ctx.precision, context=ctx)
+    stamps: list[float] = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_step(trainer: SFTTrainer, loss: float) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    result = trainer.train(items, on_step=on_step)
+    timed = stamps[warmup:]
+    first = stamps[warmup - 1] if warmup else start
+    seconds = (timed[-1] - first) / len(timed)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"stage": stage, "seconds_per_step": seconds, "peak_mb": peak,
+            "final_loss": result.losses[-1]}
+
+
+def main() -> None:
+    args = parse_args()
+    options = {}
+    for item in args.args:
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value) or {}
+    config = load_config(args.config, args.overrides)
+    names = [n for n in (args.defenses or DEFENSES.names()) if n != "sft"]
+    stages = sorted({acting_stage(n) for n in names} or {ALIGNMENT})
+    plan = [("sft", stage) for stage in stages] + [(n, acting_stage(n)) for n in names]
+    ctx = RunContext(config, Path("/tmp/hftlab-bench-defenses"))
+    print(f"config {args.config} · model {config.model.name} · precision {ctx.precision} · "
+          f"{args.steps} timed steps (+{args.warmup} warm-up) · batch "
+          f"{config.alignment.train.batch_size} · threads {torch.get_num_threads()}")
+    rows = [(name, time_defense(ctx, name, stage, options.get(name, {}), args.steps,
+                                args.warmup)) for name, stage in plan]
+    base = {r["stage"]: r["seconds_per_step"] for name, r in rows if name == "sft"}
+    print(f"\n{'defense':<14}{'stage':<11}{'s/step':>8}{'× sft':>7}{'passes':>8}"
+          f"{'peak MB':>9}{'loss':>8}")
+    for name, r in rows:
+        ratio = r["seconds_per_step"] / base[r["stage"]]
+        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        passes = PASSES.get(name, "?")
+        print(f"{name:<14}{r['stage']:<11}{r['seconds_per_step']:>8.3f}{ratio:>6.2f}×"
+              f"{passes!s:>8}{peak:>9}{r['final_loss']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

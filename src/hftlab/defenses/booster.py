@@ -1,0 +1,153 @@
+"""Booster: attenuate harmful perturbation in the alignment stage (Huang et al. 2024,
+arXiv 2409.01586).
+
+Harmful fine-tuning works because one step on harmful data lowers the harmful loss a lot.
+Booster adds a regulariser to alignment that makes that step useless:
+
+    min_w  f(w) + λ · ( h(w) − h(w − α · ∇h(w) / ‖∇h(w)‖) )
+
+with f the alignment loss and h the loss on the provider's harmful QA. Its gradient (with the
+first-order treatment of the reference, the perturbed point's gradient taken as is) is
+
+    ∇f(w) + λ · ( ∇h(w) − ∇h(w') ),   w' = w − α · g_h / ‖g_h‖,   g_h = ∇h(w),
+
+all three recomputed on every micro-batch. Follows git-disl/Booster ``trainer.py``
+(``BoosterAlignmentTrainer.training_step``, non-perturb-aware branch; ``perturb_aware`` adds
+Vaccine's hidden-state perturbation to the alignment pass, as the reference's option does):
+harmful batch size 10 (the reference's ``get_harmful_dataloader``), λ = 5, α = 0.1
+(``script/alignment/smooth_align.sh``). ‖·‖ is one L2 norm over all trainable parameters.
+Departures: the weights are restored by copying the saved values back (the reference adds
+α·g/‖g‖ back, equal up to rounding), and gradients accumulated by earlier micro-batches are kept
+aside so that ``grad_accum > 1`` composes correctly (the reference folds them into g_h).
+
+Data: the provider's harmful QA (``provider_harmful`` in the config; in configs/cpu_sst2.yaml
+BeaverTails 30k_train unsafe rows 50-149, 100 rows), disjoint from the user's rows.
+Cost: three forward-backward passes per step (four with ``perturb_aware``), about 3× SFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hftlab.config import ConfigError
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.common import (
+    BatchStream,
+    attention_modules,
+    global_norm,
+    provider_harmful_stream,
+    take_grads,
+)
+from hftlab.defenses.vaccine import perturbed_step
+
+if TYPE_CHECKING:
+    from hftlab.train import Batch, SFTTrainer
+
+
+def booster_gradients(
+    trainer: SFTTrainer, batch: Batch, harmful: Batch, lamb: float, alpha: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, float]]:
+    """(λ · (∇h(w) − ∇h(w')) per trainable parameter, the parameters, losses). The weights are
+    back at w and ``.grad`` is empty when this returns."""
+    params = trainer.trainable_parameters()
+    loss_h = trainer.compute_loss(harmful)
+    trainer.accelerator.backward(loss_h)
+    grad_h = take_grads(params)
+    norm = global_norm(grad_h) + 1e-7
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grad_h):
+            p.sub_(alpha * g / norm.to(g.dtype))
+    loss_h_shifted = trainer.compute_loss(harmful)
+    trainer.accelerator.backward(loss_h_shifted)
+    grad_h_shifted = take_grads(params)
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
+    correction = [lamb * (a - b) for a, b in zip(grad_h, grad_h_shifted)]
+    stats = {
+        "harmful_loss": float(loss_h.detach()),
+        "harmful_loss_after_step": float(loss_h_shifted.detach()),
+    }
+    return correction, params, stats
+
+
+@DEFENSES.register("booster")
+class Booster(Defense):
+    summary = "alignment stage: regularise so a harmful step cannot lower the harmful loss"
+    paper = (
+        "Huang et al. 2024, Booster: Tackling Harmful Fine-tuning via Attenuating Harmful "
+        "Perturbation, arXiv 2409.01586"
+    )
+    reference = (
+        "git-disl/Booster trainer.py (BoosterAlignmentTrainer), script/alignment/smooth_align.sh"
+    )
+    stages = (ALIGNMENT,)
+    needs_provider_harmful = True
+
+    @dataclass
+    class Options:
+        lamb: float = 5.0  # λ, weight of the harmful-perturbation regulariser (reference: 5)
+        alpha: float = 0.1  # α, step size of the simulated harmful step (reference: 0.1)
+        harmful_batch_size: int = 10  # reference harmful dataloader batch size
+        perturb_aware: bool = False  # reference option: Vaccine perturbation on the f pass
+        rho: float = 2.0  # perturbation radius when perturb_aware (Vaccine's default)
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        if self.options.harmful_batch_size < 1:
+            raise ConfigError("defense_args.harmful_batch_size of 'booster' must be >= 1")
+        self.harmful: BatchStream | None = None
+        self.trace: list[tuple[float, float]] = []  # (h(w), h(w')) per micro-batch
+
+    def setup(self, stage: str, trainer: SFTTrainer) -> None:
+        if stage == ALIGNMENT:
+            self.harmful = provider_harmful_stream(
+                trainer, self.options.harmful_batch_size, self.name
+            )
+            self.trace = []
+
+    def report(self, stage: str) -> dict[str, object]:
+        """h(w) and h(w') averaged over the first and last tenth of the stage: Booster works
+        when the simulated harmful step stops lowering the harmful loss."""
+        if stage != ALIGNMENT or not self.trace:
+            return {}
+        k = max(1, len(self.trace) // 10)
+
+        def mean(rows: list[tuple[float, float]], i: int) -> float:
+            return round(sum(r[i] for r in rows) / len(rows), 4)
+
+        first, last = self.trace[:k], self.trace[-k:]
+        return {
+            "harmful_loss_first": mean(first, 0),
+            "harmful_loss_after_step_first": mean(first, 1),
+            "harmful_loss_last": mean(last, 0),
+            "harmful_loss_after_step_last": mean(last, 1),
+        }
+
+    def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
+        if stage != ALIGNMENT:
+            return super().training_step(stage, trainer, batch)
+        assert self.harmful is not None
+        params = trainer.trainable_parameters()
+        earlier = take_grads(params)  # earlier micro-batches of this optimizer step
+        correction, params, stats = booster_gradients(
+            trainer, batch, self.harmful.next(), self.options.lamb, self.options.alpha
+        )
+        if self.options.perturb_aware:
+            result = perturbed_step(trainer, batch, attention_modules(trainer.model),
+                                    self.options.rho)
+        else:
+            loss = trainer.compute_loss(batch)
+            trainer.backward(loss)
+            result = {"loss": float(loss.detach())}
+        self.trace.append((stats["harmful_loss"], stats["harmful_loss_after_step"]))
+        scale = 1.0 / trainer.cfg.grad_accum
+        with torch.no_grad():
+            for p, before, extra in zip(params, earlier, correction):
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = before + grad + scale * extra
+        return {**result, **stats}

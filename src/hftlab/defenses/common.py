@@ -1,0 +1,150 @@
+"""Pieces several defenses share: an endless stream of batches from an extra data set (the
+provider's harmful QA, alignment data), the decoder blocks of a model, gradient bookkeeping
+over the trainable parameters, and forward hooks that add a tensor to a module's output."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from hftlab.config import ConfigError
+from hftlab.formatting import Tokenized
+from hftlab.model import causal_lm_parts
+from hftlab.train import Batch, collate
+
+if TYPE_CHECKING:
+    from hftlab.train import SFTTrainer
+
+
+class BatchStream:
+    """Endless random micro-batches from ``items``: each pass is a fresh seeded shuffle (as the
+    reference trainers' ``RandomSampler`` + re-created iterator do)."""
+
+    def __init__(
+        self, items: list[Tokenized], batch_size: int, pad_id: int, device: torch.device,
+        seed: int,
+    ) -> None:
+        if not items:
+            raise ValueError("BatchStream needs at least one example")
+        self.items = items
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.device = device
+        self.rng = random.Random(seed)
+        self._order: list[int] = []
+
+    def next(self) -> Batch:
+        if len(self._order) < self.batch_size:
+            fresh = list(range(len(self.items)))
+            self.rng.shuffle(fresh)
+            self._order.extend(fresh)
+        indices, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return collate([self.items[i] for i in indices], self.pad_id).to(self.device)
+
+
+def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
+    """Batches of the provider's own harmful QA (``provider_harmful`` in the config), tokenised
+    like the stage's training data; ``who`` names the defense in the error."""
+    ctx = trainer.context
+    rows = ctx.data.provider_harmful if ctx is not None else []
+    if not rows:
+        raise ConfigError(
+            f"defense '{who}' needs the provider's harmful QA: set provider_harmful "
+            "(e.g. provider_harmful={kind: demo_harmful_qa, n: 90}, or see configs/cpu_sst2.yaml)"
+        )
+    items = ctx.tokenize(rows, trainer.cfg.max_length)
+    return BatchStream(items, batch_size, trainer.pad_id, trainer.device, trainer.seed + 1)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a (possibly PEFT-wrapped) causal LM, first to last."""
+    body, _ = causal_lm_parts(model)
+    layers = getattr(body, "layers", None) or getattr(body, "h", None)
+    if layers is None:
+        raise ConfigError(f"cannot find the decoder layers of {type(body).__name__}")
+    return list(layers)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each block's self-attention module (``self_attn`` in Llama, Qwen, Mistral, Gemma…)."""
+    found = []
+    for layer in decoder_layers(model):
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        if attn is None:
+            raise ConfigError(f"{type(layer).__name__} has no self_attn module")
+        found.append(attn)
+    return found
+
+
+def named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Detach the current ``.grad`` of each parameter (zeros where none) and clear them."""
+    grads = []
+    for p in params:
+        grads.append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        p.grad = None
+    return grads
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One L2 norm over all tensors together (not per tensor)."""
+    return torch.linalg.vector_norm(torch.stack([t.float().norm() for t in tensors]))
+
+
+def first_output(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+def replace_first_output(output: object, tensor: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    return tensor
+
+
+@contextmanager
+def add_to_outputs(
+    modules: list[torch.nn.Module], deltas: list[torch.Tensor | None]
+) -> Iterator[None]:
+    """Within the block, each module's (first) output is shifted by its delta (None: kept)."""
+
+    def hook_for(delta: torch.Tensor):
+        def hook(module, args, output):
+            hidden = first_output(output)
+            return replace_first_output(output, hidden + delta.to(hidden.dtype))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(d)) for m, d in zip(modules, deltas)
+               if d is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_outputs(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor | None]]:
+    """Within the block, keep each module's (first) output tensor of the last forward, still in
+    the autograd graph, so gradients with respect to it can be taken (None until it runs)."""
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+
+    def hook_for(index: int):
+        def hook(module, args, output):
+            outputs[index] = first_output(output)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,122 @@
+"""Vaccine: perturbation-aware alignment (Huang et al. 2024, arXiv 2402.01109).
+
+Harmful fine-tuning shifts the hidden embeddings of the aligned model ("harmful embedding
+drift"). Vaccine aligns the model to stay safe under the worst such shift of bounded size: a
+SAM-style min-max over the hidden states, not the weights. Every micro-batch of alignment data:
+
+1. forward and backward, keeping g_l = d loss / d h_l, the gradient at the output h_l of each
+   hooked module (reference: every block's self-attention module);
+2. ε_l = ρ · g_l / ‖g‖ with ONE norm over all layers together (‖g‖² = Σ_l ‖g_l‖²);
+3. forward again with h_l + ε_l at each hooked module, backward, and step with that gradient.
+
+Follows git-disl/Vaccine ``trainer.py`` (``BaseTrainer.training_step``, ``pre_first_step``,
+``after_first_step``, ``pre_second_step``): the hooked modules are the ``LlamaAttention`` (and
+OPT/Mistral/Qwen/Gemma attention) modules and the perturbation is added to their first output;
+the gradient of the first pass only builds ε (its parameter gradients are discarded); ρ = 2 as
+in the reference scripts (``script/alignment/vaccine.sh``). ``perturb: block`` perturbs each
+decoder block's output instead (the paper's wording, "each layer's hidden embedding").
+
+Cost: two forward-backward passes per step (the first needs gradients only with respect to the
+hidden states), so about 2× plain SFT. Vaccine uses only the alignment data (no harmful data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hftlab.config import ConfigError
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.common import (
+    add_to_outputs,
+    attention_modules,
+    decoder_layers,
+    global_norm,
+    record_outputs,
+)
+
+if TYPE_CHECKING:
+    from hftlab.train import Batch, SFTTrainer
+
+PERTURB_TARGETS = ("attention", "block")
+
+
+def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """ε_l = ρ · g_l / (‖g‖ + 1e-7), one norm over every layer's gradient (reference
+    ``after_first_step``)."""
+    scale = rho / (global_norm(grads) + 1e-7)
+    return [g * scale.to(g.dtype) for g in grads]
+
+
+def output_gradients(
+    trainer: SFTTrainer, batch: Batch, modules: list[torch.nn.Module]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(loss, d loss / d output of each module) for one forward pass; parameter gradients are
+    not computed (the reference computes and then discards them)."""
+    with record_outputs(modules) as outputs:
+        loss = trainer.compute_loss(batch)
+    live = [i for i, out in enumerate(outputs) if out is not None and out.requires_grad]
+    if not live:
+        raise ConfigError(
+            "the perturbed modules' outputs do not depend on any trainable parameter; "
+            "train (e.g. put LoRA on) modules at or before them"
+        )
+    grads = torch.autograd.grad(loss, [outputs[i] for i in live])
+    full: list[torch.Tensor | None] = [None] * len(modules)
+    for index, grad in zip(live, grads):
+        full[index] = grad.detach()
+    return loss.detach(), full
+
+
+def perturbed_step(
+    trainer: SFTTrainer, batch: Batch, modules: list[torch.nn.Module], rho: float
+) -> dict[str, float]:
+    """One Vaccine micro-batch on ``modules``: gradient at their outputs, ε, perturbed
+    forward-backward (gradient left in ``.grad``). Shared with T-Vaccine."""
+    clean_loss, grads = output_gradients(trainer, batch, modules)
+    present = [g for g in grads if g is not None]
+    eps_present = iter(perturbation(present, rho))
+    eps = [next(eps_present) if g is not None else None for g in grads]
+    with add_to_outputs(modules, eps):
+        loss = trainer.compute_loss(batch)
+    trainer.backward(loss)
+    return {"loss": float(loss.detach()), "clean_loss": float(clean_loss)}
+
+
+@DEFENSES.register("vaccine")
+class Vaccine(Defense):
+    summary = "alignment stage: align under the worst-case hidden-embedding perturbation (ρ)"
+    paper = "Huang et al. 2024, Vaccine: Perturbation-aware Alignment, arXiv 2402.01109"
+    reference = "git-disl/Vaccine trainer.py (BaseTrainer), script/alignment/vaccine.sh"
+    stages = (ALIGNMENT,)
+
+    @dataclass
+    class Options:
+        rho: float = 2.0  # perturbation radius (reference: 2)
+        perturb: str = "attention"  # attention (reference code) | block (decoder block output)
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        if self.options.perturb not in PERTURB_TARGETS:
+            raise ConfigError(
+                f"defense_args.perturb '{self.options.perturb}' of 'vaccine' must be one of "
+                f"{', '.join(PERTURB_TARGETS)}"
+            )
+        if self.options.rho < 0:
+            raise ConfigError("defense_args.rho of 'vaccine' must be >= 0")
+        self.modules: list[torch.nn.Module] = []
+
+    def setup(self, stage: str, trainer: SFTTrainer) -> None:
+        if stage == ALIGNMENT:
+            self.modules = perturbed_modules(trainer.model, self.options.perturb)
+
+    def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
+        if stage != ALIGNMENT:
+            return super().training_step(stage, trainer, batch)
+        return perturbed_step(trainer, batch, self.modules, self.options.rho)
+
+
+def perturbed_modules(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
+    return attention_modules(model) if target == "attention" else decoder_layers(model)

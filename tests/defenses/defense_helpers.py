@@ -1,0 +1,83 @@
+"""Helpers for checking a defense's update rule by hand on the tiny model: a LoRA-wrapped tiny
+Llama with non-zero adapters, fixed token batches, and a trainer whose run context supplies the
+provider's harmful rows."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hftlab.config import LoraConfig, TrainConfig
+from hftlab.data.records import Example
+from hftlab.formatting import Tokenized
+from hftlab.model import attach_trainable
+from hftlab.train import Batch, SFTTrainer, collate
+
+PAD_ID = 0
+
+
+def token_items(n: int, seed: int, vocab: int = 200, prompt: int = 3) -> list[Tokenized]:
+    rng = random.Random(seed)
+    return [
+        Tokenized([rng.randrange(4, vocab) for _ in range(rng.randrange(prompt + 3, prompt + 9))],
+                  prompt)
+        for _ in range(n)
+    ]
+
+
+def token_batch(n: int, seed: int) -> Batch:
+    return collate(token_items(n, seed), PAD_ID)
+
+
+@dataclass
+class FakeData:
+    provider_harmful: list[Example]
+
+
+@dataclass
+class FakeContext:
+    """What defenses read from the run context: the provider's harmful rows, tokenised."""
+
+    harmful_items: list[Tokenized]
+    data: FakeData = field(default_factory=lambda: FakeData([Example("p", "r", True)]))
+
+    def tokenize(self, examples, max_length):
+        return self.harmful_items
+
+
+def lora_model(model_dir: Path, layers_lora_b: float = 0.05) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = attach_trainable(model, TrainConfig(lora=LoraConfig(r=4, alpha=8)))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, layers_lora_b)
+    return model
+
+
+def make_trainer(model, defense, stage: str = "alignment", grad_accum: int = 1,
+                 harmful_items: list[Tokenized] | None = None, **train) -> SFTTrainer:
+    from accelerate import Accelerator
+
+    cfg = TrainConfig(lr=1e-2, batch_size=4, grad_accum=grad_accum, max_grad_norm=0.0, **train)
+    context = FakeContext(harmful_items or token_items(12, seed=99))
+    return SFTTrainer(model, cfg, Accelerator(cpu=True), PAD_ID, stage, defense, seed=0,
+                      precision="fp32", context=context)
+
+
+
+def param_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def autograd_of(model, loss) -> dict[str, torch.Tensor]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    return dict(zip(names, torch.autograd.grad(loss, params)))
