@@ -7,6 +7,19 @@ def test_list_shows_every_plugin_with_docs(capsys) -> None:
     for name in ("sft", "harmful_mix", "keyword", "sst2", "gsm8k", "ag_news"):
         assert name in out
     assert "paper:" in out and "reference:" in out
+    from hftlab.defenses import DEFENSES
+
+    for name in DEFENSES.names():
+        assert f"  {name} " in out
+    assert "options: lamb=5.0, alpha=0.1" in out  # booster's reference defaults
+
+
+def test_a_defense_missing_its_data_is_one_clear_error(tiny_overrides, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides, "defense=booster",
+                 "provider_harmful=null", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "provider_harmful" in err and "booster" in err
 
 
 def test_report_on_an_unfinished_run_is_an_error(tmp_path, capsys) -> None:
