@@ -1,0 +1,332 @@
+"""RepNoise: remove harmful information from the representations in the alignment stage
+(Rosati et al. 2024, Representation Noising: A Defence Mechanism Against Harmful Finetuning,
+arXiv 2405.14577).
+
+A model that is already aligned still *encodes* how to answer harmful questions; harmful
+fine-tuning only has to bring it back. RepNoise trains the alignment stage with
+
+    L = CE(harmless) + β · mean_l MMD(a_l(harmful), N(0, I)) − α · log(1 + mean_s CE_s(harmful))
+
+* ``CE(harmless)``: next-token cross-entropy on the alignment (refusal) batch;
+* ``a_l``: the output of decoder layer l's MLP on the provider's harmful QA batch, at the masked
+  positions (zeros elsewhere), flattened per example; ``MMD`` with a mixture of five Gaussian
+  kernels against Gaussian noise masked the same way, averaged over the layers — pushes the
+  harmful representations towards noise;
+* ``CE_s``: the logit-lens cross-entropy of the harmful tokens read from hidden state s
+  (the embedding output and the output of every layer, through the final norm and the LM head),
+  averaged over the L + 1 states — gradient *ascent* on the harmful answer at every depth,
+  damped by the log.
+
+Only tokens where the harmful and the harmless inputs differ count in the two harmful terms
+(the paper pairs each harmful answer with a refusal to the same question: the shared prompt
+drops out). Our harmful and alignment batches are drawn independently, as in the git-disl port,
+so the mask keeps nearly every real harmful token, prompt included; what drops out is what
+coincides at the same position, mostly the chat template's opening tokens.
+
+Follows ``representation_noising/loss.py`` (domenicrosati/representation-noising, ``rep_noise_loss``
+with ``MMD_loss`` and ``masked_token_ce_loss``) and its port ``loss_func/repnoise_loss.py`` in
+git-disl/Booster (``adapt_dimension_b2a``: the harmless ids are padded / truncated to the
+harmful batch's shape, since the git-disl harmful and alignment batches are not paired — nor are
+ours). Defaults α = 1, β = 0.001 are the original's; git-disl's ``script/alignment/repNoise.sh``
+runs α = 0.1 (``rho``), β = 0.001 (``lamb``), and its ``RepNoiseTrainer`` draws a fresh harmful
+batch of the training batch size every step (our default ``harmful_batch_size``).
+
+Kept from the reference: MMD kernels ``kernel_mul`` 2, ``kernel_num`` 5, bandwidth = mean squared
+L2 distance over the 2B(2B − 1) off-diagonal pairs of [activations; noise] (not differentiated,
+as the reference's ``L2_distance.data``), divided by 2^(5 // 2), then × 2^i; MMD =
+mean(K_xx + K_yy − K_xy − K_yx); the noise is drawn per layer with the activations' shape and
+masked; the harmful term is ``log(sum / n + 1)`` — the reference's bracketing
+``torch.log(harmful_losses / len(hidden_states) + 1)``, i.e. one plus the *mean*, not the sum
+over n + 1.
+
+Departures, and why:
+
+* Mask: the reference compares raw (0-padded) ids, so padding of the shorter harmless batch
+  counts as "different" and the harmful batch's padding counts wherever the harmless batch has a
+  real token. Here a harmful position counts when it is a real token (attention mask 1) and the
+  harmless batch has no real token there (shorter, fewer rows, or padding) or a different one.
+  The reference's extra quirk of ignoring every target whose id is 0 (its pad id) is dropped.
+* Masked CE: the reference multiplies the *logits* at unmasked positions by zero, so the first
+  differing token of each run is scored from uniform logits (a constant log V in the mean with no
+  gradient). Here every masked target is scored from its real logits.
+* Logit lens: ``output_hidden_states`` returns the last state *after* the final norm, and the
+  reference applies the norm again to it and also adds the final-logit CE once more to the sum
+  (n + 1 terms divided by n). Here the states are the input of the first decoder layer and each
+  layer's raw output, so the lens of the last state is exactly the model's own CE, counted once;
+  ``mean_s`` is a plain mean over the L + 1 states.
+* Harmless CE: the reference scores the harmless batch only at positions differing from the
+  harmful ids. With paired data those are the refusal's tokens (the prompt is shared); with our
+  unpaired batches that mask would also train language modelling on the refusal prompts
+  (harmful instructions), which alignment deliberately does not do. So the harmless term is the
+  stage's supervised loss (``trainer.compute_loss``): CE over the refusal answer tokens, the same
+  loss as the SFT baseline's alignment.
+* The lens logits (N × vocabulary per state) are recomputed in the backward pass
+  (``torch.utils.checkpoint``) instead of being stored for all L + 1 states, and the pairwise
+  distances come from a Gram matrix rather than a (2B, 2B, T·H) difference tensor: same values,
+  far less memory.
+* The noise comes from a generator seeded from the run's seed (reproducible runs).
+
+Data: the alignment batch (refusals) is the harmless batch; the harmful batch comes from the
+provider's harmful QA (``provider_harmful`` in the config, e.g. BeaverTails rows 50-149 in
+configs/cpu_sst2.yaml), ``harmful_batch_size`` rows per step (default: the stage's batch size).
+Cost: a forward on the harmful and one on the harmless batch, one backward through both, plus
+L + 1 LM-head applications on the masked harmful tokens (each run twice: forward and recompute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hftlab.config import ConfigError
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.common import (
+    BatchStream,
+    decoder_layers,
+    first_output,
+    provider_harmful_stream,
+)
+from hftlab.model import causal_lm_parts
+from hftlab.train import supervised_loss
+
+if TYPE_CHECKING:
+    from hftlab.train import Batch, SFTTrainer
+
+KERNEL_MUL = 2.0
+KERNEL_NUM = 5
+
+
+def mmd_loss(
+    x: torch.Tensor, y: torch.Tensor, kernel_mul: float = KERNEL_MUL, kernel_num: int = KERNEL_NUM
+) -> torch.Tensor:
+    """Maximum mean discrepancy between the rows of ``x`` and of ``y`` (same shape, (n, d)) with
+    a sum of ``kernel_num`` Gaussian kernels exp(−‖a − b‖² / σ_i), σ_i = σ · kernel_mul^i,
+    σ = mean off-diagonal squared distance / kernel_mul^(kernel_num // 2) (not differentiated).
+    Returns mean(K_xx + K_yy − K_xy − K_yx), in float32 whatever autocast is active."""
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(f"mmd_loss needs two (n, d) tensors of one shape: {x.shape}, {y.shape}")
+    with torch.autocast(x.device.type, enabled=False):
+        total = torch.cat([x, y]).float()
+        n = total.shape[0]
+        squares = (total * total).sum(1)
+        dist = (squares[:, None] + squares[None, :] - 2.0 * (total @ total.T)).clamp_min(0.0)
+        dist = dist * (1.0 - torch.eye(n, device=dist.device, dtype=dist.dtype))
+        bandwidth = dist.detach().sum() / (n * n - n)
+        bandwidth = (bandwidth / kernel_mul ** (kernel_num // 2)).clamp_min(1e-12)
+        kernels = sum(torch.exp(-dist / (bandwidth * kernel_mul**i)) for i in range(kernel_num))
+        b = x.shape[0]
+        return (kernels[:b, :b] + kernels[b:, b:] - kernels[:b, b:] - kernels[b:, :b]).mean()
+
+
+def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.numel() == 0:  # nothing differs: the term vanishes instead of becoming NaN
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), targets)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (..., V) against ``targets`` (...) over the positions
+    where ``mask`` is true (already aligned: ``logits[i]`` predicts ``targets[i]``); 0 if none."""
+    mask = mask.bool()
+    return _ce_rows(logits[mask], targets[mask])
+
+
+def difference_mask(harmful: Batch, harmless: Batch) -> torch.Tensor:
+    """Bool (B, T) over the harmful batch: a real harmful token that the harmless batch, cut or
+    padded to the harmful batch's shape, does not have at the same place (different id, padding,
+    or beyond its rows/length)."""
+    rows, width = harmful.input_ids.shape
+    other = torch.full_like(harmful.input_ids, -1)  # -1: no harmless token here
+    r, w = min(rows, harmless.input_ids.shape[0]), min(width, harmless.input_ids.shape[1])
+    ids = harmless.input_ids[:r, :w].to(other.device)
+    real = harmless.attention_mask[:r, :w].to(other.device).bool()
+    other[:r, :w] = torch.where(real, ids, other[:r, :w])
+    return harmful.attention_mask.bool() & (harmful.input_ids != other)
+
+
+def final_norm(body: torch.nn.Module) -> torch.nn.Module:
+    """The norm the decoder body applies before the LM head."""
+    for name in ("norm", "final_layernorm", "ln_f"):
+        module = getattr(body, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ConfigError(f"repnoise: cannot find the final norm of {type(body).__name__}")
+
+
+def layer_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    found = []
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            raise ConfigError(f"repnoise: {type(layer).__name__} has no mlp module")
+        found.append(mlp)
+    return found
+
+
+@contextmanager
+def _recorded(model: torch.nn.Module) -> Iterator[dict[str, list[Any]]]:
+    """Within the block, keep the last forward's input of the first decoder layer, each layer's
+    output and each layer's MLP output (in the autograd graph)."""
+    layers = decoder_layers(model)
+    mlps = layer_mlps(model)
+    seen: dict[str, list[Any]] = {"states": [None] * (len(layers) + 1), "mlps": [None] * len(mlps)}
+
+    def first_input(module, args, kwargs):
+        seen["states"][0] = args[0] if args else kwargs["hidden_states"]
+
+    def keep(kind: str, index: int) -> Callable[..., None]:
+        def hook(module, args, output):
+            seen[kind][index] = first_output(output)
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    handles += [m.register_forward_hook(keep("states", i + 1)) for i, m in enumerate(layers)]
+    handles += [m.register_forward_hook(keep("mlps", i)) for i, m in enumerate(mlps)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def harmful_terms(
+    model: torch.nn.Module,
+    harmful: Batch,
+    mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over layers of MMD(masked MLP outputs, masked noise), mean over the L + 1 hidden
+    states of the logit-lens CE of the masked harmful tokens) on one harmful batch. Run it under
+    the trainer's autocast; both terms are computed in float32."""
+    body, head = causal_lm_parts(model)
+    norm = final_norm(body)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    with _recorded(model) as seen:
+        body(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask)
+    mask = mask.to(harmful.input_ids.device)
+
+    keep = mask.unsqueeze(-1).to(torch.float32)
+    noise_terms = []
+    for act in seen["mlps"]:
+        hidden = act.float() * keep
+        noise = torch.randn(
+            hidden.shape, generator=generator, device=hidden.device, dtype=torch.float32
+        ) * keep
+        noise_terms.append(mmd_loss(hidden.flatten(1), noise.flatten(1)))
+
+    keep_target = mask[:, 1:]  # position t predicts token t + 1
+    targets = harmful.input_ids[:, 1:][keep_target]
+
+    def lens_ce(rows: torch.Tensor) -> torch.Tensor:
+        logits = head(norm(rows))
+        if softcap:  # Gemma-2, as in supervised_logits
+            logits = torch.tanh(logits.float() / softcap) * softcap
+        return _ce_rows(logits, targets)
+
+    lens_terms = [
+        checkpoint(lens_ce, state[:, :-1][keep_target], use_reentrant=False)
+        for state in seen["states"]
+    ]
+    return torch.stack(noise_terms).mean(), torch.stack(lens_terms).mean()
+
+
+def combine(
+    harmless_ce: torch.Tensor, noise: torch.Tensor, lens: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
+    """CE(harmless) + β · MMD − α · log(1 + logit-lens CE)."""
+    return harmless_ce.float() + beta * noise - alpha * torch.log1p(lens)
+
+
+def repnoise_loss(
+    model: torch.nn.Module,
+    harmful: Batch,
+    harmless: Batch,
+    alpha: float = 1.0,
+    beta: float = 0.001,
+    generator: torch.Generator | None = None,
+    autocast: Callable[[], Any] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total RepNoise loss, its parts) for one harmful and one harmless (alignment) batch."""
+    mask = difference_mask(harmful, harmless)
+    with autocast():
+        noise, lens = harmful_terms(model, harmful, mask, generator)
+        harmless_ce = supervised_loss(model, harmless)
+    total = combine(harmless_ce, noise, lens, alpha, beta)
+    return total, {"harmless_loss": harmless_ce, "noise_loss": noise, "harmful_lens_loss": lens}
+
+
+@DEFENSES.register("repnoise")
+class RepNoise(Defense):
+    """Representation Noising in the alignment stage: each micro-batch of refusals is paired with
+    a batch of the provider's harmful QA and trained on :func:`repnoise_loss` (see the module
+    docstring for the objective, the references it follows and where it departs from them).
+    Other stages are plain SFT."""
+
+    summary = "alignment stage: push harmful representations to noise, ascend harmful lens CE"
+    paper = (
+        "Rosati et al. 2024, Representation Noising: A Defence Mechanism Against Harmful "
+        "Finetuning, arXiv 2405.14577"
+    )
+    reference = (
+        "domenicrosati/representation-noising representation_noising/loss.py (rep_noise_loss); "
+        "git-disl/Booster loss_func/repnoise_loss.py"
+    )
+    stages = (ALIGNMENT,)
+    needs_provider_harmful = True
+
+    @dataclass
+    class Options:
+        alpha: float = 1.0  # α, weight of the harmful logit-lens ascent (reference 1; git-disl 0.1)
+        beta: float = 0.001  # β, weight of the MMD-to-noise term (reference 0.001)
+        harmful_batch_size: int | None = None  # None: the stage's batch size (as git-disl)
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        size = self.options.harmful_batch_size
+        if size is not None and size < 1:
+            raise ConfigError("defense_args.harmful_batch_size of 'repnoise' must be >= 1")
+        self.harmful: BatchStream | None = None
+        self.noise: torch.Generator | None = None
+        self.trace: list[tuple[float, float, float]] = []  # (harmless, noise, lens) per step
+
+    def setup(self, stage: str, trainer: SFTTrainer) -> None:
+        if stage != ALIGNMENT:
+            return
+        size = self.options.harmful_batch_size or trainer.cfg.batch_size
+        self.harmful = provider_harmful_stream(trainer, size, self.name)
+        self.noise = torch.Generator(device=trainer.device)
+        self.noise.manual_seed(trainer.seed + 2)
+        self.trace = []
+
+    def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
+        if stage != ALIGNMENT:
+            return super().training_step(stage, trainer, batch)
+        assert self.harmful is not None, "setup() was not called"
+        loss, parts = repnoise_loss(
+            trainer.model, self.harmful.next(), batch, self.options.alpha, self.options.beta,
+            generator=self.noise, autocast=trainer.autocast,
+        )
+        trainer.backward(loss)
+        stats = {k: float(v.detach()) for k, v in parts.items()}
+        self.trace.append((stats["harmless_loss"], stats["noise_loss"],
+                           stats["harmful_lens_loss"]))
+        return {"loss": float(loss.detach()), **stats}
+
+    def report(self, stage: str) -> dict[str, object]:
+        """The three terms averaged over the first and last tenth of the alignment stage: the
+        MMD should fall and the harmful logit-lens CE rise."""
+        if stage != ALIGNMENT or not self.trace:
+            return {}
+        k = max(1, len(self.trace) // 10)
+        out: dict[str, object] = {}
+        for when, rows in (("first", self.trace[:k]), ("last", self.trace[-k:])):
+            for i, name in enumerate(("harmless_loss", "noise_loss", "harmful_lens_loss")):
+                out[f"{name}_{when}"] = round(sum(r[i] for r in rows) / len(rows), 4)
+        return out
