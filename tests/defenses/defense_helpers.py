@@ -81,3 +81,33 @@ def autograd_of(model, loss) -> dict[str, torch.Tensor]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+class Cycle:
+    """Stands in for a defense's BatchStream: yields the given batches in turn, forever."""
+
+    def __init__(self, *batches: Batch) -> None:
+        self.batches = batches
+        self.calls = 0
+
+    def next(self) -> Batch:
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return batch
+
+
+def step_keeping_earlier_grads(defense, trainer, model, batch, stage: str = "alignment"):
+    """Run one training_step with a fake earlier micro-batch gradient (0.25 everywhere) in
+    ``.grad``; check the weights come back bitwise; return (stats, .grad after, earlier)."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    earlier = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters()
+               if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = earlier[n].clone()
+    stats = defense.training_step(stage, trainer, batch)
+    got = param_grads(model)
+    model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} was not restored exactly"
+    return stats, got, earlier

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from defense_helpers import autograd_of, make_trainer, param_grads, token_batch
+from defense_helpers import (
+    Cycle,
+    autograd_of,
+    make_trainer,
+    step_keeping_earlier_grads,
+    token_batch,
+)
 
 from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
 from hftlab.train import supervised_loss
-
-
-class FixedStream:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next(self):
-        return self.batch
 
 
 def hand_booster(model, batch, harmful, lamb, alpha):
@@ -42,20 +40,8 @@ def test_booster_gradient_matches_hand_computation(tiny_lora, grad_accum) -> Non
     trainer = make_trainer(tiny_lora, defense, grad_accum=grad_accum)
     defense.setup("alignment", trainer)
     batch, harmful = token_batch(4, seed=1), token_batch(10, seed=2)
-    defense.harmful = FixedStream(harmful)
-    before = {n: p.detach().clone() for n, p in tiny_lora.named_parameters()}
-    # an earlier micro-batch's gradient must survive untouched
-    earlier = {n: torch.full_like(p, 0.25) for n, p in tiny_lora.named_parameters()
-               if p.requires_grad}
-    for n, p in tiny_lora.named_parameters():
-        if p.requires_grad:
-            p.grad = earlier[n].clone()
-
-    stats = defense.training_step("alignment", trainer, batch)
-    got = param_grads(tiny_lora)
-    tiny_lora.zero_grad(set_to_none=True)
-    for n, p in tiny_lora.named_parameters():
-        assert torch.equal(p, before[n]), f"{n} was not restored exactly"
+    defense.harmful = Cycle(harmful)
+    stats, got, earlier = step_keeping_earlier_grads(defense, trainer, tiny_lora, batch)
     expected = hand_booster(tiny_lora, batch, harmful, lamb=5.0, alpha=0.1)
     assert stats["harmful_loss_after_step"] < stats["harmful_loss"]  # w' is a descent step on h
     for name, value in expected.items():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from defense_helpers import (
     PAD_ID,
+    Cycle,
     autograd_of,
     make_trainer,
     param_grads,
@@ -24,15 +25,6 @@ from hftlab.defenses import DEFENSES
 from hftlab.defenses.repnoise import difference_mask, masked_ce, mmd_loss, repnoise_loss
 from hftlab.formatting import Tokenized
 from hftlab.train import Batch, collate
-
-
-class FixedStream:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next(self):
-        return self.batch
-
 
 # --- MMD -----------------------------------------------------------------------------------
 
@@ -245,7 +237,7 @@ def test_training_step_leaves_gradient_of_hand_objective(tiny_lora, grad_accum) 
     trainer = make_trainer(tiny_lora, defense, grad_accum=grad_accum)
     defense.setup("alignment", trainer)
     harmful, harmless = paired_batches()
-    defense.harmful = FixedStream(harmful)
+    defense.harmful = Cycle(harmful)
     defense.noise = torch.Generator().manual_seed(9)
     stats = defense.training_step("alignment", trainer, harmless)
     got = param_grads(tiny_lora)

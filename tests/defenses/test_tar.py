@@ -11,26 +11,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from defense_helpers import autograd_of, make_trainer, param_grads, token_batch
+from defense_helpers import (
+    Cycle,
+    autograd_of,
+    make_trainer,
+    step_keeping_earlier_grads,
+    token_batch,
+)
 
 from hftlab.config import ConfigError, LoraConfig, TrainConfig, load_config
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.tar import CPU_PRESET, entropy_loss, tamper_weights
 from hftlab.model import attach_trainable
 from hftlab.train import IGNORE_INDEX, supervised_loss
-
-
-class Cycle:
-    """A stand-in for a BatchStream that returns fixed batches in turn."""
-
-    def __init__(self, *batches):
-        self.batches = batches
-        self.calls = 0
-
-    def next(self):
-        batch = self.batches[self.calls % len(self.batches)]
-        self.calls += 1
-        return batch
 
 
 def tar(**options):
@@ -108,18 +101,7 @@ def test_tar_gradient_matches_hand_computation(tiny_lora, grad_accum) -> None:
     adversary = [token_batch(4, seed=2), token_batch(4, seed=3)]
     heldout = token_batch(5, seed=4)
     defense.adversary, defense.heldout = Cycle(*adversary), Cycle(heldout)
-    before = {n: p.detach().clone() for n, p in tiny_lora.named_parameters()}
-    earlier = {n: torch.full_like(p, 0.25) for n, p in tiny_lora.named_parameters()
-               if p.requires_grad}  # an earlier micro-batch's gradient survives
-    for n, p in tiny_lora.named_parameters():
-        if p.requires_grad:
-            p.grad = earlier[n].clone()
-
-    stats = defense.training_step("alignment", trainer, batch)
-    got = param_grads(tiny_lora)
-    tiny_lora.zero_grad(set_to_none=True)
-    for n, p in tiny_lora.named_parameters():
-        assert torch.equal(p, before[n]), f"{n} was not restored exactly"
+    stats, got, earlier = step_keeping_earlier_grads(defense, trainer, tiny_lora, batch)
     assert stats["attack_shift"] > 0 and stats["representation_distance"] > 0
     expected = hand_tar(tiny_lora, batch, adversary, heldout, lr=1e-2)
     assert set(got) == set(expected)
