@@ -129,6 +129,7 @@ def stage_data(ctx: RunContext) -> dict[str, Any]:
             "provider_harmful": len(data.provider_harmful),
         },
         "overlaps": data.overlaps,
+        "defense_report": ctx.defense.report("data"),
         "fingerprints": {
             "alignment": data_fingerprint(data.alignment),
             "user": data_fingerprint(data.user),

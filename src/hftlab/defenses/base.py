@@ -45,8 +45,13 @@ class Defense(Plugin):
         return {"loss": float(loss.detach())}
 
     def report(self, stage: str) -> dict[str, Any]:
-        """What the defense wants recorded about a finished training stage (its stage.json)."""
+        """What the defense wants recorded about a stage ("data", "alignment", "finetune"): it
+        goes into that stage's stage.json as ``defense_report``."""
         return {}
+
+    def inference_system_prompt(self, system_prompt: str | None) -> str | None:
+        """The system prompt the deployed model is served with (e.g. a secret trigger)."""
+        return system_prompt
 
     def post_finetune(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
         """Repair the fine-tuned model before deployment."""

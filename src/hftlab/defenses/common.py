@@ -60,6 +60,54 @@ def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> B
     return BatchStream(items, batch_size, trainer.pad_id, trainer.device, trainer.seed + 1)
 
 
+def alignment_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
+    """Batches of the provider's alignment data (the run's ``alignment.data``, refusals), for
+    fine-tuning-stage defenses that keep training on it (Lisa, VLGuard mixing, EWC's Fisher)."""
+    ctx = trainer.context
+    rows = ctx.data.alignment if ctx is not None else []
+    if not rows:
+        raise ConfigError(
+            f"defense '{who}' needs the provider's alignment data during fine-tuning: "
+            "set alignment.enabled: true and alignment.data"
+        )
+    items = ctx.tokenize(rows, trainer.cfg.max_length)
+    return BatchStream(items, batch_size, trainer.pad_id, trainer.device, trainer.seed + 4)
+
+
+@contextmanager
+def stage_start_model(trainer: SFTTrainer, frozen_copy: torch.nn.Module | None = None
+                      ) -> Iterator[torch.nn.Module]:
+    """The model as it was when the stage began, for no-grad reference forwards: with LoRA the
+    same network with the adapters switched off; under full fine-tuning ``frozen_copy`` (make
+    one at ``setup`` with :func:`frozen_copy_if_full`)."""
+    from hftlab.model import is_peft
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if frozen_copy is not None:
+        with torch.no_grad():
+            yield frozen_copy
+        return
+    if not is_peft(model):
+        raise ValueError("full fine-tuning needs a frozen copy (frozen_copy_if_full at setup)")
+    with torch.no_grad(), model.disable_adapter():
+        yield model
+
+
+def frozen_copy_if_full(trainer: SFTTrainer) -> torch.nn.Module | None:
+    """A frozen deep copy of the model under full fine-tuning; None with LoRA (adapters off
+    give the stage-start model for free)."""
+    import copy
+
+    from hftlab.model import is_peft
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft(model):
+        return None
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a (possibly PEFT-wrapped) causal LM, first to last."""
     body, _ = causal_lm_parts(model)
