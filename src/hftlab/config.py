@@ -131,8 +131,8 @@ class Config:
     data_root: str | None = None  # where relative data paths are found; env HFTLAB_DATA_ROOT
     cache_dir: str | None = None  # converted models, aligned checkpoints; env HFTLAB_CACHE
     out_dir: str | None = None  # run folder; default runs/<config name>
-    defense: str = "sft"
-    defense_args: dict[str, Any] = field(default_factory=dict)
+    defense: str | list[str] = "sft"  # a name, or several that act together
+    defense_args: dict[str, Any] = field(default_factory=dict)  # keyed by name for several
     attack: str = "harmful_mix"
     attack_args: dict[str, Any] = field(default_factory=dict)
     provider_harmful: DataSpec | None = None  # the provider's own harmful QA (for defenses)
@@ -144,6 +144,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def defense_names(self) -> list[str]:
+        return [self.defense] if isinstance(self.defense, str) else list(self.defense)
+
+    @property
+    def defense_label(self) -> str:
+        return "+".join(self.defense_names)
 
     def resolved_data_root(self) -> Path | None:
         root = self.data_root or os.environ.get("HFTLAB_DATA_ROOT")
@@ -347,8 +355,10 @@ def validate(config: Config, where: str) -> None:
         fail("mechanisms.every", "must be ≥ 0 (0 turns the curves off)")
     if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
         fail("eval", "max_new_tokens and batch_size must be ≥ 1")
+    if not config.defense_names:
+        fail("defense", "is an empty list; use 'sft' for no defense")
     for key, registry, name in (
-        ("defense", DEFENSES, config.defense),
+        *(("defense", DEFENSES, name) for name in config.defense_names),
         ("attack", ATTACKS, config.attack),
         ("eval.judge", JUDGES, config.eval.judge),
     ):

@@ -16,7 +16,8 @@ from hftlab.config import Config, ConfigError
 from hftlab.data.loaders import data_fingerprint, load_examples
 from hftlab.data.records import DataError, Example, normalize_prompt
 from hftlab.data.spec import DataSpec
-from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, Defense
+from hftlab.defenses import ALIGNMENT, FINETUNE, Defense
+from hftlab.defenses.composite import build_defense
 from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.judges import JUDGES
 from hftlab.model import load_model, load_tokenizer, resolve_model_path
@@ -82,10 +83,10 @@ class RunContext:
         self.accelerator = Accelerator(mixed_precision="no")
         self.device = self.accelerator.device
         self.precision = resolve_precision(config.model.precision, self.device)
-        self.defense: Defense = DEFENSES.get(config.defense)(**config.defense_args)
+        self.defense: Defense = build_defense(config.defense, config.defense_args)
         if self.defense.needs_provider_harmful and config.provider_harmful is None:
             raise ConfigError(
-                f"defense '{config.defense}' needs the provider's own harmful QA: set "
+                f"defense '{config.defense_label}' needs the provider's own harmful QA: set "
                 "provider_harmful (e.g. provider_harmful='{kind: demo_harmful_qa, n: 90}' for "
                 "the demo pack; configs/cpu_sst2.yaml uses BeaverTails rows 50-149)"
             )
