@@ -92,6 +92,11 @@ class RunContext:
             )
         self.attack = ATTACKS.get(config.attack)(**config.attack_args)
         self.judge = JUDGES.get(config.eval.judge)(**config.eval.judge_args)
+        if self.defense.needs_alignment_data and not config.alignment.enabled:
+            raise ConfigError(
+                f"defense '{config.defense_label}' keeps training on the provider's alignment "
+                "data during fine-tuning: set alignment.enabled: true (and alignment.data)"
+            )
         self.task = TASKS[config.finetune.task]
         self.model_path = resolve_model_path(config.model.name, self.cache_dir)
         self.tokenizer = load_tokenizer(self.model_path, config.model)

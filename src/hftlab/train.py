@@ -184,6 +184,7 @@ class SFTTrainer:
         self.precision = precision
         self.context = context  # the RunContext, for defenses that need the run's data
         self.step = 0
+        self.total_steps = 0  # set when train() starts, before the defense's setup
         self.optimizer: torch.optim.Optimizer | None = None
 
     @property
@@ -221,6 +222,7 @@ class SFTTrainer:
         if not items:
             raise ValueError(f"{self.stage}: no training examples")
         _, total_steps = self.plan(len(items))
+        self.total_steps = total_steps
         params = self.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay

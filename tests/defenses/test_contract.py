@@ -33,3 +33,15 @@ def test_defense_runs_every_stage(name: str, tiny_overrides, tmp_path) -> None:
     for (n1, p1), (n2, p2) in zip(base.named_parameters(), merged.named_parameters()):
         assert n1 == n2 and p1.shape == p2.shape
     assert any(not torch.equal(p1, p2) for p1, p2 in zip(base.parameters(), merged.parameters()))
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in DEFENSES.names() if DEFENSES.get(n).needs_alignment_data]
+)
+def test_defenses_that_train_on_alignment_data_need_it(name: str, tiny_overrides) -> None:
+    from hftlab.config import ConfigError
+    from hftlab.context import RunContext
+
+    config = load_config(None, [*tiny_overrides, f"defense={name}", "alignment.enabled=false"])
+    with pytest.raises(ConfigError, match="alignment.enabled"):
+        RunContext(config, config.resolved_cache_dir() / "run")

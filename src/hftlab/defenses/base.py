@@ -25,6 +25,7 @@ ALIGNMENT, FINETUNE, POST_FINETUNE = "alignment", "finetune", "post_finetune"
 class Defense(Plugin):
     stages: ClassVar[tuple[str, ...]] = ()
     needs_provider_harmful: ClassVar[bool] = False  # reads the config's provider_harmful set
+    needs_alignment_data: ClassVar[bool] = False  # trains on alignment.data after alignment
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
         """Change a training set before a stage (e.g. mix in safety data)."""

@@ -75,6 +75,7 @@ class CompositeDefense(Defense):
         self.name = "+".join(names)  # type: ignore[misc]
         self.stages = tuple(dict.fromkeys(s for m in members for s in m.stages))  # type: ignore
         self.needs_provider_harmful = any(m.needs_provider_harmful for m in members)  # type: ignore
+        self.needs_alignment_data = any(m.needs_alignment_data for m in members)  # type: ignore
 
     def owner(self, stage: str) -> Defense | None:
         return next((m for m in self.members if owns_training_step(m, stage)), None)

@@ -205,6 +205,7 @@ class EWC(Defense):
         "script/EWC_finetune/sst2.sh"
     )
     stages = (FINETUNE,)
+    needs_alignment_data = True
 
     @dataclass
     class Options:
