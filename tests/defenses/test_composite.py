@@ -74,3 +74,23 @@ def test_config_accepts_a_list_and_checks_every_name() -> None:
         load_config(None, ["defense=[boster]"])
     with pytest.raises(ConfigError, match="empty"):
         load_config(None, ["defense=[]"])
+
+
+def test_an_alignment_and_a_finetuning_defense_run_together(tiny_overrides, tmp_path) -> None:
+    from hftlab.pipeline import run_pipeline
+    from hftlab.utils import read_json
+
+    harmful = "provider_harmful={kind: demo_harmful_qa, n: 16}"
+    steps = ["alignment.train.max_steps=2", "finetune.train.max_steps=4"]
+    combo = load_config(None, [*tiny_overrides, harmful, *steps, "defense=[booster, lisa]",
+                               "defense_args={lisa: {alignment_step: 1, finetune_step: 1}}"])
+    metrics = run_pipeline(combo, tmp_path / "combo")
+    assert metrics["defense"] == "booster+lisa"
+    align = read_json(tmp_path / "combo" / "align" / "stage.json")
+    finetune = read_json(tmp_path / "combo" / "finetune" / "stage.json")
+    assert set(align["defense_report"]) == {"booster"}
+    assert finetune["defense_report"]["lisa"]["alignment_steps"] == 2
+    alone = load_config(None, [*tiny_overrides, harmful, *steps, "defense=booster"])
+    run_pipeline(alone, tmp_path / "alone")
+    again = read_json(tmp_path / "alone" / "align" / "stage.json")
+    assert again["cached"] and again["key"] == align["key"]  # the combo's checkpoint is reused
