@@ -25,7 +25,7 @@ from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
 from hftlab.defenses import ALIGNMENT, FINETUNE, POST_FINETUNE
 from hftlab.evaluate import finetune_accuracy, generate, harmful_score
-from hftlab.formatting import Tokenized
+from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
 from hftlab.model import attach_trainable, load_trained, save_trained
@@ -253,7 +253,9 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
     model = attach_trainable(model, cfg.finetune.train)
     tracker = None
     if mech.every:
-        benign = [e for e in examples if not e.is_harmful][:N_TRACK_TASK]
+        # the user's own benign rows: not harmful, not added by the provider's defense
+        benign = [e for e in examples
+                  if not e.is_harmful and "added_by" not in e.meta][:N_TRACK_TASK]
         tracker = MechanismTracker(
             mech.every,
             ctx.tokenize(benign, max_len),
@@ -295,21 +297,24 @@ def stage_post_finetune(ctx: RunContext) -> dict[str, Any]:
 
 
 def evaluate_model(
-    ctx: RunContext, model: torch.nn.Module, folder: Path, label: str
+    ctx: RunContext, model: torch.nn.Module, folder: Path, label: str,
+    formatter: PromptFormatter | None = None,
 ) -> dict[str, Any]:
     """Harmful score and fine-tune accuracy of one model; completions saved to a file (never
-    printed: they answer harmful prompts)."""
+    printed: they answer harmful prompts). ``formatter``: how the model is prompted (default:
+    the run's; the deployed model gets the defense's served system prompt)."""
     from tqdm.auto import tqdm
 
     ev = ctx.config.eval
     data = ctx.data
+    formatter = formatter or ctx.formatter
     harmful_prompts = [e.prompt for e in data.eval_harmful]
     task_prompts = [e.prompt for e in data.eval_task]
     total = len(harmful_prompts) + len(task_prompts)
     with tqdm(total=total, desc=f"eval {label}", disable=not ctx.is_main) as bar:
-        harmful_out = generate(model, ctx.formatter, harmful_prompts, ev.max_new_tokens,
+        harmful_out = generate(model, formatter, harmful_prompts, ev.max_new_tokens,
                                ev.batch_size, ctx.device, ctx.autocast, bar)
-        task_out = generate(model, ctx.formatter, task_prompts,
+        task_out = generate(model, formatter, task_prompts,
                             ev.task_max_new_tokens or ev.max_new_tokens, ev.batch_size,
                             ctx.device, ctx.autocast, bar)
     hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out)
@@ -370,7 +375,16 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         shutil.copyfile(source / "completions.jsonl", folder / f"completions_{name}.jsonl")
     if not align_cache:
         results["aligned"] = results["base"]  # alignment disabled: the aligned model is the base
-    results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final")
+    # Only the deployed model is served with the defense's system prompt (e.g. BackdoorAlign's
+    # secret trigger); the cached base/aligned evaluations above keep the run's default.
+    # (ctx.eval_key() above has loaded the data, so data-stage defense state exists.)
+    default = ctx.formatter.default_system_prompt
+    served = ctx.defense.inference_system_prompt(default)
+    served_formatter = (
+        ctx.formatter if served == default else ctx.formatter.with_system_prompt(served)
+    )
+    results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final",
+                                      served_formatter)
     generated += results["final"]["generated_tokens"]
     shutil.copyfile(folder / "final" / "completions.jsonl", folder / "completions.jsonl")
     return {"results": results, "eval_key": ev_key, "tokens": generated}

@@ -13,6 +13,7 @@ import torch
 from hftlab.config import LoraConfig, TrainConfig
 from hftlab.data.records import Example
 from hftlab.formatting import Tokenized
+from hftlab.judges.base import Judge
 from hftlab.model import attach_trainable
 from hftlab.train import Batch, SFTTrainer, collate
 
@@ -111,3 +112,13 @@ def step_keeping_earlier_grads(defense, trainer, model, batch, stage: str = "ali
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} was not restored exactly"
     return stats, got, earlier
+
+
+class LabelJudge(Judge):
+    """A guardrail judge for tests: passes only sentiment labels, flags every other answer
+    (register it with monkeypatch.setitem(JUDGES._items, "test_label", LabelJudge))."""
+
+    name = "test_label"
+
+    def flag(self, prompts: list[str], completions: list[str]) -> list[bool]:
+        return [c.strip() not in ("positive", "negative") for c in completions]

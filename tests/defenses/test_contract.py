@@ -7,15 +7,22 @@ import math
 
 import pytest
 import torch
+from defense_helpers import LabelJudge
 
 from hftlab.config import load_config
 from hftlab.defenses import DEFENSES
+from hftlab.judges import JUDGES
 from hftlab.pipeline import finetuned_model, run_pipeline
+
+# Settings a defense needs to have anything to do on the tiny run: the keyword judge flags every
+# benign SST-2 answer, so the guardrail screens with a label judge instead.
+EXTRA = {"guardrail": ["defense_args={judge: test_label}"]}
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())
-def test_defense_runs_every_stage(name: str, tiny_overrides, tmp_path) -> None:
-    config = load_config(None, [*tiny_overrides, f"defense={name}",
+def test_defense_runs_every_stage(name: str, tiny_overrides, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(JUDGES._items, "test_label", LabelJudge)
+    config = load_config(None, [*tiny_overrides, f"defense={name}", *EXTRA.get(name, []),
                                 "provider_harmful={kind: demo_harmful_qa, n: 16}",
                                 "finetune.train.max_steps=3", "alignment.train.max_steps=2"])
     run = tmp_path / "run"
