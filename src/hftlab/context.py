@@ -217,6 +217,23 @@ def load_run_data(ctx: RunContext) -> RunData:
     return data
 
 
+def check_no_shared_prompt(
+    rows_a: list[Example], name_a: str, rows_b: list[Example], name_b: str,
+    fix: str = "give them different files or disjoint offset/n slices",
+) -> None:
+    """DataError naming both rows (and how to ``fix`` it) when a row of ``rows_a`` has the prompt
+    of a row of ``rows_b`` (case and whitespace folded): the two roles must be disjoint."""
+    seen = {normalize_prompt(e.prompt): e for e in rows_b}
+    for example in rows_a:
+        other = seen.get(normalize_prompt(example.prompt))
+        if other is not None:
+            raise DataError(
+                f"{name_a} row {example.row} ({example.source}) has the same prompt as "
+                f"{name_b} row {other.row} ({other.source}); these roles must come from "
+                f"disjoint rows: {fix}"
+            )
+
+
 def check_disjoint(data: RunData, user_harmful: list[Example]) -> dict[str, int]:
     """Fail when the provider's training data and the user's harmful rows share a prompt, or a
     held-out set leaks into training; count (and report) eval prompts seen in training."""
@@ -228,15 +245,7 @@ def check_disjoint(data: RunData, user_harmful: list[Example]) -> dict[str, int]
         ("alignment.data", data.alignment, "mechanisms.alignment_data", data.mech_alignment),
     ]
     for name_a, rows_a, name_b, rows_b in must_differ:
-        seen = {normalize_prompt(e.prompt): e for e in rows_b}
-        for example in rows_a:
-            other = seen.get(normalize_prompt(example.prompt))
-            if other is not None:
-                raise DataError(
-                    f"{name_a} row {example.row} ({example.source}) has the same prompt as "
-                    f"{name_b} row {other.row} ({other.source}); these roles must come from "
-                    "disjoint rows: give them different files or disjoint offset/n slices"
-                )
+        check_no_shared_prompt(rows_a, name_a, rows_b, name_b)
     train_prompts = {normalize_prompt(e.prompt) for e in user_harmful + data.alignment}
     leaked = sum(normalize_prompt(e.prompt) in train_prompts for e in data.eval_harmful)
     if leaked:

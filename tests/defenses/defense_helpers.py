@@ -1,21 +1,24 @@
 """Helpers for checking a defense's update rule by hand on the tiny model: a LoRA-wrapped tiny
-Llama with non-zero adapters, fixed token batches, and a trainer whose run context supplies the
-provider's harmful rows."""
+Llama with non-zero adapters, fixed token batches, a trainer whose run context supplies the
+provider's harmful (or alignment) rows, gradient comparisons, and the tiny end-to-end run."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from hftlab.config import LoraConfig, TrainConfig
+from hftlab.config import LoraConfig, TrainConfig, load_config
 from hftlab.data.records import Example
 from hftlab.formatting import Tokenized
 from hftlab.judges.base import Judge
 from hftlab.model import attach_trainable
-from hftlab.train import Batch, SFTTrainer, collate
+from hftlab.train import Batch, SFTTrainer, collate, supervised_loss
+from hftlab.utils import read_json
 
 PAD_ID = 0
 
@@ -49,6 +52,19 @@ class FakeContext:
         return self.harmful_items
 
 
+class AlignmentContext:
+    """The run context as fine-tuning defenses that keep training on the provider's alignment
+    data read it (Lisa, VLGuard mixing, EWC's Fisher): one alignment row per tokenised item (no
+    items: no alignment data)."""
+
+    def __init__(self, items: list[Tokenized]) -> None:
+        self.items = items
+        self.data = SimpleNamespace(alignment=[Example("p", "r")] * len(items))
+
+    def tokenize(self, examples, max_length):
+        return self.items
+
+
 def lora_model(model_dir: Path, layers_lora_b: float = 0.05) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -63,14 +79,19 @@ def lora_model(model_dir: Path, layers_lora_b: float = 0.05) -> torch.nn.Module:
 
 
 def make_trainer(model, defense, stage: str = "alignment", grad_accum: int = 1,
-                 harmful_items: list[Tokenized] | None = None, **train) -> SFTTrainer:
+                 harmful_items: list[Tokenized] | None = None,
+                 alignment_items: list[Tokenized] | None = None, **train) -> SFTTrainer:
+    """A CPU fp32 trainer whose context holds the provider's harmful rows (``harmful_items``),
+    or with ``alignment_items`` given, an :class:`AlignmentContext` of those instead."""
     from accelerate import Accelerator
 
     cfg = TrainConfig(lr=1e-2, batch_size=4, grad_accum=grad_accum, max_grad_norm=0.0, **train)
-    context = FakeContext(harmful_items or token_items(12, seed=99))
+    if alignment_items is not None:
+        context = AlignmentContext(alignment_items)
+    else:
+        context = FakeContext(harmful_items or token_items(12, seed=99))
     return SFTTrainer(model, cfg, Accelerator(cpu=True), PAD_ID, stage, defense, seed=0,
                       precision="fp32", context=context)
-
 
 
 def param_grads(model) -> dict[str, torch.Tensor]:
@@ -112,6 +133,51 @@ def step_keeping_earlier_grads(defense, trainer, model, batch, stage: str = "ali
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} was not restored exactly"
     return stats, got, earlier
+
+
+def assert_grads_close(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+    earlier: dict[str, torch.Tensor] | None = None, grad_accum: int = 1,
+    atol: float = 1e-6, rtol: float = 1e-4,
+) -> None:
+    """``.grad`` after a step (``got``) holds exactly the parameters of the hand gradient
+    ``expected`` and equals it, divided by ``grad_accum`` and added to the ``earlier``
+    micro-batches' gradient when given (as :func:`step_keeping_earlier_grads` leaves them)."""
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        want = value / grad_accum
+        if earlier is not None:
+            want = earlier[name] + want
+        assert torch.allclose(got[name], want, atol=atol, rtol=rtol), name
+
+
+def assert_step_is_plain_sft(defense, trainer, model, batch, stage: str = "finetune",
+                             atol: float = 1e-7, rtol: float = 1e-5) -> dict[str, float]:
+    """Run one training_step from empty ``.grad`` and check it left autograd of the plain
+    cross-entropy (as at the start of a stage, or outside the defense's stages); return its
+    stats."""
+    stats = defense.training_step(stage, trainer, batch)
+    got = param_grads(model)
+    model.zero_grad(set_to_none=True)
+    expected = autograd_of(model, supervised_loss(model, batch))
+    assert_grads_close(got, expected, atol=atol, rtol=rtol)
+    return stats
+
+
+def run_tiny_pipeline(tiny_overrides: list[str], tmp_path: Path, *extra: str) -> dict:
+    """Run every stage on the tiny model with ``extra`` overrides into ``tmp_path / "run"``,
+    check the training curves are finite and return the metrics."""
+    from hftlab.pipeline import run_pipeline
+
+    metrics = run_pipeline(load_config(None, [*tiny_overrides, *extra]), tmp_path / "run")
+    assert all(math.isfinite(c[k]) for c in metrics["curves"]
+               for k in ("task_loss", "alignment_loss", "harmful_loss"))
+    return metrics
+
+
+def stage_info(tmp_path: Path, stage: str = "finetune") -> dict:
+    """The stage.json that :func:`run_tiny_pipeline` wrote for ``stage``."""
+    return read_json(tmp_path / "run" / stage / "stage.json")
 
 
 class LabelJudge(Judge):

@@ -5,41 +5,30 @@ exactly zero for a fresh adapter's A, and the gradient left in .grad is ∇CE pl
 
 from __future__ import annotations
 
-import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from defense_helpers import (
     PAD_ID,
+    assert_grads_close,
+    assert_step_is_plain_sft,
     autograd_of,
     lora_model,
     make_trainer,
-    param_grads,
+    run_tiny_pipeline,
+    stage_info,
     step_keeping_earlier_grads,
     token_batch,
     token_items,
 )
 from peft.tuners.lora import LoraLayer
 
-from hftlab.config import ConfigError, load_config
-from hftlab.data.records import Example
+from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
 from hftlab.train import collate, supervised_loss
 
 ALIGNMENT_ITEMS = token_items(7, seed=5)
-
-
-class AlignmentContext:
-    """What EWC reads from the run context: the provider's alignment rows, tokenised."""
-
-    def __init__(self, items) -> None:
-        self.items = items
-        self.data = SimpleNamespace(alignment=[Example("p", "r")] * len(items))
-
-    def tokenize(self, examples, max_length):
-        return self.items
 
 
 def ewc(**options):
@@ -47,9 +36,8 @@ def ewc(**options):
 
 
 def ewc_trainer(model, defense, items=ALIGNMENT_ITEMS, grad_accum=1):
-    trainer = make_trainer(model, defense, stage="finetune", grad_accum=grad_accum)
-    trainer.context = AlignmentContext(items)
-    return trainer
+    return make_trainer(model, defense, stage="finetune", grad_accum=grad_accum,
+                        alignment_items=items)
 
 
 def hand_batches(items, size):
@@ -154,9 +142,8 @@ def test_trainable_penalty_gradient_is_2_lambda_f_times_shift(tiny_lora, grad_ac
     grad_ce = autograd_of(tiny_lora, ce)
     penalty_grad = {n: 2 * lamb * fisher[n] * shift[n] for n in params}
     assert max(g.abs().max() for g in penalty_grad.values()) > 1e-3  # the penalty matters
-    for name in params:
-        want = earlier[name] + (grad_ce[name] + penalty_grad[name]) / grad_accum
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    assert_grads_close(got, {n: grad_ce[n] + penalty_grad[n] for n in params}, earlier,
+                       grad_accum)
 
 
 def test_weights_penalty_gradient_matches_autograd(tiny_lora) -> None:
@@ -177,9 +164,8 @@ def test_weights_penalty_gradient_matches_autograd(tiny_lora) -> None:
     grad_penalty = autograd_of(tiny_lora, penalty)
     assert max(g.abs().max() for g in grad_penalty.values()) > 1e-3
     grad_ce = autograd_of(tiny_lora, supervised_loss(tiny_lora, batch))
-    for name, value in grad_ce.items():
-        want = earlier[name] + (value + grad_penalty[name]) / 2
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    assert_grads_close(got, {n: g + grad_penalty[n] for n, g in grad_ce.items()}, earlier,
+                       grad_accum=2)
 
 
 def test_penalty_is_zero_at_the_start(tiny_model_dir) -> None:
@@ -188,12 +174,8 @@ def test_penalty_is_zero_at_the_start(tiny_model_dir) -> None:
         defense = ewc(space=space)
         trainer = ewc_trainer(model, defense)
         defense.setup("finetune", trainer)
-        batch = token_batch(4, seed=2)
-        assert defense.training_step("finetune", trainer, batch)["ewc_penalty"] == 0.0
-        got = param_grads(model)
-        model.zero_grad(set_to_none=True)
-        for name, value in autograd_of(model, supervised_loss(model, batch)).items():
-            assert torch.allclose(got[name], value, atol=1e-7), name
+        stats = assert_step_is_plain_sft(defense, trainer, model, token_batch(4, seed=2))
+        assert stats["ewc_penalty"] == 0.0
 
 
 def test_full_fine_tuning_is_exact_ewc(tiny_model_dir) -> None:
@@ -217,13 +199,7 @@ def test_ewc_is_plain_sft_outside_fine_tuning(tiny_lora) -> None:
     defense = ewc()
     trainer = make_trainer(tiny_lora, defense, stage="alignment")
     defense.setup("alignment", trainer)
-    batch = token_batch(4, seed=4)
-    defense.training_step("alignment", trainer, batch)
-    got = param_grads(tiny_lora)
-    tiny_lora.zero_grad(set_to_none=True)
-    expected = autograd_of(tiny_lora, supervised_loss(tiny_lora, batch))
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7)
+    assert_step_is_plain_sft(defense, trainer, tiny_lora, token_batch(4, seed=4), "alignment")
 
 
 def test_ewc_defaults_and_validation() -> None:
@@ -245,16 +221,9 @@ def test_ewc_defaults_and_validation() -> None:
 
 
 def test_ewc_end_to_end(tiny_overrides, tmp_path) -> None:
-    from hftlab.pipeline import run_pipeline
-
-    config = load_config(None, [*tiny_overrides, "defense=ewc",
-                                "defense_args={fisher_rows: 8, lamb: 1000.0}",
-                                "finetune.train.max_steps=3"])
-    metrics = run_pipeline(config, tmp_path / "run")
-    assert all(math.isfinite(c[k]) for c in metrics["curves"]
-               for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    stage = json.loads((tmp_path / "run" / "finetune" / "stage.json").read_text())
-    report = stage["defense_report"]
+    run_tiny_pipeline(tiny_overrides, tmp_path, "defense=ewc",
+                      "defense_args={fisher_rows: 8, lamb: 1000.0}", "finetune.train.max_steps=3")
+    report = stage_info(tmp_path)["defense_report"]
     assert (report["space"], report["fisher_rows"], report["fisher_batches"]) == ("weights", 8, 2)
     assert report["fisher_sum"] > 0
     assert report["ewc_penalty_first"] == 0.0  # the fresh adapter starts at ΔW = 0

@@ -5,22 +5,24 @@ autograd of CE + λ·KL."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from defense_helpers import (
+    assert_grads_close,
+    assert_step_is_plain_sft,
     autograd_of,
     lora_model,
     make_trainer,
-    param_grads,
+    run_tiny_pipeline,
+    stage_info,
     step_keeping_earlier_grads,
     token_batch,
 )
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
 from hftlab.train import IGNORE_INDEX, supervised_loss
 
@@ -59,11 +61,7 @@ def test_kl_term_and_gradient_match_hand_computation(tiny_lora, positions, grad_
     assert kl.item() > 1e-4
     assert stats["loss"] == pytest.approx(ce.item(), rel=1e-5)
     assert stats["kl"] == pytest.approx(kl.item(), rel=1e-4)
-    expected = autograd_of(tiny_lora, ce + lamb * kl)
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        want = earlier[name] + value / grad_accum
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    assert_grads_close(got, autograd_of(tiny_lora, ce + lamb * kl), earlier, grad_accum)
 
 
 def test_all_positions_include_the_prompt(tiny_lora) -> None:
@@ -78,14 +76,8 @@ def test_kl_is_zero_at_the_start_of_fine_tuning(tiny_model_dir) -> None:
     defense = kl_defense(lamb=5.0)
     trainer = make_trainer(model, defense, stage="finetune")
     defense.setup("finetune", trainer)
-    batch = token_batch(4, seed=2)
-    stats = defense.training_step("finetune", trainer, batch)
+    stats = assert_step_is_plain_sft(defense, trainer, model, token_batch(4, seed=2), atol=1e-6)
     assert abs(stats["kl"]) < 1e-6
-    got = param_grads(model)
-    model.zero_grad(set_to_none=True)
-    expected = autograd_of(model, supervised_loss(model, batch))
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=1e-6), name
 
 
 def test_kl_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir) -> None:
@@ -107,13 +99,7 @@ def test_kl_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir) -> None:
 def test_kl_is_plain_sft_outside_fine_tuning(tiny_lora) -> None:
     defense = kl_defense()
     trainer = make_trainer(tiny_lora, defense, stage="alignment")
-    batch = token_batch(4, seed=4)
-    defense.training_step("alignment", trainer, batch)
-    got = param_grads(tiny_lora)
-    tiny_lora.zero_grad(set_to_none=True)
-    expected = autograd_of(tiny_lora, supervised_loss(tiny_lora, batch))
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7)
+    assert_step_is_plain_sft(defense, trainer, tiny_lora, token_batch(4, seed=4), "alignment")
 
 
 def test_kl_defaults_and_validation() -> None:
@@ -131,13 +117,7 @@ def test_kl_defaults_and_validation() -> None:
 
 
 def test_kl_end_to_end(tiny_overrides, tmp_path) -> None:
-    from hftlab.pipeline import run_pipeline
-
-    config = load_config(None, [*tiny_overrides, "defense=kl", "finetune.train.max_steps=3"])
-    metrics = run_pipeline(config, tmp_path / "run")
-    assert all(math.isfinite(c[k]) for c in metrics["curves"]
-               for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    stage = json.loads((tmp_path / "run" / "finetune" / "stage.json").read_text())
-    report = stage["defense_report"]
+    run_tiny_pipeline(tiny_overrides, tmp_path, "defense=kl", "finetune.train.max_steps=3")
+    report = stage_info(tmp_path)["defense_report"]
     assert abs(report["kl_first"]) < 1e-6  # the fresh adapter starts at B = 0
     assert math.isfinite(report["kl_last"]) and report["kl_last"] >= 0

@@ -5,21 +5,24 @@ threshold are dropped; the aligned model of full fine-tuning is a frozen copy.""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from defense_helpers import (
+    assert_grads_close,
+    assert_step_is_plain_sft,
     autograd_of,
     lora_model,
     make_trainer,
     param_grads,
+    run_tiny_pipeline,
+    stage_info,
     step_keeping_earlier_grads,
     token_batch,
 )
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
 from hftlab.train import supervised_loss
 
@@ -65,11 +68,7 @@ def test_ldifs_loss_and_gradient_match_hand_computation(tiny_lora, grad_accum) -
     assert stats["loss"] == pytest.approx(ce.item(), rel=1e-5)
     assert stats["ldifs_penalty"] == pytest.approx(penalty.item(), rel=1e-4)
     assert stats["layers_kept"] == len(terms) == 2
-    expected = autograd_of(tiny_lora, ce + penalty)
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        want = earlier[name] + value / grad_accum
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    assert_grads_close(got, autograd_of(tiny_lora, ce + penalty), earlier, grad_accum)
 
 
 def test_ldifs_drops_layers_at_or_above_the_threshold(tiny_lora) -> None:
@@ -89,9 +88,7 @@ def test_ldifs_drops_layers_at_or_above_the_threshold(tiny_lora) -> None:
     kept = min(terms, key=lambda t: t.item())  # only the layer below the threshold
     assert stats["layers_kept"] == 1
     assert stats["ldifs_penalty"] == pytest.approx(kept.item(), rel=1e-4)
-    expected = autograd_of(tiny_lora, ce + kept)
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-4), name
+    assert_grads_close(got, autograd_of(tiny_lora, ce + kept))
 
 
 def test_ldifs_is_zero_at_the_start_of_fine_tuning(tiny_model_dir) -> None:
@@ -99,14 +96,8 @@ def test_ldifs_is_zero_at_the_start_of_fine_tuning(tiny_model_dir) -> None:
     defense = ldifs(rho=1.0)
     trainer = make_trainer(model, defense, stage="finetune")
     defense.setup("finetune", trainer)
-    batch = token_batch(4, seed=2)
-    stats = defense.training_step("finetune", trainer, batch)
+    stats = assert_step_is_plain_sft(defense, trainer, model, token_batch(4, seed=2))
     assert stats["ldifs_penalty"] == 0.0 and stats["layers_kept"] == 2
-    got = param_grads(model)
-    model.zero_grad(set_to_none=True)
-    expected = autograd_of(model, supervised_loss(model, batch))
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=1e-7), name
 
 
 def test_ldifs_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir) -> None:
@@ -129,13 +120,7 @@ def test_ldifs_full_fine_tuning_uses_a_frozen_copy(tiny_model_dir) -> None:
 def test_ldifs_is_plain_sft_outside_fine_tuning(tiny_lora) -> None:
     defense = ldifs()
     trainer = make_trainer(tiny_lora, defense, stage="alignment")
-    batch = token_batch(4, seed=4)
-    defense.training_step("alignment", trainer, batch)
-    got = param_grads(tiny_lora)
-    tiny_lora.zero_grad(set_to_none=True)
-    expected = autograd_of(tiny_lora, supervised_loss(tiny_lora, batch))
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7)
+    assert_step_is_plain_sft(defense, trainer, tiny_lora, token_batch(4, seed=4), "alignment")
 
 
 def test_ldifs_defaults_and_validation() -> None:
@@ -153,15 +138,9 @@ def test_ldifs_defaults_and_validation() -> None:
 
 
 def test_ldifs_end_to_end(tiny_overrides, tmp_path) -> None:
-    from hftlab.pipeline import run_pipeline
-
-    config = load_config(None, [*tiny_overrides, "defense=ldifs",
-                                "defense_args={rho: 0.01}", "finetune.train.max_steps=3"])
-    metrics = run_pipeline(config, tmp_path / "run")
-    assert all(math.isfinite(c[k]) for c in metrics["curves"]
-               for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    stage = json.loads((tmp_path / "run" / "finetune" / "stage.json").read_text())
-    report = stage["defense_report"]
+    run_tiny_pipeline(tiny_overrides, tmp_path, "defense=ldifs", "defense_args={rho: 0.01}",
+                      "finetune.train.max_steps=3")
+    report = stage_info(tmp_path)["defense_report"]
     assert report["layers"] == 2
     assert report["ldifs_penalty_first"] == 0.0  # the fresh adapter starts at B = 0
     assert math.isfinite(report["ldifs_penalty_last"])

@@ -4,51 +4,33 @@ each part computed separately by hand."""
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from defense_helpers import (
     Cycle,
+    assert_grads_close,
     autograd_of,
     make_trainer,
+    run_tiny_pipeline,
+    stage_info,
     step_keeping_earlier_grads,
     token_batch,
     token_items,
 )
 
-from hftlab.config import ConfigError, load_config
-from hftlab.data.records import Example
+from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.lisa import ALIGN_STATE, CPU_PRESET, FINETUNE_STATE, lisa_state
-from hftlab.formatting import Tokenized
 from hftlab.train import supervised_loss
-
-
-@dataclass
-class RunDataStub:
-    alignment: list[Example] = field(default_factory=lambda: [Example("p", "r")] * 8)
-    user: list[Example] = field(default_factory=lambda: [Example("q", "a")] * 40)
-
-
-@dataclass
-class ContextStub:
-    """The run context as Lisa reads it: alignment rows (tokenised) and the user's row count."""
-
-    items: list[Tokenized]
-    data: RunDataStub = field(default_factory=RunDataStub)
-
-    def tokenize(self, examples, max_length):
-        return self.items
 
 
 def lisa_setup(model, grad_accum: int = 1, **options):
     defense = DEFENSES.get("lisa")(**options)
     # max_steps 20 plans 20 steps (as train() records them): the proximal term is on for step > 2
-    trainer = make_trainer(model, defense, stage="finetune", grad_accum=grad_accum, max_steps=20)
-    trainer.context = ContextStub(token_items(8, seed=7))
+    trainer = make_trainer(model, defense, stage="finetune", grad_accum=grad_accum, max_steps=20,
+                           alignment_items=token_items(8, seed=7))
     trainer.total_steps = trainer.plan(40)[1]
     defense.setup("finetune", trainer)
     return defense, trainer
@@ -124,9 +106,8 @@ def test_lisa_gradient_matches_hand_computation(tiny_lora, grad_accum, state) ->
     assert stats["alignment_state"] == float(state == ALIGN_STATE)
     assert stats["proximal"] == pytest.approx(rho / 2 * distance, rel=1e-5)
     assert distance > 0
-    for name, g in grad_ce.items():
-        want = earlier[name] + (g + rho * (params[name].detach() - anchor[name])) / grad_accum
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    expected = {n: g + rho * (params[n].detach() - anchor[n]) for n, g in grad_ce.items()}
+    assert_grads_close(got, expected, earlier, grad_accum)
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -182,22 +163,16 @@ def test_lisa_defaults_presets_and_validation() -> None:
 
 def test_lisa_needs_alignment_data(tiny_lora) -> None:
     defense = DEFENSES.get("lisa")()
-    trainer = make_trainer(tiny_lora, defense, stage="finetune", max_steps=4)
-    trainer.context = ContextStub(token_items(8, seed=7), RunDataStub(alignment=[]))
+    trainer = make_trainer(tiny_lora, defense, stage="finetune", max_steps=4, alignment_items=[])
     with pytest.raises(ConfigError, match="alignment data"):
         defense.setup("finetune", trainer)
 
 
 def test_lisa_end_to_end(tiny_overrides, tmp_path) -> None:
-    from hftlab.pipeline import run_pipeline
-
-    config = load_config(None, [*tiny_overrides, "defense=lisa",
-                                "defense_args={alignment_step: 1, finetune_step: 2}",
-                                "finetune.train.max_steps=4"])
-    metrics = run_pipeline(config, tmp_path / "run")
-    assert all(math.isfinite(c[k]) for c in metrics["curves"]
-               for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    stage = json.loads((tmp_path / "run" / "finetune" / "stage.json").read_text())
+    run_tiny_pipeline(tiny_overrides, tmp_path, "defense=lisa",
+                      "defense_args={alignment_step: 1, finetune_step: 2}",
+                      "finetune.train.max_steps=4")
+    stage = stage_info(tmp_path)
     report = stage["defense_report"]
     assert math.isfinite(stage["final_loss"])
     assert (report["alignment_steps"], report["finetune_steps"]) == (2, 2)  # A F F A

@@ -3,50 +3,34 @@ term computed separately with autograd; the alignment batches come from the prov
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from defense_helpers import (
+    AlignmentContext,
     Cycle,
+    assert_grads_close,
     autograd_of,
     make_trainer,
+    run_tiny_pipeline,
+    stage_info,
     step_keeping_earlier_grads,
     token_batch,
     token_items,
 )
 
-from hftlab.config import ConfigError, load_config
-from hftlab.data.records import Example
+from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
-from hftlab.formatting import Tokenized
 from hftlab.train import supervised_loss
-
-
-@dataclass
-class RunDataStub:
-    alignment: list[Example] = field(default_factory=lambda: [Example("p", "r")] * 8)
-
-
-@dataclass
-class ContextStub:
-    """The run context as the defense reads it: the provider's alignment rows, tokenised."""
-
-    items: list[Tokenized]
-    data: RunDataStub = field(default_factory=RunDataStub)
-
-    def tokenize(self, examples, max_length):
-        return self.items
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_vlguard_gradient_matches_hand_computation(tiny_lora, grad_accum) -> None:
     lamb = 0.5
     defense = DEFENSES.get("vlguard_mix")(lamb=lamb)
-    trainer = make_trainer(tiny_lora, defense, stage="finetune", grad_accum=grad_accum)
-    trainer.context = ContextStub(token_items(8, seed=7))
+    trainer = make_trainer(tiny_lora, defense, stage="finetune", grad_accum=grad_accum,
+                           alignment_items=token_items(8, seed=7))
     defense.setup("finetune", trainer)
     user, aligned = token_batch(4, seed=1), token_batch(4, seed=2)
     defense.alignment = Cycle(aligned)
@@ -57,21 +41,20 @@ def test_vlguard_gradient_matches_hand_computation(tiny_lora, grad_accum) -> Non
     with torch.no_grad():
         losses = float(supervised_loss(tiny_lora, user)), float(supervised_loss(tiny_lora, aligned))
     assert (stats["loss"], stats["alignment_loss"]) == pytest.approx(losses, rel=1e-5)
-    for name, g in grad_user.items():
-        want = earlier[name] + (g + lamb * grad_align[name]) / grad_accum
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=1e-4), name
+    expected = {n: g + lamb * grad_align[n] for n, g in grad_user.items()}
+    assert_grads_close(got, expected, earlier, grad_accum)
     assert defense.report("finetune")["lamb"] == lamb
 
 
 def test_vlguard_alignment_stream(tiny_lora) -> None:
     defense = DEFENSES.get("vlguard_mix")()
-    trainer = make_trainer(tiny_lora, defense, stage="finetune")
-    trainer.context = ContextStub(token_items(8, seed=7))
+    trainer = make_trainer(tiny_lora, defense, stage="finetune",
+                           alignment_items=token_items(8, seed=7))
     defense.setup("finetune", trainer)
     assert defense.alignment.batch_size == 4
     assert defense.alignment.next().input_ids.shape[0] == 4
     empty = DEFENSES.get("vlguard_mix")()
-    trainer.context = ContextStub(token_items(8, seed=7), RunDataStub(alignment=[]))
+    trainer.context = AlignmentContext([])
     with pytest.raises(ConfigError, match="alignment data"):
         empty.setup("finetune", trainer)
 
@@ -89,14 +72,9 @@ def test_vlguard_defaults_and_validation() -> None:
 
 
 def test_vlguard_end_to_end(tiny_overrides, tmp_path) -> None:
-    from hftlab.pipeline import run_pipeline
-
-    config = load_config(None, [*tiny_overrides, "defense=vlguard_mix",
-                                "finetune.train.max_steps=3"])
-    metrics = run_pipeline(config, tmp_path / "run")
-    assert all(math.isfinite(c[k]) for c in metrics["curves"]
-               for k in ("task_loss", "alignment_loss", "harmful_loss"))
-    stage = json.loads((tmp_path / "run" / "finetune" / "stage.json").read_text())
+    run_tiny_pipeline(tiny_overrides, tmp_path, "defense=vlguard_mix",
+                      "finetune.train.max_steps=3")
+    stage = stage_info(tmp_path)
     report = stage["defense_report"]
     assert math.isfinite(stage["final_loss"])
     assert math.isfinite(report["alignment_loss_first"])

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
-from hftlab.data.records import DataError, Example, normalize_prompt
+from hftlab.data.records import Example
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 from hftlab.formatting import SYSTEM_PROMPT_KEY
 
@@ -114,6 +114,8 @@ class BackdoorAlign(Defense):
         self._report: dict[str, Any] = {}
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
+        from hftlab.context import check_no_shared_prompt  # hftlab.context imports the defenses
+
         if stage != FINETUNE:
             return examples
         opts = self.options
@@ -133,15 +135,9 @@ class BackdoorAlign(Defense):
                                   ADDED_BY_KEY: self.name})
             for i in chosen
         ]
-        harmful = {normalize_prompt(e.prompt): e for e in examples if e.is_harmful}
-        for row in safety:
-            other = harmful.get(normalize_prompt(row.prompt))
-            if other is not None:
-                raise DataError(
-                    f"backdoor_align: safety row {row.row} ({row.source}) has the prompt of the "
-                    f"user's harmful row {other.row} ({other.source}); give alignment.data and "
-                    "finetune.harmful_data disjoint rows"
-                )
+        check_no_shared_prompt(safety, "backdoor_align: safety",
+                               [e for e in examples if e.is_harmful], "the user's harmful",
+                               fix="give alignment.data and finetune.harmful_data disjoint rows")
         truncated = self._check_fit(safety, ctx)
         n_trigger_ids = len(ctx.tokenizer(self.trigger, add_special_tokens=False)["input_ids"])
         self._report = {

@@ -17,6 +17,7 @@ from hftlab.model import causal_lm_parts
 from hftlab.train import Batch, collate
 
 if TYPE_CHECKING:
+    from hftlab.data.records import Example
     from hftlab.train import SFTTrainer
 
 
@@ -50,28 +51,34 @@ def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> B
     """Batches of the provider's own harmful QA (``provider_harmful`` in the config), tokenised
     like the stage's training data; ``who`` names the defense in the error."""
     ctx = trainer.context
-    rows = ctx.data.provider_harmful if ctx is not None else []
-    if not rows:
-        raise ConfigError(
-            f"defense '{who}' needs the provider's harmful QA: set provider_harmful "
-            "(e.g. provider_harmful={kind: demo_harmful_qa, n: 90}, or see configs/cpu_sst2.yaml)"
-        )
-    items = ctx.tokenize(rows, trainer.cfg.max_length)
-    return BatchStream(items, batch_size, trainer.pad_id, trainer.device, trainer.seed + 1)
+    return _provider_stream(
+        trainer, ctx.data.provider_harmful if ctx is not None else [], batch_size, 1,
+        f"defense '{who}' needs the provider's harmful QA: set provider_harmful "
+        "(e.g. provider_harmful={kind: demo_harmful_qa, n: 90}, or see configs/cpu_sst2.yaml)",
+    )
 
 
 def alignment_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
     """Batches of the provider's alignment data (the run's ``alignment.data``, refusals), for
     fine-tuning-stage defenses that keep training on it (Lisa, VLGuard mixing, EWC's Fisher)."""
     ctx = trainer.context
-    rows = ctx.data.alignment if ctx is not None else []
+    return _provider_stream(
+        trainer, ctx.data.alignment if ctx is not None else [], batch_size, 4,
+        f"defense '{who}' needs the provider's alignment data during fine-tuning: "
+        "set alignment.enabled: true and alignment.data",
+    )
+
+
+def _provider_stream(
+    trainer: SFTTrainer, rows: list[Example], batch_size: int, seed_offset: int, missing: str
+) -> BatchStream:
+    """A stream of ``rows`` tokenised like the stage's training data, shuffled from the trainer's
+    seed + ``seed_offset`` (one offset per data set); ConfigError(``missing``) if empty."""
     if not rows:
-        raise ConfigError(
-            f"defense '{who}' needs the provider's alignment data during fine-tuning: "
-            "set alignment.enabled: true and alignment.data"
-        )
-    items = ctx.tokenize(rows, trainer.cfg.max_length)
-    return BatchStream(items, batch_size, trainer.pad_id, trainer.device, trainer.seed + 4)
+        raise ConfigError(missing)
+    items = trainer.context.tokenize(rows, trainer.cfg.max_length)
+    return BatchStream(items, batch_size, trainer.pad_id, trainer.device,
+                       trainer.seed + seed_offset)
 
 
 @contextmanager
@@ -119,12 +126,23 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Each block's self-attention module (``self_attn`` in Llama, Qwen, Mistral, Gemma…)."""
+    return _block_parts(model, ("self_attn", "attn"))
+
+
+def mlp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each block's MLP (``mlp``; the output LDIFS and RepNoise take as the block's features)."""
+    return _block_parts(model, ("mlp",))
+
+
+def _block_parts(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The submodule of every decoder block found under the first of ``names`` it has."""
     found = []
     for layer in decoder_layers(model):
-        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
-        if attn is None:
-            raise ConfigError(f"{type(layer).__name__} has no self_attn module")
-        found.append(attn)
+        part = next((getattr(layer, n) for n in names if getattr(layer, n, None) is not None),
+                    None)
+        if part is None:
+            raise ConfigError(f"{type(layer).__name__} has no {names[0]} module")
+        found.append(part)
     return found
 
 

@@ -47,8 +47,8 @@ import torch
 from hftlab.config import ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 from hftlab.defenses.common import (
-    decoder_layers,
     frozen_copy_if_full,
+    mlp_modules,
     record_outputs,
     stage_start_model,
 )
@@ -56,17 +56,6 @@ from hftlab.model import causal_lm_parts
 
 if TYPE_CHECKING:
     from hftlab.train import Batch, SFTTrainer
-
-
-def mlp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The MLP of every decoder block, first to last (the reference's ``layers.{i}.mlp``)."""
-    found = []
-    for layer in decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            raise ConfigError(f"{type(layer).__name__} has no mlp module")
-        found.append(mlp)
-    return found
 
 
 def feature_terms(

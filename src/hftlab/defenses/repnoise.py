@@ -89,8 +89,9 @@ from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
 from hftlab.defenses.common import (
     BatchStream,
     decoder_layers,
-    first_output,
+    mlp_modules,
     provider_harmful_stream,
+    record_outputs,
 )
 from hftlab.model import causal_lm_parts
 from hftlab.train import supervised_loss
@@ -159,41 +160,20 @@ def final_norm(body: torch.nn.Module) -> torch.nn.Module:
     raise ConfigError(f"repnoise: cannot find the final norm of {type(body).__name__}")
 
 
-def layer_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    found = []
-    for layer in decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            raise ConfigError(f"repnoise: {type(layer).__name__} has no mlp module")
-        found.append(mlp)
-    return found
-
-
 @contextmanager
-def _recorded(model: torch.nn.Module) -> Iterator[dict[str, list[Any]]]:
-    """Within the block, keep the last forward's input of the first decoder layer, each layer's
-    output and each layer's MLP output (in the autograd graph)."""
-    layers = decoder_layers(model)
-    mlps = layer_mlps(model)
-    seen: dict[str, list[Any]] = {"states": [None] * (len(layers) + 1), "mlps": [None] * len(mlps)}
+def _record_input(module: torch.nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Within the block, keep the hidden states ``module`` was called with on the last forward
+    (in the autograd graph): for the first decoder layer, the embeddings."""
+    seen: list[torch.Tensor | None] = [None]
 
-    def first_input(module, args, kwargs):
-        seen["states"][0] = args[0] if args else kwargs["hidden_states"]
+    def hook(module, args, kwargs):
+        seen[0] = args[0] if args else kwargs["hidden_states"]
 
-    def keep(kind: str, index: int) -> Callable[..., None]:
-        def hook(module, args, output):
-            seen[kind][index] = first_output(output)
-
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
-    handles += [m.register_forward_hook(keep("states", i + 1)) for i, m in enumerate(layers)]
-    handles += [m.register_forward_hook(keep("mlps", i)) for i, m in enumerate(mlps)]
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield seen
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 def harmful_terms(
@@ -208,13 +188,16 @@ def harmful_terms(
     body, head = causal_lm_parts(model)
     norm = final_norm(body)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    with _recorded(model) as seen:
+    layers = decoder_layers(model)
+    with (_record_input(layers[0]) as embedded, record_outputs(layers) as outputs,
+          record_outputs(mlp_modules(model)) as mlp_outputs):
         body(input_ids=harmful.input_ids, attention_mask=harmful.attention_mask)
+    states = [*embedded, *outputs]  # the L + 1 hidden states
     mask = mask.to(harmful.input_ids.device)
 
     keep = mask.unsqueeze(-1).to(torch.float32)
     noise_terms = []
-    for act in seen["mlps"]:
+    for act in mlp_outputs:
         hidden = act.float() * keep
         noise = torch.randn(
             hidden.shape, generator=generator, device=hidden.device, dtype=torch.float32
@@ -232,7 +215,7 @@ def harmful_terms(
 
     lens_terms = [
         checkpoint(lens_ce, state[:, :-1][keep_target], use_reentrant=False)
-        for state in seen["states"]
+        for state in states
     ]
     return torch.stack(noise_terms).mean(), torch.stack(lens_terms).mean()
 

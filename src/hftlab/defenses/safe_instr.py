@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
-from hftlab.data.records import DataError, Example, normalize_prompt
+from hftlab.data.records import Example, normalize_prompt
 from hftlab.data.spec import DataSpec
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 
@@ -145,6 +145,8 @@ def check_disjoint_from_held_out(
 ) -> None:
     """Refusal rows must not share a prompt with the user's harmful rows or the mechanisms'
     held-out sets (loaded as the run loads them)."""
+    from hftlab.context import check_no_shared_prompt  # hftlab.context imports the defenses
+
     cfg = ctx.config
     mech = cfg.mechanisms
     others = [("finetune.harmful_data (user)", [e for e in user if e.is_harmful])]
@@ -153,12 +155,5 @@ def check_disjoint_from_held_out(
     if mech.every:
         others.append(("mechanisms.harmful_data", ctx.load(mech.harmful_data)))
     for name, rows in others:
-        seen = {normalize_prompt(e.prompt): e for e in rows}
-        for example in pool:
-            other = seen.get(normalize_prompt(example.prompt))
-            if other is not None:
-                raise DataError(
-                    f"safe_instr's safety rows ({where}) row {example.row} ({example.source}) "
-                    f"has the same prompt as {name} row {other.row} ({other.source}); these "
-                    "roles must come from disjoint rows: give disjoint offset/n slices"
-                )
+        check_no_shared_prompt(pool, f"safe_instr's safety rows ({where})", rows, name,
+                               fix="give disjoint offset/n slices")
