@@ -14,7 +14,7 @@ import torch
 from hftlab.attacks import ATTACKS, AttackInputs
 from hftlab.config import Config, ConfigError
 from hftlab.data.loaders import data_fingerprint, load_examples
-from hftlab.data.records import DataError, Example, normalize_prompt
+from hftlab.data.records import Example, check_no_shared_prompt, normalize_prompt
 from hftlab.data.spec import DataSpec
 from hftlab.defenses import ALIGNMENT, FINETUNE, Defense
 from hftlab.defenses.composite import build_defense
@@ -215,23 +215,6 @@ def load_run_data(ctx: RunContext) -> RunData:
     data.alignment = ctx.defense.prepare_data(ALIGNMENT, data.alignment, ctx)
     data.overlaps = check_disjoint(data, [e for e in user if e.is_harmful])
     return data
-
-
-def check_no_shared_prompt(
-    rows_a: list[Example], name_a: str, rows_b: list[Example], name_b: str,
-    fix: str = "give them different files or disjoint offset/n slices",
-) -> None:
-    """DataError naming both rows (and how to ``fix`` it) when a row of ``rows_a`` has the prompt
-    of a row of ``rows_b`` (case and whitespace folded): the two roles must be disjoint."""
-    seen = {normalize_prompt(e.prompt): e for e in rows_b}
-    for example in rows_a:
-        other = seen.get(normalize_prompt(example.prompt))
-        if other is not None:
-            raise DataError(
-                f"{name_a} row {example.row} ({example.source}) has the same prompt as "
-                f"{name_b} row {other.row} ({other.source}); these roles must come from "
-                f"disjoint rows: {fix}"
-            )
 
 
 def check_disjoint(data: RunData, user_harmful: list[Example]) -> dict[str, int]:

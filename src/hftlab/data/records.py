@@ -43,3 +43,20 @@ def normalize_prompt(text: str) -> str:
 
 class DataError(ValueError):
     """Bad data: the message names the file, the row and the fix."""
+
+
+def check_no_shared_prompt(
+    rows_a: list[Example], name_a: str, rows_b: list[Example], name_b: str,
+    fix: str = "give them different files or disjoint offset/n slices",
+) -> None:
+    """DataError naming both rows (and how to ``fix`` it) when a row of ``rows_a`` has the prompt
+    of a row of ``rows_b`` (case and whitespace folded): the two roles must be disjoint."""
+    seen = {normalize_prompt(e.prompt): e for e in rows_b}
+    for example in rows_a:
+        other = seen.get(normalize_prompt(example.prompt))
+        if other is not None:
+            raise DataError(
+                f"{name_a} row {example.row} ({example.source}) has the same prompt as "
+                f"{name_b} row {other.row} ({other.source}); these roles must come from "
+                f"disjoint rows: {fix}"
+            )

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
-from hftlab.data.records import Example
+from hftlab.data.records import Example, check_no_shared_prompt
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 from hftlab.formatting import SYSTEM_PROMPT_KEY
 
@@ -114,7 +114,6 @@ class BackdoorAlign(Defense):
         self._report: dict[str, Any] = {}
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
-        from hftlab.context import check_no_shared_prompt  # hftlab.context imports the defenses
 
         if stage != FINETUNE:
             return examples

@@ -37,6 +37,7 @@ from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
 from hftlab.defenses.common import (
     BatchStream,
     attention_modules,
+    first_last_means,
     global_norm,
     provider_harmful_stream,
     take_grads,
@@ -101,7 +102,7 @@ class Booster(Defense):
         if self.options.harmful_batch_size < 1:
             raise ConfigError("defense_args.harmful_batch_size of 'booster' must be >= 1")
         self.harmful: BatchStream | None = None
-        self.trace: list[tuple[float, float]] = []  # (h(w), h(w')) per micro-batch
+        self.trace: list[dict[str, float]] = []  # h(w), h(w') per micro-batch
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage == ALIGNMENT:
@@ -115,18 +116,7 @@ class Booster(Defense):
         when the simulated harmful step stops lowering the harmful loss."""
         if stage != ALIGNMENT or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-
-        def mean(rows: list[tuple[float, float]], i: int) -> float:
-            return round(sum(r[i] for r in rows) / len(rows), 4)
-
-        first, last = self.trace[:k], self.trace[-k:]
-        return {
-            "harmful_loss_first": mean(first, 0),
-            "harmful_loss_after_step_first": mean(first, 1),
-            "harmful_loss_last": mean(last, 0),
-            "harmful_loss_after_step_last": mean(last, 1),
-        }
+        return first_last_means(self.trace)
 
     def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
         if stage != ALIGNMENT:
@@ -144,7 +134,7 @@ class Booster(Defense):
             loss = trainer.compute_loss(batch)
             trainer.backward(loss)
             result = {"loss": float(loss.detach())}
-        self.trace.append((stats["harmful_loss"], stats["harmful_loss_after_step"]))
+        self.trace.append(stats)
         scale = 1.0 / trainer.cfg.grad_accum
         with torch.no_grad():
             for p, before, extra in zip(params, earlier, correction):

@@ -214,3 +214,15 @@ def record_outputs(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
+
+
+def first_last_means(trace: list[dict[str, float]]) -> dict[str, float]:
+    """``key_first`` / ``key_last``: each traced value averaged over the first and the last tenth
+    of a stage's micro-batches (6 significant digits), for a defense's ``report``."""
+    k = max(1, len(trace) // 10)
+    out: dict[str, float] = {}
+    for part, rows in (("first", trace[:k]), ("last", trace[-k:])):
+        for key in dict.fromkeys(key for row in rows for key in row):
+            values = [row[key] for row in rows if key in row]
+            out[f"{key}_{part}"] = float(f"{sum(values) / len(values):.6g}")
+    return out

@@ -73,7 +73,7 @@ import torch
 
 from hftlab.config import ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
-from hftlab.defenses.common import alignment_stream
+from hftlab.defenses.common import alignment_stream, first_last_means
 from hftlab.model import is_peft
 from hftlab.train import collate
 
@@ -234,7 +234,7 @@ class EWC(Defense):
         self.fisher: list[torch.Tensor] = []
         self.space = o.space
         self.fisher_info: dict[str, object] = {}
-        self.trace: list[float] = []  # penalty per micro-batch
+        self.trace: list[dict[str, float]] = []  # penalty per micro-batch
 
     def fisher_items(self, trainer: SFTTrainer) -> tuple[list[Tokenized], int]:
         size = self.options.fisher_batch_size or trainer.cfg.batch_size
@@ -310,7 +310,7 @@ class EWC(Defense):
         ce = trainer.compute_loss(batch)
         trainer.backward(ce)
         add_to_grads(params, grads, 1.0 / trainer.cfg.grad_accum)
-        self.trace.append(value)
+        self.trace.append({"ewc_penalty": value})
         return {"loss": float(ce.detach()), "ewc_penalty": value}
 
     def report(self, stage: str) -> dict[str, object]:
@@ -318,10 +318,4 @@ class EWC(Defense):
         first and last tenth of the stage (it grows as the weights leave the aligned ones)."""
         if stage != FINETUNE or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-        first, last = self.trace[:k], self.trace[-k:]
-        return {
-            **self.fisher_info,
-            "ewc_penalty_first": float(f"{sum(first) / len(first):.6g}"),
-            "ewc_penalty_last": float(f"{sum(last) / len(last):.6g}"),
-        }
+        return {**self.fisher_info, **first_last_means(self.trace)}

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from hftlab.config import ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
-from hftlab.defenses.common import frozen_copy_if_full, stage_start_model
+from hftlab.defenses.common import first_last_means, frozen_copy_if_full, stage_start_model
 from hftlab.model import causal_lm_parts
 from hftlab.train import IGNORE_INDEX
 
@@ -118,7 +118,7 @@ class KL(Defense):
         if self.options.lamb < 0:
             raise ConfigError("defense_args.lamb of 'kl' must be >= 0")
         self.frozen: torch.nn.Module | None = None
-        self.trace: list[float] = []  # unweighted KL per micro-batch
+        self.trace: list[dict[str, float]] = []  # unweighted KL per micro-batch
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage == FINETUNE:
@@ -141,7 +141,7 @@ class KL(Defense):
         ce = F.cross_entropy(logits[supervised[both]], targets[supervised])
         kl = kl_batchmean(aligned_logits, logits[select[both]], batch.labels.shape[0])
         trainer.backward(ce + self.options.lamb * kl)
-        self.trace.append(float(kl.detach()))
+        self.trace.append({"kl": float(kl.detach())})
         return {"loss": float(ce.detach()), "kl": float(kl.detach())}
 
     def report(self, stage: str) -> dict[str, object]:
@@ -149,9 +149,4 @@ class KL(Defense):
         the fine-tuned model's next-token distributions moved from the aligned model's."""
         if stage != FINETUNE or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-        first, last = self.trace[:k], self.trace[-k:]
-        return {
-            "kl_first": float(f"{sum(first) / len(first):.6g}"),
-            "kl_last": float(f"{sum(last) / len(last):.6g}"),
-        }
+        return first_last_means(self.trace)

@@ -47,6 +47,7 @@ import torch
 from hftlab.config import ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 from hftlab.defenses.common import (
+    first_last_means,
     frozen_copy_if_full,
     mlp_modules,
     record_outputs,
@@ -106,7 +107,7 @@ class LDIFS(Defense):
         self.frozen: torch.nn.Module | None = None
         self.modules: list[torch.nn.Module] = []
         self.aligned_modules: list[torch.nn.Module] = []
-        self.trace: list[tuple[float, int]] = []  # (penalty, layers kept) per micro-batch
+        self.trace: list[dict[str, float]] = []  # penalty, layers kept per micro-batch
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage != FINETUNE:
@@ -136,7 +137,7 @@ class LDIFS(Defense):
         penalty = torch.stack(kept).sum() if kept else ce.new_zeros(())
         trainer.backward(ce + penalty.to(ce.dtype))
         value = float(penalty.detach())
-        self.trace.append((value, len(kept)))
+        self.trace.append({"ldifs_penalty": value, "layers_kept": len(kept)})
         return {"loss": float(ce.detach()), "ldifs_penalty": value, "layers_kept": len(kept)}
 
     def report(self, stage: str) -> dict[str, object]:
@@ -145,9 +146,4 @@ class LDIFS(Defense):
         drop out once their term reaches ``max_layer_term``."""
         if stage != FINETUNE or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-        out: dict[str, object] = {"layers": len(self.modules)}
-        for part, rows in (("first", self.trace[:k]), ("last", self.trace[-k:])):
-            out[f"ldifs_penalty_{part}"] = float(f"{sum(r[0] for r in rows) / len(rows):.6g}")
-            out[f"layers_kept_{part}"] = round(sum(r[1] for r in rows) / len(rows), 2)
-        return out
+        return {"layers": len(self.modules), **first_last_means(self.trace)}

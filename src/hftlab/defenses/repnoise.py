@@ -89,6 +89,7 @@ from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
 from hftlab.defenses.common import (
     BatchStream,
     decoder_layers,
+    first_last_means,
     mlp_modules,
     provider_harmful_stream,
     record_outputs,
@@ -277,7 +278,7 @@ class RepNoise(Defense):
             raise ConfigError("defense_args.harmful_batch_size of 'repnoise' must be >= 1")
         self.harmful: BatchStream | None = None
         self.noise: torch.Generator | None = None
-        self.trace: list[tuple[float, float, float]] = []  # (harmless, noise, lens) per step
+        self.trace: list[dict[str, float]] = []  # the three terms per step
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage != ALIGNMENT:
@@ -298,8 +299,7 @@ class RepNoise(Defense):
         )
         trainer.backward(loss)
         stats = {k: float(v.detach()) for k, v in parts.items()}
-        self.trace.append((stats["harmless_loss"], stats["noise_loss"],
-                           stats["harmful_lens_loss"]))
+        self.trace.append(stats)
         return {"loss": float(loss.detach()), **stats}
 
     def report(self, stage: str) -> dict[str, object]:
@@ -307,9 +307,4 @@ class RepNoise(Defense):
         MMD should fall and the harmful logit-lens CE rise."""
         if stage != ALIGNMENT or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-        out: dict[str, object] = {}
-        for when, rows in (("first", self.trace[:k]), ("last", self.trace[-k:])):
-            for i, name in enumerate(("harmless_loss", "noise_loss", "harmful_lens_loss")):
-                out[f"{name}_{when}"] = round(sum(r[i] for r in rows) / len(rows), 4)
-        return out
+        return first_last_means(self.trace)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
-from hftlab.data.records import Example, normalize_prompt
+from hftlab.data.records import Example, check_no_shared_prompt, normalize_prompt
 from hftlab.data.spec import DataSpec
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
 
@@ -145,7 +145,6 @@ def check_disjoint_from_held_out(
 ) -> None:
     """Refusal rows must not share a prompt with the user's harmful rows or the mechanisms'
     held-out sets (loaded as the run loads them)."""
-    from hftlab.context import check_no_shared_prompt  # hftlab.context imports the defenses
 
     cfg = ctx.config
     mech = cfg.mechanisms

@@ -93,6 +93,7 @@ from hftlab.config import ConfigError
 from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
 from hftlab.defenses.common import (
     BatchStream,
+    first_last_means,
     global_norm,
     provider_harmful_stream,
     take_grads,
@@ -379,13 +380,6 @@ class TAR(Defense):
         model's harmful loss and entropy on the held-out batch rise over the stage."""
         if stage != ALIGNMENT or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
         keys = ("harmful_loss_after_attack", "harmful_entropy_after_attack",
                 "adversary_loss_last", "attack_shift", "loss")
-        out: dict[str, object] = {}
-        for part, rows in (("first", self.trace[:k]), ("last", self.trace[-k:])):
-            for key in keys:
-                values = [r[key] for r in rows if key in r]
-                if values:
-                    out[f"{key}_{part}"] = round(sum(values) / len(values), 4)
-        return out
+        return first_last_means([{k: r[k] for k in keys if k in r} for r in self.trace])

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from hftlab.config import ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
-from hftlab.defenses.common import BatchStream, alignment_stream
+from hftlab.defenses.common import BatchStream, alignment_stream, first_last_means
 
 if TYPE_CHECKING:
     from hftlab.train import Batch, SFTTrainer
@@ -69,7 +69,7 @@ class VlguardMix(Defense):
         if self.options.alignment_batch_size < 1:
             raise ConfigError("defense_args.alignment_batch_size of 'vlguard_mix' must be >= 1")
         self.alignment: BatchStream | None = None
-        self.trace: list[float] = []  # alignment loss per micro-batch
+        self.trace: list[dict[str, float]] = []  # alignment loss per micro-batch
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage == FINETUNE:
@@ -85,7 +85,7 @@ class VlguardMix(Defense):
         user_loss = trainer.compute_loss(batch)
         alignment_loss = trainer.compute_loss(self.alignment.next())
         trainer.backward(user_loss + self.options.lamb * alignment_loss)
-        self.trace.append(float(alignment_loss.detach()))
+        self.trace.append({"alignment_loss": float(alignment_loss.detach())})
         return {"loss": float(user_loss.detach()),
                 "alignment_loss": float(alignment_loss.detach())}
 
@@ -93,9 +93,4 @@ class VlguardMix(Defense):
         """The alignment loss averaged over the first and last tenth of the stage."""
         if stage != FINETUNE or not self.trace:
             return {}
-        k = max(1, len(self.trace) // 10)
-        return {
-            "lamb": self.options.lamb,
-            "alignment_loss_first": round(sum(self.trace[:k]) / k, 4),
-            "alignment_loss_last": round(sum(self.trace[-k:]) / k, 4),
-        }
+        return {"lamb": self.options.lamb, **first_last_means(self.trace)}
