@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ from hftlab.model import attach_trainable
 from hftlab.train import SFTTrainer
 
 # forward-backward passes per optimizer step, by the algorithm (with its default options)
-PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2}
+# ("+fwd": one extra no-grad forward of the stage-start model)
+PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2, "lisa": 1,
+          "vlguard_mix": 2, "ldifs": "1+fwd", "kl": "1+fwd", "constrained_sft": "1+fwd",
+          "ewc": 1, "safe_instr": 1, "backdoor_align": 1, "guardrail": 1}
 
 
 def passes(name: str, defense) -> str:
@@ -69,8 +73,6 @@ def time_defense(
     seed_everything(0)
     model = attach_trainable(ctx.base_model(full_training=train_cfg.method == "full"), train_cfg)
     ctx.defense = defense
-    from dataclasses import replace
-
     train = replace(train_cfg, max_steps=warmup + steps)
     trainer = SFTTrainer(model, train, ctx.accelerator, ctx.tokenizer.pad_token_id, stage,
                          defense, seed=0, precision=ctx.precision, context=ctx)
