@@ -2,8 +2,10 @@
 
 Same model, same data (the config's alignment data, or the user's data for fine-tuning-stage
 defenses), same batch size and number of optimizer steps, one process. Prints seconds per
-optimizer step, the ratio to ``sft`` and the number of forward-backward passes the algorithm
-needs per step (the floor the ratio should approach), plus peak accelerator memory on GPUs.
+optimizer step, the ratio to ``sft``, the number of forward-backward passes the algorithm
+needs per step and the token work it actually did relative to sft (the floor the ratio should
+approach with this data: extra batches of longer rows cost more than a pass of the training
+batch), plus peak accelerator memory on GPUs.
 
     python benchmarks/defense_overhead.py                           # quickstart config
     python benchmarks/defense_overhead.py configs/cpu_sst2.yaml --steps 10
@@ -77,6 +79,8 @@ def time_defense(
     trainer = SFTTrainer(model, train, ctx.accelerator, ctx.tokenizer.pad_token_id, stage,
                          defense, seed=0, precision=ctx.precision, context=ctx)
     stamps: list[float] = []
+    work_marks: list[int] = []
+    work = count_token_work(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -84,15 +88,32 @@ def time_defense(
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        work_marks.append(work[0])
 
     start = time.perf_counter()
     result = trainer.train(items, on_step=on_step)
     timed = stamps[warmup:]
     first = stamps[warmup - 1] if warmup else start
     seconds = (timed[-1] - first) / len(timed)
+    work_first = work_marks[warmup - 1] if warmup else 0
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"stage": stage, "seconds_per_step": seconds, "peak_mb": peak,
-            "final_loss": result.losses[-1], "passes": passes(name, defense)}
+            "final_loss": result.losses[-1], "passes": passes(name, defense),
+            "work_per_step": (work_marks[-1] - work_first) / len(timed)}
+
+
+def count_token_work(model: torch.nn.Module) -> list[int]:
+    """A running count of the token work of every forward pass through ``model`` (copies made
+    later share the hook): 3 units per token with gradients (forward + backward), 1 without.
+    Padded tokens count, since they are computed; the ratio to sft is the data-aware floor
+    (a Booster harmful batch of 10 long BeaverTails answers costs more than 8 refusals)."""
+    total = [0]
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        total[0] += args[0].numel() * (3 if torch.is_grad_enabled() else 1)
+
+    model.get_input_embeddings().register_forward_pre_hook(hook)
+    return total
 
 
 def main() -> None:
@@ -111,14 +132,18 @@ def main() -> None:
           f"{config.alignment.train.batch_size} · threads {torch.get_num_threads()}")
     rows = [(name, time_defense(ctx, name, stage, options.get(name, {}), args.steps,
                                 args.warmup)) for name, stage in plan]
-    base = {r["stage"]: r["seconds_per_step"] for name, r in rows if name == "sft"}
-    print(f"\n{'defense':<14}{'stage':<11}{'s/step':>8}{'× sft':>7}{'passes':>8}"
-          f"{'peak MB':>9}{'loss':>8}")
+    base = {r["stage"]: r for name, r in rows if name == "sft"}
+    print(f"\n{'defense':<16}{'stage':<11}{'s/step':>8}{'× sft':>7}{'passes':>8}"
+          f"{'work×':>7}{'peak MB':>9}{'loss':>8}")
     for name, r in rows:
-        ratio = r["seconds_per_step"] / base[r["stage"]]
+        ratio = r["seconds_per_step"] / base[r["stage"]]["seconds_per_step"]
+        work = r["work_per_step"] / base[r["stage"]]["work_per_step"]
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        print(f"{name:<14}{r['stage']:<11}{r['seconds_per_step']:>8.3f}{ratio:>6.2f}×"
-              f"{r['passes']:>8}{peak:>9}{r['final_loss']:>8.3f}")
+        print(f"{name:<16}{r['stage']:<11}{r['seconds_per_step']:>8.3f}{ratio:>6.2f}×"
+              f"{r['passes']:>8}{work:>6.2f}×{peak:>9}{r['final_loss']:>8.3f}")
+    print("\npasses: forward-backward passes per step by the algorithm; work×: token work per "
+          "step (3/token with gradients, 1/token without, padding included) relative to sft, "
+          "the floor for × sft given this data")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,17 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
     finetune = ctx.stage_info("finetune")
     stages["finetune"]["seconds_per_step"] = finetune["seconds_per_step"]
     stages["finetune"]["train_seconds"] = finetune["train_seconds"]
+    repair = None
+    if "finetuned" in ev:  # a post-fine-tuning repair ran: before, after and the change
+        repair = {
+            "before.harmful_score": ev["finetuned"]["harmful_score"],
+            "before.finetune_accuracy": ev["finetuned"]["finetune_accuracy"],
+            "harmful_score_change": round(
+                ev["final"]["harmful_score"] - ev["finetuned"]["harmful_score"], 2),
+            "finetune_accuracy_change": round(
+                ev["final"]["finetune_accuracy"] - ev["finetuned"]["finetune_accuracy"], 2),
+            "report": ctx.stage_info("post_finetune").get("defense_report", {}),
+        }
     return {
         "harmful_score": ev["final"]["harmful_score"],
         "finetune_accuracy": ev["final"]["finetune_accuracy"],
@@ -49,6 +60,9 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
         "aligned.finetune_accuracy": ev["aligned"]["finetune_accuracy"],
         "base.harmful_score": ev["base"]["harmful_score"] if "base" in ev else None,
         "base.finetune_accuracy": ev["base"]["finetune_accuracy"] if "base" in ev else None,
+        "finetuned.harmful_score": repair["before.harmful_score"] if repair else None,
+        "finetuned.finetune_accuracy": repair["before.finetune_accuracy"] if repair else None,
+        "repair": repair,
         "judge": ctx.judge.describe(),
         "task": ctx.task.name,
         "n_eval_harmful": ev["final"]["n_eval_harmful"],

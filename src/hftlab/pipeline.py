@@ -28,7 +28,7 @@ from hftlab.evaluate import finetune_accuracy, generate, harmful_score
 from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
-from hftlab.model import attach_trainable, load_trained, save_trained
+from hftlab.model import attach_trainable, load_trained, merged, save_trained
 from hftlab.train import SFTTrainer, TrainResult
 from hftlab.utils import (
     atomic_dir,
@@ -286,14 +286,19 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
 
 
 def stage_post_finetune(ctx: RunContext) -> dict[str, Any]:
-    """Hook point for post-fine-tuning repairs; the fine-tuned model is kept when none acts."""
+    """The provider's repair of the fine-tuned model (SafeLoRA, Antidote, ...), saved as the
+    deployed model; the fine-tuned model is kept when no defense acts here."""
     if POST_FINETUNE not in ctx.defense.stages:
         return {"repaired": False}
     model = ctx.defense.post_finetune(finetuned_model(ctx), ctx)
     if ctx.is_main:
         with atomic_dir(ctx.stage_dir("post_finetune") / "model") as tmp:
             save_trained(model, tmp)
-    return {"repaired": True, "defense": ctx.defense.name}
+    return {
+        "repaired": True,
+        "defense": ctx.defense.name,
+        "defense_report": ctx.defense.report(POST_FINETUNE),
+    }
 
 
 def evaluate_model(
@@ -383,6 +388,12 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     served_formatter = (
         ctx.formatter if served == default else ctx.formatter.with_system_prompt(served)
     )
+    if ctx.stage_info("post_finetune").get("repaired"):
+        # the same model before the repair, served the same way: what the repair bought and cost
+        results["finetuned"] = evaluate_model(
+            ctx, merged(finetuned_model(ctx)), folder / "finetuned", "finetuned", served_formatter
+        )
+        generated += results["finetuned"]["generated_tokens"]
     results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final",
                                       served_formatter)
     generated += results["final"]["generated_tokens"]

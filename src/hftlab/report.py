@@ -18,14 +18,20 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(model, harmful score %, fine-tune accuracy %) for base, aligned and final."""
-    return [
+    rows = [
         ("base (original)", _fmt(metrics["base.harmful_score"]),
          _fmt(metrics["base.finetune_accuracy"])),
         ("aligned", _fmt(metrics["aligned.harmful_score"]),
          _fmt(metrics["aligned.finetune_accuracy"])),
-        (f"fine-tuned ({metrics['defense']})", _fmt(metrics["harmful_score"]),
-         _fmt(metrics["finetune_accuracy"])),
     ]
+    if metrics.get("repair"):
+        rows.append(("fine-tuned, before repair", _fmt(metrics["finetuned.harmful_score"]),
+                     _fmt(metrics["finetuned.finetune_accuracy"])))
+        final = f"deployed, after repair ({metrics['defense']})"
+    else:
+        final = f"fine-tuned ({metrics['defense']})"
+    rows.append((final, _fmt(metrics["harmful_score"]), _fmt(metrics["finetune_accuracy"])))
+    return rows
 
 
 def table(headers: list[str], rows: list[tuple[str, ...]]) -> str:

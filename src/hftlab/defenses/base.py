@@ -46,8 +46,8 @@ class Defense(Plugin):
         return {"loss": float(loss.detach())}
 
     def report(self, stage: str) -> dict[str, Any]:
-        """What the defense wants recorded about a stage ("data", "alignment", "finetune"): it
-        goes into that stage's stage.json as ``defense_report``."""
+        """What the defense wants recorded about a stage ("data", "alignment", "finetune",
+        "post_finetune"): it goes into that stage's stage.json as ``defense_report``."""
         return {}
 
     def inference_system_prompt(self, system_prompt: str | None) -> str | None:
@@ -55,7 +55,9 @@ class Defense(Plugin):
         return system_prompt
 
     def post_finetune(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
-        """Repair the fine-tuned model before deployment."""
+        """Repair the fine-tuned model before deployment. ``model`` is the aligned model with
+        the user's fine-tuning: PEFT-wrapped and unmerged under LoRA (return it with edited
+        adapter weights and the adapter is saved), plain under full fine-tuning."""
         return model
 
     def cache_key(self, stage: str) -> dict[str, Any] | None:
