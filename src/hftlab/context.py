@@ -173,6 +173,27 @@ class RunContext:
             }
         )[:16]
 
+    def finetune_key(self) -> str:
+        """Everything that determines the fine-tuning stage's output (model, curves, drift):
+        runs that differ only after it (a post-fine-tuning repair, the evaluation) share it."""
+        cfg = self.config
+        data = self.data
+        return stable_hash(
+            {
+                "alignment": self.alignment_key(),
+                "user": data_fingerprint(data.user),
+                "train": cfg.finetune.train,
+                "mechanisms": cfg.mechanisms,
+                "mechanisms_data": [data_fingerprint(data.mech_alignment),
+                                    data_fingerprint(data.mech_harmful)],
+                # fine-tuning-stage defenses may train on these (Lisa, Panacea, ...)
+                "alignment_data": data_fingerprint(data.alignment),
+                "provider_harmful": data_fingerprint(data.provider_harmful),
+                "seed": cfg.seed,
+                "defense": self.defense.cache_key(FINETUNE),
+            }
+        )[:16]
+
     @property
     def alignment_seed(self) -> int:
         seed = self.config.alignment.seed

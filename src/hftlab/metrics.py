@@ -42,6 +42,7 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
     finetune = ctx.stage_info("finetune")
     stages["finetune"]["seconds_per_step"] = finetune["seconds_per_step"]
     stages["finetune"]["train_seconds"] = finetune["train_seconds"]
+    stages["finetune"]["cached"] = finetune.get("cached", False)
     repair = None
     if "finetuned" in ev:  # a post-fine-tuning repair ran: before, after and the change
         repair = {

@@ -232,8 +232,47 @@ def deployed_model(ctx: RunContext) -> torch.nn.Module:
 
 
 def stage_finetune(ctx: RunContext) -> dict[str, Any]:
-    """The user's job: a fresh LoRA (or full FT) on the aligned model, with the survey's curves
-    every ``mechanisms.every`` steps and the hidden-state drift at the end."""
+    """The user's job, cached like the alignment: runs that share everything up to here (e.g.
+    sft and a post-fine-tuning repair of it, or one repair at several strengths) train once.
+    The run folder gets links to (or copies of) the cached files."""
+    key = ctx.finetune_key()
+    cached = ctx.cache_dir / "finetuned" / key
+    folder = ctx.stage_dir("finetune")
+    if (cached / "meta.json").exists() and not ctx.force:
+        log.info("fine-tuned model found in cache: %s", cached)
+        link_tree(cached, folder, skip={"meta.json", "eval"})
+        return {**read_json(cached / "meta.json"), "cached": True, "cache": str(cached),
+                "key": key}
+    info = train_finetune(ctx)
+    if ctx.is_main:
+        with atomic_dir(cached) as tmp:
+            link_tree(folder, tmp, skip={MARKER})
+            write_json(tmp / "meta.json", {k: v for k, v in info.items() if k != "tokens"})
+    ctx.accelerator.wait_for_everyone()
+    return {**info, "cached": False, "cache": str(cached), "key": key}
+
+
+def link_tree(source: Path, target: Path, skip: set[str]) -> None:
+    """Hard-link (or copy, across file systems) ``source``'s files into ``target``."""
+    import os
+
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] in skip or not path.is_file():
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            destination.unlink()
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+def train_finetune(ctx: RunContext) -> dict[str, Any]:
+    """A fresh LoRA (or full FT) on the aligned model, with the survey's curves every
+    ``mechanisms.every`` steps and the hidden-state drift at the end."""
     cfg = ctx.config
     mech = cfg.mechanisms
     examples = user_data(ctx)
@@ -349,19 +388,20 @@ def evaluate_model(
 
 
 def cached_eval(
-    ctx: RunContext, folder: Path, label: str, make_model: Callable[[], torch.nn.Module]
+    ctx: RunContext, folder: Path, label: str, make_model: Callable[[], torch.nn.Module],
+    formatter: PromptFormatter | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """(metrics, whether they came from the cache) for the model that ``make_model`` loads."""
     path = folder / "metrics.json"
     if path.exists() and not ctx.force:
         return read_json(path), True
-    return evaluate_model(ctx, make_model(), folder, label), False
+    return evaluate_model(ctx, make_model(), folder, label, formatter), False
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
-    """Evaluate the deployed model, the aligned model (cached with the alignment) and the
-    original model (cached once per model and eval set); copy every model's completions into
-    the run folder."""
+    """Evaluate the deployed model, the fine-tuned model before a repair (cached with the
+    fine-tuning), the aligned model (cached with the alignment) and the original model (cached
+    once per model and eval set); copy every model's completions into the run folder."""
     ev_key = ctx.eval_key()
     folder = ctx.stage_dir("eval")
     align_cache = ctx.stage_info("align").get("cache")
@@ -388,14 +428,27 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     served_formatter = (
         ctx.formatter if served == default else ctx.formatter.with_system_prompt(served)
     )
+    # The fine-tuned model's evaluation is cached with the fine-tuning (per served prompt): a
+    # repair's "before" is the plain run's "final".
+    tuned_source = (Path(ctx.stage_info("finetune")["cache"]) / "eval"
+                    / stable_hash({"eval": ev_key, "system_prompt": served})[:16])
     if ctx.stage_info("post_finetune").get("repaired"):
         # the same model before the repair, served the same way: what the repair bought and cost
-        results["finetuned"] = evaluate_model(
-            ctx, merged(finetuned_model(ctx)), folder / "finetuned", "finetuned", served_formatter
-        )
-        generated += results["finetuned"]["generated_tokens"]
-    results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final",
-                                      served_formatter)
-    generated += results["final"]["generated_tokens"]
-    shutil.copyfile(folder / "final" / "completions.jsonl", folder / "completions.jsonl")
+        results["finetuned"], from_cache = cached_eval(
+            ctx, tuned_source, "finetuned", lambda: merged(finetuned_model(ctx)),
+            served_formatter)
+        results["finetuned"]["cached"] = from_cache
+        generated += 0 if from_cache else results["finetuned"]["generated_tokens"]
+        shutil.copyfile(tuned_source / "completions.jsonl",
+                        folder / "completions_finetuned.jsonl")
+        results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final",
+                                          served_formatter)
+        final_source, from_cache = folder / "final", False
+    else:
+        results["final"], from_cache = cached_eval(
+            ctx, tuned_source, "final", lambda: deployed_model(ctx), served_formatter)
+        final_source = tuned_source
+    results["final"]["cached"] = from_cache
+    generated += 0 if from_cache else results["final"]["generated_tokens"]
+    shutil.copyfile(final_source / "completions.jsonl", folder / "completions.jsonl")
     return {"results": results, "eval_key": ev_key, "tokens": generated}

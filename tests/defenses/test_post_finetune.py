@@ -76,7 +76,11 @@ def test_repair_is_served_and_reported_before_and_after(
     assert metrics["finetuned.harmful_score"] == repair["before.harmful_score"]
     assert repair["harmful_score_change"] == pytest.approx(
         metrics["harmful_score"] - repair["before.harmful_score"])
-    assert (run / "eval" / "finetuned" / "completions.jsonl").is_file()
+    assert (run / "eval" / "completions_finetuned.jsonl").is_file()
+    # the repair reused sft's fine-tuning and its evaluation: "before" is sft's "final"
+    assert metrics["stages"]["finetune"]["cached"] is True
+    assert repair["before.harmful_score"] == sft["harmful_score"]
+    assert repair["before.finetune_accuracy"] == sft["finetune_accuracy"]
     assert sft["repair"] is None and sft["finetuned.harmful_score"] is None
 
     # the served model is the repaired one: block 0 as aligned, later blocks fine-tuned
