@@ -10,6 +10,7 @@ Module names are the plain model's (``model.layers.0.self_attn.q_proj``), withou
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,11 +74,11 @@ def alignment_checkpoint(ctx: RunContext, who: str) -> Path:
     return Path(cache) / "model"
 
 
-def alignment_vectors(ctx: RunContext, who: str) -> dict[str, torch.Tensor]:
+def alignment_vectors(ctx: RunContext, who: str) -> Mapping[str, torch.Tensor]:
     """V = W_aligned − W_base per linear module, fp32, on ``ctx.device``.
 
-    LoRA alignment: V = scale·B·A computed from the saved adapter (exact; the merged bf16
-    weights would round it). Full alignment: the difference of the saved and base weights for
+    LoRA alignment: V = scale·B·A computed from the saved adapter when read (exact; the merged
+    bf16 weights would round it). Full alignment: the difference of the saved and base weights for
     every 2-D weight except embeddings and the output head."""
     folder = alignment_checkpoint(ctx, who)
     if (folder / "adapter_config.json").is_file():
@@ -97,28 +98,52 @@ def alignment_vectors(ctx: RunContext, who: str) -> dict[str, torch.Tensor]:
     return vectors
 
 
-def adapter_vectors(folder: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """scale·B·A per module of a saved PEFT LoRA adapter folder (no base model needed)."""
+Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r × in], B [out × r], scale)
+
+
+def adapter_factors(folder: Path, device: torch.device | str = "cpu") -> dict[str, Factors]:
+    """{plain module name: (A, B, scale)} of a saved PEFT LoRA adapter folder, fp32."""
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(folder / "adapter_model.safetensors")).items():
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
             if marker in key:
                 module = plain_name(key.split(marker)[0])
-                factors.setdefault(module, {})[part] = tensor.float().to(device)
-    vectors = {}
-    for module, parts in factors.items():
-        a, b = parts["lora_A"], parts["lora_B"]
+                parts.setdefault(module, {})[part] = tensor.float().to(device)
+    factors = {}
+    for module, found in parts.items():
+        a, b = found["lora_A"], found["lora_B"]
         rank = a.shape[0]
         alpha = config.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1],
                                                     config["lora_alpha"])
-        scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-        vectors[module] = scale * (b @ a)
-    return vectors
+        factors[module] = (a, b, alpha / (rank ** 0.5 if config.get("use_rslora") else rank))
+    return factors
+
+
+class LazyDeltas(Mapping[str, torch.Tensor]):
+    """scale·B·A per module, computed when read: one full-size matrix in memory at a time
+    (all of a 7B model's V in fp32 at once would be ~26 GB)."""
+
+    def __init__(self, factors: dict[str, Factors]) -> None:
+        self.factors = factors
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        a, b, scale = self.factors[module]
+        return scale * (b @ a)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+def adapter_vectors(folder: Path, device: torch.device | str = "cpu") -> Mapping[str, torch.Tensor]:
+    """scale·B·A per module of a saved PEFT LoRA adapter folder (no base model needed)."""
+    return LazyDeltas(adapter_factors(folder, device))
 
 
 def layer_index(module: str) -> int | None:
