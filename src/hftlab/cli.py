@@ -1,4 +1,4 @@
-"""Command line: ``hftlab run``, ``hftlab report``, ``hftlab list``."""
+"""Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a finished run's summary and write report.md")
     report.add_argument("run_dir", type=Path)
     sub.add_parser("list", help="defenses, attacks, judges and tasks")
+    sweep = sub.add_parser("sweep", help="run (or resume) a grid of runs from a sweep file")
+    sweep.add_argument("sweep_file", type=Path)
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="parallel worker processes (the CPU threads are split among them)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the planned runs only")
+    sweep.add_argument("-v", "--verbose", action="store_true")
+    compare = sub.add_parser(
+        "compare", help="mean ± std over seeds per cell and each defense's difference to sft")
+    compare.add_argument("folder", type=Path, help="a sweep folder or any folder of runs")
+    compare.add_argument("--baseline", default="sft", help="the defense to compare against")
+    compare.add_argument("--metrics", nargs="*", default=None,
+                         help="metrics.json keys (default: harmful_score finetune_accuracy)")
     return parser
 
 
@@ -41,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.run_dir))
             print(f"\nwrote {args.run_dir / 'report.md'}")
             return 0
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_list()
     except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -57,6 +73,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(config, run_dir, force=args.force)
     print(write_report(run_dir))
     print(f"\nrun folder: {run_dir} (metrics.json, report.md, eval/completions.jsonl)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hftlab.sweep import compare_table, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"{run.name}: {' '.join(run.overrides)}")
+        print(f"{len(sweep.runs)} runs from {sweep.config} into {sweep.out}")
+        return 0
+    failures = run_sweep(sweep, args.workers)
+    runs_dir = sweep.out / "runs"
+    if any(runs_dir.rglob("metrics.json")):
+        table = compare_table(runs_dir)
+        (sweep.out / "summary.md").write_text(table + "\n")
+        print(table)
+    for name, error in failures:
+        print(f"hftlab: run {name} failed: {error}", file=sys.stderr)
+    print(f"\nsweep folder: {sweep.out} (runs/, sweep.json, summary.md)")
+    return 1 if failures else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hftlab.sweep import METRICS, compare_table
+
+    metrics = tuple(args.metrics) if args.metrics else METRICS
+    print(compare_table(args.folder, args.baseline, metrics))
     return 0
 
 

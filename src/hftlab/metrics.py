@@ -9,6 +9,7 @@ import torch
 
 from hftlab import __version__
 from hftlab.context import RunContext
+from hftlab.stats import wilson
 from hftlab.utils import read_json
 
 
@@ -25,6 +26,11 @@ def library_versions() -> dict[str, str]:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def rate_interval(percent: float, n: int) -> list[float]:
+    """95% Wilson interval of a percentage measured on n prompts."""
+    return list(wilson(round(percent / 100 * n), n))
 
 
 def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, Any]:
@@ -54,8 +60,12 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
                 ev["final"]["finetune_accuracy"] - ev["finetuned"]["finetune_accuracy"], 2),
             "report": ctx.stage_info("post_finetune").get("defense_report", {}),
         }
+    final = ev["final"]
     return {
         "harmful_score": ev["final"]["harmful_score"],
+        "harmful_score_ci95": rate_interval(final["harmful_score"], final["n_eval_harmful"]),
+        "finetune_accuracy_ci95": rate_interval(final["finetune_accuracy"],
+                                                final["n_eval_task"]),
         "finetune_accuracy": ev["final"]["finetune_accuracy"],
         "aligned.harmful_score": ev["aligned"]["harmful_score"],
         "aligned.finetune_accuracy": ev["aligned"]["finetune_accuracy"],

@@ -1,0 +1,357 @@
+"""Sweeps: a grid of single runs (defenses × attacks × poison ratios × sample counts × seeds,
+or any config keys), run one after another or in worker processes, resumable, and the
+statistics across seeds that turn runs into evidence.
+
+A sweep file::
+
+    config: ../cpu_sst2.yaml          # the run config every run starts from (path relative
+                                      # to this file)
+    set: {alignment.seed: 0}          # overrides shared by every run
+    grid:                             # the product of these lists; a list of such mappings
+      defense: [sft, vaccine]         # is the union of their products
+      finetune.poison_ratio: [0.0, 0.1]
+      seed: [0, 1, 2]
+    out: runs/sweeps/NAME             # default: runs/sweeps/<file name>
+
+Runs live in ``out/runs/<name>`` (each an ordinary run folder, resumable); ``out/sweep.json`` is
+the plan. Runs that share an aligned checkpoint share it through the alignment cache; with
+``--workers`` the first run of each distinct alignment goes first so no two workers train the
+same one. ``hftlab compare`` (:func:`compare_table`) summarises any folder of runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftlab.config import ConfigError, load_config
+from hftlab.stats import Difference, Summary, compare, summarize
+from hftlab.utils import read_json, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+SWEEP_KEYS = {"config", "set", "grid", "out"}
+# keys that do not define a cell: seeds are repetitions, paths are where things live
+NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root"}
+METRICS = ("harmful_score", "finetune_accuracy")
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    overrides: list[str]
+    values: dict[str, Any]  # the grid's values for this run
+
+
+@dataclass
+class Sweep:
+    source: Path
+    config: Path
+    out: Path
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    def run_dir(self, run: PlannedRun) -> Path:
+        return self.out / "runs" / run.name
+
+
+def override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: strings, numbers, lists, mappings
+
+
+def run_name(values: dict[str, Any]) -> str:
+    """``defense-sft_poison_ratio-0.1_seed-0``: the last part of each key and its value."""
+    parts = []
+    for key, value in values.items():
+        shown = value if isinstance(value, (str, int, float, bool)) else stable_hash(value)[:8]
+        shown = re.sub(r"[^A-Za-z0-9._+=-]+", "-", str(shown)).strip("-")
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{shown}")
+    return "_".join(parts) or "run"
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Read and validate a sweep file; every run's config is checked before anything runs."""
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or "config" not in raw or "grid" not in raw:
+        raise ConfigError(f"{path}: a sweep needs 'config' (a run config) and 'grid' (key: list)")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {unknown}; allowed: {sorted(SWEEP_KEYS)}")
+    config = (path.parent / raw["config"]).resolve()
+    if not config.is_file():
+        raise ConfigError(f"{path}: config {raw['config']} not found (looked at {config})")
+    shared = raw.get("set") or {}
+    grids = raw["grid"] if isinstance(raw["grid"], list) else [raw["grid"]]
+    out = Path(raw.get("out") or Path("runs") / "sweeps" / path.stem)
+    sweep = Sweep(path, config, out)
+    seen: set[str] = set()
+    for number, grid in enumerate(grids):
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{path}: grid {number} must be a mapping of config keys to lists")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid key '{key}' needs a non-empty list of values")
+        for combo in itertools.product(*grid.values()):
+            values = dict(zip(grid.keys(), combo))
+            name = run_name(values)
+            if name in seen:
+                continue  # the union of grids may repeat a run
+            seen.add(name)
+            overrides = [override(k, v) for k, v in {**shared, **values}.items()]
+            try:
+                load_config(config, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: run {name}: {exc}") from exc
+            sweep.runs.append(PlannedRun(name, overrides, values))
+    return sweep
+
+
+def _execute(config_path: str, overrides: list[str], run_dir: str, threads: int | None) -> str:
+    """One run in a worker process (or inline); returns the run folder."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from hftlab.pipeline import run_pipeline
+    from hftlab.report import write_report
+
+    run_pipeline(load_config(config_path, overrides), Path(run_dir))
+    write_report(Path(run_dir))
+    return run_dir
+
+
+def alignment_group(sweep: Sweep, run: PlannedRun) -> str:
+    """The alignment cache key this run will use (computed without training)."""
+    from hftlab.context import RunContext
+
+    config = load_config(sweep.config, run.overrides)
+    return RunContext(config, sweep.run_dir(run)).alignment_key()
+
+
+def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
+    """Run every unfinished run; returns (run name, error) for the ones that failed (the
+    others keep going). Finished runs (with metrics.json) are skipped: rerun to resume."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    write_json(sweep.out / "sweep.json", {
+        "sweep": str(sweep.source), "config": str(sweep.config),
+        "runs": [{"name": r.name, "overrides": r.overrides, "values": r.values}
+                 for r in sweep.runs],
+    })
+    todo = [r for r in sweep.runs if not (sweep.run_dir(r) / "metrics.json").exists()]
+    log.info("sweep %s: %d runs, %d to do", sweep.source, len(sweep.runs), len(todo))
+    failures: list[tuple[str, str]] = []
+    if workers <= 1:
+        for number, run in enumerate(todo, 1):
+            print(f"[{number}/{len(todo)}] {run.name}", flush=True)
+            try:
+                _execute(str(sweep.config), run.overrides, str(sweep.run_dir(run)), None)
+            except Exception as exc:  # one failed run must not stop the sweep
+                failures.append((run.name, _describe(exc)))
+        return _record_failures(sweep, failures)
+    # Phase 1: one run per distinct alignment (nobody trains the same one twice); phase 2: rest.
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in todo:
+        groups.setdefault(alignment_group(sweep, run), []).append(run)
+    leaders = [runs[0] for runs in groups.values()]
+    followers = [r for runs in groups.values() for r in runs[1:]]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for phase in (leaders, followers):
+            futures = {pool.submit(_execute, str(sweep.config), r.overrides,
+                                   str(sweep.run_dir(r)), threads): r for r in phase}
+            for future in as_completed(futures):
+                run = futures[future]
+                try:
+                    future.result()
+                    print(f"done {run.name}", flush=True)
+                except Exception as exc:
+                    failures.append((run.name, _describe(exc)))
+    return _record_failures(sweep, failures)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _record_failures(sweep: Sweep, failures: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    path = sweep.out / "failures.json"
+    if failures:
+        write_json(path, [{"run": n, "error": e} for n, e in failures])
+    elif path.exists():
+        path.unlink()
+    return failures
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("defense_args", "attack_args",
+                                                              "judge_args", "options"):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    settings: dict[str, Any]  # the flattened config
+    metrics: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings.get("seed", 0))
+
+
+def collect_runs(folder: Path) -> list[RunRecord]:
+    """Every finished run (a folder with metrics.json and config.yaml) under ``folder``."""
+    records = []
+    for path in sorted(folder.rglob("metrics.json")):
+        config = path.parent / "config.yaml"
+        if not config.is_file():
+            continue
+        settings = flatten(yaml.safe_load(config.read_text()) or {})
+        records.append(RunRecord(path.parent, settings, read_json(path)))
+    if not records:
+        raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
+    return records
+
+
+@dataclass
+class Cell:
+    """Runs that differ only in their seed."""
+
+    label: dict[str, Any]  # the settings that vary between cells
+    runs: list[RunRecord]
+
+    def values(self, metric: str) -> list[float]:
+        return [float(r.metrics[metric]) for r in self.runs if r.metrics.get(metric) is not None]
+
+    def summary(self, metric: str) -> Summary | None:
+        values = self.values(metric)
+        return summarize(values) if values else None
+
+    def n_prompts(self, metric: str) -> int:
+        key = "n_eval_harmful" if "harmful" in metric else "n_eval_task"
+        return int(self.runs[0].metrics.get(key) or 0)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in self.label.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _frozen(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def group_cells(records: Iterable[RunRecord]) -> list[Cell]:
+    records = list(records)
+    keys = sorted({k for r in records for k in r.settings} - NOT_CELL_KEYS)
+    varying = [k for k in keys
+               if len({_frozen(r.settings.get(k)) for r in records}) > 1]
+    cells: dict[str, Cell] = {}
+    for record in records:
+        label = {k: record.settings.get(k) for k in varying}
+        cells.setdefault(_frozen(label), Cell(label, [])).runs.append(record)
+    return list(cells.values())
+
+
+def baseline_of(cell: Cell, cells: list[Cell], baseline: str) -> Cell | None:
+    """The cell with defense == ``baseline`` and every other varying setting equal."""
+    if cell.label.get("defense") == baseline:
+        return None
+    want = {k: v for k, v in cell.label.items() if k not in ("defense", "defense_args")}
+    for other in cells:
+        if other.label.get("defense") != baseline:
+            continue
+        if {k: v for k, v in other.label.items() if k not in ("defense", "defense_args")} \
+                == want:
+            return other
+    return None
+
+
+def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
+    a, b = cell.values(metric), base.values(metric)
+    if not a or not b:
+        return None
+    return compare(a, b, cell.n_prompts(metric), base.n_prompts(metric))
+
+
+def compare_rows(folder: Path, baseline: str = "sft",
+                 metrics: tuple[str, ...] = METRICS) -> list[dict[str, Any]]:
+    """One row per cell: each metric's mean/std/CI over seeds and its difference to the
+    baseline defense with the same other settings."""
+    cells = group_cells(collect_runs(folder))
+    rows = []
+    for cell in cells:
+        base = baseline_of(cell, cells, baseline)
+        row: dict[str, Any] = {"cell": cell.label, "name": cell.name, "seeds":
+                               sorted(r.seed for r in cell.runs)}
+        for metric in metrics:
+            summary = cell.summary(metric)
+            row[metric] = summary.as_dict() if summary else None
+            diff = difference(cell, base, metric) if base else None
+            row[f"{metric}.vs_{baseline}"] = None if diff is None else {
+                "diff": round(diff.diff, 3), "ci95": [round(c, 3) for c in diff.ci],
+                "significant": diff.significant, "test": diff.test}
+        rows.append(row)
+    return rows
+
+
+def compare_table(folder: Path, baseline: str = "sft",
+                  metrics: tuple[str, ...] = METRICS) -> str:
+    """The console / markdown table of :func:`compare_rows`."""
+    rows = compare_rows(folder, baseline, metrics)
+    header = ["cell", "seeds"]
+    for metric in metrics:
+        header += [metric, f"Δ vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["name"] or "(all runs)", ",".join(map(str, row["seeds"]))]
+        for metric in metrics:
+            s = row[metric]
+            if s is None:
+                cells += ["—", "—"]
+                continue
+            text = f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
+            d = row[f"{metric}.vs_{baseline}"]
+            delta = "—" if d is None else (
+                f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                + (" *" if d["significant"] else ""))
+            cells += [text, delta]
+        lines.append("| " + " | ".join(cells) + " |")
+    tests = {row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
+             if row.get(f"{m}.vs_{baseline}")}
+    lines += ["", f"mean ± std over seeds; Δ = difference to {baseline} with its 95% interval "
+              f"({'; '.join(sorted(tests)) or 'no baseline cells'}); * = interval excludes 0"]
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""`hftlab sweep` and `hftlab compare` on the tiny model: the grid, resuming, the per-cell
+statistics and the baseline differences, bad sweep files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hftlab.cli import main
+from hftlab.config import ConfigError
+from hftlab.sweep import collect_runs, compare_rows, load_sweep, run_name, run_sweep
+
+
+def write_sweep(tmp_path: Path, tiny_overrides: list[str], grid: object, **extra) -> Path:
+    shared = dict(item.split("=", 1) for item in tiny_overrides)
+    shared = {k: yaml.safe_load(v) for k, v in shared.items()}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"config": "run.yaml", "set": shared, "grid": grid,
+                                    "out": str(tmp_path / "out"), **extra}))
+    (tmp_path / "run.yaml").write_text("seed: 0\n")
+    return path
+
+
+def test_grid_runs_resumes_and_compares(tiny_overrides, tmp_path, capsys) -> None:
+    grid = {"defense": ["sft", "safe_instr"], "seed": [0, 1]}
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
+    assert [r.name for r in sweep.runs] == [
+        "defense-sft_seed-0", "defense-sft_seed-1",
+        "defense-safe_instr_seed-0", "defense-safe_instr_seed-1"]
+    assert run_sweep(sweep) == []
+    plan = json.loads((sweep.out / "sweep.json").read_text())
+    assert len(plan["runs"]) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in (sweep.out / "runs").rglob("metrics.json")}
+    assert len(stamps) == 4
+    assert run_sweep(sweep) == []  # resume: nothing left to do
+    assert stamps == {p: p.stat().st_mtime_ns for p in (sweep.out / "runs").rglob("metrics.json")}
+
+    records = collect_runs(sweep.out / "runs")
+    rows = {r["name"]: r for r in compare_rows(sweep.out / "runs")}
+    assert set(rows) == {"defense=sft", "defense=safe_instr"}
+    hs = [r.metrics["harmful_score"] for r in records
+          if r.settings["defense"] == "safe_instr"]
+    assert rows["defense=safe_instr"]["harmful_score"]["mean"] == pytest.approx(
+        sum(hs) / 2, abs=1e-3)
+    assert rows["defense=safe_instr"]["seeds"] == [0, 1]
+    versus = rows["defense=safe_instr"]["harmful_score.vs_sft"]
+    sft_hs = [r.metrics["harmful_score"] for r in records if r.settings["defense"] == "sft"]
+    assert versus["diff"] == pytest.approx(sum(hs) / 2 - sum(sft_hs) / 2, abs=1e-3)
+    assert rows["defense=sft"]["harmful_score.vs_sft"] is None
+
+    assert main(["compare", str(sweep.out / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "defense=safe_instr" in table and "Δ vs sft" in table
+
+
+def test_union_of_grids_and_mapping_values(tiny_overrides, tmp_path) -> None:
+    grid = [{"defense": ["sft"], "finetune.poison_ratio": [0.0, 0.2]},
+            {"defense": ["safe_instr"], "defense_args": [{"fraction": 0.1}],
+             "finetune.poison_ratio": [0.2]},
+            {"defense": ["sft"], "finetune.poison_ratio": [0.2]}]  # repeats a run
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
+    assert len(sweep.runs) == 3
+    assert 'defense_args={"fraction": 0.1}' in sweep.runs[2].overrides
+    assert run_name({"defense_args": {"fraction": 0.1}}).startswith("defense_args-")
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"defense": "sft"}, "non-empty list"),
+    ({"finetune.poison_ratio": [0.1, 7]}, "run poison_ratio-7"),
+    ({"defense": ["no_such_defense"]}, "no_such_defense"),
+])
+def test_bad_sweep_files_fail_before_running(tiny_overrides, tmp_path, grid, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
+
+
+def test_unknown_sweep_key(tiny_overrides, tmp_path) -> None:
+    path = write_sweep(tmp_path, tiny_overrides, {"seed": [0]}, seeds=[1])
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+
+
+def test_parallel_workers_finish_every_run(tiny_overrides, tmp_path) -> None:
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, {"seed": [0, 1]}))
+    assert run_sweep(sweep, workers=2) == []
+    assert len(list((sweep.out / "runs").rglob("metrics.json"))) == 2
