@@ -4,6 +4,7 @@ statistics and the baseline differences, bad sweep files."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_grid_runs_resumes_and_compares(tiny_overrides, tmp_path, capsys) -> Non
     sft_hs = [r.metrics["harmful_score"] for r in records if r.settings["defense"] == "sft"]
     assert versus["diff"] == pytest.approx(sum(hs) / 2 - sum(sft_hs) / 2, abs=1e-3)
     assert rows["defense=sft"]["harmful_score.vs_sft"] is None
+
+    # a copied run folder is counted once
+    both = tmp_path / "both"
+    shutil.copytree(sweep.out / "runs", both / "a")
+    shutil.copytree(records[0].path, both / "b")
+    assert {r["name"]: r["seeds"] for r in compare_rows(both)} == {
+        r["name"]: r["seeds"] for r in compare_rows(sweep.out / "runs")}
 
     assert main(["compare", str(sweep.out / "runs")]) == 0
     table = capsys.readouterr().out

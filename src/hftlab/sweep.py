@@ -282,7 +282,13 @@ def group_cells(records: Iterable[RunRecord]) -> list[Cell]:
     cells: dict[str, Cell] = {}
     for record in records:
         label = {k: record.settings.get(k) for k in varying}
-        cells.setdefault(_frozen(label), Cell(label, [])).runs.append(record)
+        cell = cells.setdefault(_frozen(label), Cell(label, []))
+        if any(r.seed == record.seed for r in cell.runs):
+            # the same run in two folders (a copy): count it once
+            log.warning("%s repeats %s (same config and seed); counted once", record.path,
+                        next(r.path for r in cell.runs if r.seed == record.seed))
+            continue
+        cell.runs.append(record)
     return list(cells.values())
 
 
