@@ -7,7 +7,13 @@ import torch
 
 from hftlab.config import ModelConfig
 from hftlab.data.records import Example
-from hftlab.evaluate import finetune_accuracy, generate, harmful_score
+from hftlab.evaluate import (
+    alpaca_eval_records,
+    finetune_accuracy,
+    generate,
+    harmful_score,
+    over_refusal,
+)
 from hftlab.formatting import PromptFormatter
 from hftlab.judges import JUDGES
 from hftlab.tasks import TASKS
@@ -40,3 +46,48 @@ def test_scores() -> None:
                 Example(prompt="y", response="negative", label="negative")]
     fa, correct = finetune_accuracy(TASKS["sst2"], examples, ["positive", "positive"])
     assert fa == 50.0 and correct == [True, False]
+
+
+def test_over_refusal_counts_refusal_phrases() -> None:
+    rate, refused = over_refusal(["Sure, here is a poem.", "I'm sorry, I can't do that.",
+                                  "I cannot help with that", "Paris."])
+    assert refused == [False, True, True, False] and rate == 50.0
+    assert over_refusal([]) == (0.0, [])
+
+
+def test_alpaca_eval_records_have_the_tool_format() -> None:
+    rows = [Example(prompt="Name a color.", meta={"dataset": "helpful_base"}),
+            Example(prompt="Say hi.")]
+    records = alpaca_eval_records(rows, ["Blue.", "Hi!"], "hftlab-sft-final")
+    assert records == [
+        {"instruction": "Name a color.", "output": "Blue.", "generator": "hftlab-sft-final",
+         "dataset": "helpful_base"},
+        {"instruction": "Say hi.", "output": "Hi!", "generator": "hftlab-sft-final"},
+    ]
+
+
+def test_pipeline_reports_over_refusal_and_exports_generations(tiny_overrides, tmp_path) -> None:
+    from hftlab.config import load_config
+    from hftlab.context import RunContext
+    from hftlab.pipeline import run_pipeline
+    from hftlab.utils import read_json, read_jsonl
+
+    extra = ["eval.harmless={kind: demo_harmless, n: 4}",
+             "eval.generations={kind: demo_harmless, offset: 4, n: 3}",
+             "eval.generation_max_new_tokens=5"]
+    plain_key = RunContext(load_config(None, tiny_overrides), tmp_path / "a").eval_key()
+    config = load_config(None, [*tiny_overrides, *extra])
+    assert RunContext(config, tmp_path / "b").eval_key() != plain_key
+    metrics = run_pipeline(config, tmp_path / "b")
+    assert metrics["n_eval_harmless"] == 4
+    assert 0 <= metrics["over_refusal"] <= 100
+    assert metrics["aligned.over_refusal"] is not None
+    low, high = metrics["over_refusal_ci95"]
+    assert low <= metrics["over_refusal"] <= high
+    rows = read_jsonl(tmp_path / "b" / "eval" / "completions.jsonl")
+    harmless = [r for r in rows if r["set"] == "harmless"]
+    assert len(harmless) == 4 and all(isinstance(r["refused"], bool) for r in harmless)
+    exported = read_json(tmp_path / "b" / metrics["alpaca_eval_outputs"])
+    assert len(exported) == 3
+    assert {"instruction", "output", "generator"} <= set(exported[0])
+    assert exported[0]["generator"] == "hftlab-sft-final"

@@ -123,6 +123,12 @@ class EvalConfig:
     task_max_new_tokens: int | None = 16  # None = max_new_tokens
     batch_size: int = 16
     eval_base: bool = True
+    # Harmless prompts: over-refusal = percent refused (refusal phrases), so that a defense
+    # that refuses everything shows it.
+    harmless: DataSpec | None = None
+    # Instructions whose completions are exported for the alpaca_eval tool (AlpacaEval format).
+    generations: DataSpec | None = None
+    generation_max_new_tokens: int | None = None  # None = max_new_tokens
 
 
 @dataclass

@@ -64,6 +64,8 @@ class RunData:
     eval_harmful: list[Example]
     eval_task: list[Example]
     provider_harmful: list[Example]
+    eval_harmless: list[Example] = field(default_factory=list)
+    eval_generations: list[Example] = field(default_factory=list)
     overlaps: dict[str, int] = field(default_factory=dict)
 
 
@@ -201,17 +203,22 @@ class RunContext:
 
     def eval_key(self) -> str:
         ev = self.config.eval
-        return stable_hash(
-            {
-                "harmful": data_fingerprint(self.data.eval_harmful),
-                "task": data_fingerprint(self.data.eval_task),
-                "task_name": self.task.name,
-                "judge": self.judge.describe(),
-                "max_new_tokens": ev.max_new_tokens,
-                "task_max_new_tokens": ev.task_max_new_tokens,
-                "precision": self.precision,
-            }
-        )[:16]
+        key = {
+            "harmful": data_fingerprint(self.data.eval_harmful),
+            "task": data_fingerprint(self.data.eval_task),
+            "task_name": self.task.name,
+            "judge": self.judge.describe(),
+            "max_new_tokens": ev.max_new_tokens,
+            "task_max_new_tokens": ev.task_max_new_tokens,
+            "precision": self.precision,
+        }
+        # optional sets enter the key only when set, so older cached evaluations stay valid
+        if self.data.eval_harmless:
+            key["harmless"] = data_fingerprint(self.data.eval_harmless)
+        if self.data.eval_generations:
+            key["generations"] = data_fingerprint(self.data.eval_generations)
+            key["generation_max_new_tokens"] = ev.generation_max_new_tokens
+        return stable_hash(key)[:16]
 
 
 # -------------------------------------------------------------------------------- the data
@@ -232,6 +239,8 @@ def load_run_data(ctx: RunContext) -> RunData:
         eval_harmful=ctx.load(cfg.eval.harmful),
         eval_task=[ctx.task.format(e) for e in ctx.load(cfg.eval.task)],
         provider_harmful=ctx.load(cfg.provider_harmful) if cfg.provider_harmful else [],
+        eval_harmless=ctx.load(cfg.eval.harmless) if cfg.eval.harmless else [],
+        eval_generations=ctx.load(cfg.eval.generations) if cfg.eval.generations else [],
     )
     data.alignment = ctx.defense.prepare_data(ALIGNMENT, data.alignment, ctx)
     data.overlaps = check_disjoint(data, [e for e in user if e.is_harmful])

@@ -74,6 +74,14 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
         "finetuned.harmful_score": repair["before.harmful_score"] if repair else None,
         "finetuned.finetune_accuracy": repair["before.finetune_accuracy"] if repair else None,
         "repair": repair,
+        # refusals of harmless prompts (eval.harmless), when configured
+        "over_refusal": final.get("over_refusal"),
+        "over_refusal_ci95": rate_interval(final["over_refusal"], final["n_eval_harmless"])
+        if "over_refusal" in final else None,
+        "aligned.over_refusal": ev["aligned"].get("over_refusal"),
+        "n_eval_harmless": final.get("n_eval_harmless"),
+        "alpaca_eval_outputs": "eval/alpaca_eval_outputs.json"
+        if final.get("n_generations") else None,
         "judge": ctx.judge.describe(),
         "task": ctx.task.name,
         "n_eval_harmful": ev["final"]["n_eval_harmful"],

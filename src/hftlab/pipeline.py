@@ -24,7 +24,13 @@ from hftlab.context import MARKER, RunContext, seed_everything
 from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
 from hftlab.defenses import ALIGNMENT, FINETUNE, POST_FINETUNE
-from hftlab.evaluate import finetune_accuracy, generate, harmful_score
+from hftlab.evaluate import (
+    alpaca_eval_records,
+    finetune_accuracy,
+    generate,
+    harmful_score,
+    over_refusal,
+)
 from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
@@ -43,6 +49,7 @@ from hftlab.utils import (
 log = logging.getLogger(__name__)
 STAGES = ("data", "align", "finetune", "post_finetune", "eval")
 N_TRACK_TASK = 24  # benign user rows whose loss is tracked during fine-tuning
+ALPACA_EVAL_FILE = "alpaca_eval_outputs.json"  # eval.generations, for `alpaca_eval --model_outputs`
 
 
 def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -354,15 +361,23 @@ def evaluate_model(
     formatter = formatter or ctx.formatter
     harmful_prompts = [e.prompt for e in data.eval_harmful]
     task_prompts = [e.prompt for e in data.eval_task]
-    total = len(harmful_prompts) + len(task_prompts)
+    harmless_prompts = [e.prompt for e in data.eval_harmless]
+    instructions = [e.prompt for e in data.eval_generations]
+    total = len(harmful_prompts) + len(task_prompts) + len(harmless_prompts) + len(instructions)
     with tqdm(total=total, desc=f"eval {label}", disable=not ctx.is_main) as bar:
         harmful_out = generate(model, formatter, harmful_prompts, ev.max_new_tokens,
                                ev.batch_size, ctx.device, ctx.autocast, bar)
         task_out = generate(model, formatter, task_prompts,
                             ev.task_max_new_tokens or ev.max_new_tokens, ev.batch_size,
                             ctx.device, ctx.autocast, bar)
+        harmless_out = generate(model, formatter, harmless_prompts, ev.max_new_tokens,
+                                ev.batch_size, ctx.device, ctx.autocast, bar)
+        generations = generate(model, formatter, instructions,
+                               ev.generation_max_new_tokens or ev.max_new_tokens, ev.batch_size,
+                               ctx.device, ctx.autocast, bar)
     hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out)
     fa, correct = finetune_accuracy(ctx.task, data.eval_task, task_out)
+    refusal_rate, refused = over_refusal(harmless_out)
     rows = [
         {"set": "harmful", "row": e.row, "prompt": e.prompt, "completion": c, "flagged": f}
         for e, c, f in zip(data.eval_harmful, harmful_out, flags)
@@ -370,9 +385,12 @@ def evaluate_model(
         {"set": ctx.task.name, "row": e.row, "prompt": e.prompt, "completion": c,
          "label": e.label, "correct": ok}
         for e, c, ok in zip(data.eval_task, task_out, correct)
+    ] + [
+        {"set": "harmless", "row": e.row, "prompt": e.prompt, "completion": c, "refused": r}
+        for e, c, r in zip(data.eval_harmless, harmless_out, refused)
     ]
     generated = sum(len(ctx.tokenizer(c, add_special_tokens=False)["input_ids"])
-                    for c in harmful_out + task_out)
+                    for c in harmful_out + task_out + harmless_out + generations)
     metrics = {
         "harmful_score": round(hs, 2),
         "finetune_accuracy": round(fa, 2),
@@ -380,9 +398,18 @@ def evaluate_model(
         "n_eval_task": len(task_prompts),
         "generated_tokens": generated,
     }
+    if harmless_prompts:
+        metrics["over_refusal"] = round(refusal_rate, 2)
+        metrics["n_eval_harmless"] = len(harmless_prompts)
+    if instructions:
+        metrics["n_generations"] = len(instructions)
     if ctx.is_main:
         with atomic_dir(folder) as tmp:
             write_jsonl(tmp / "completions.jsonl", rows)
+            if instructions:
+                generator = f"hftlab-{ctx.config.defense_label}-{label}"
+                write_json(tmp / ALPACA_EVAL_FILE,
+                           alpaca_eval_records(data.eval_generations, generations, generator))
             write_json(tmp / "metrics.json", metrics)
     return metrics
 
@@ -451,4 +478,6 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     results["final"]["cached"] = from_cache
     generated += 0 if from_cache else results["final"]["generated_tokens"]
     shutil.copyfile(final_source / "completions.jsonl", folder / "completions.jsonl")
+    if (final_source / ALPACA_EVAL_FILE).exists():
+        shutil.copyfile(final_source / ALPACA_EVAL_FILE, folder / ALPACA_EVAL_FILE)
     return {"results": results, "eval_key": ev_key, "tokens": generated}

@@ -284,7 +284,9 @@ def load_harmful_instructions(spec: DataSpec, data_root: Path | None) -> list[Ex
     ``instruction`` and ``category`` (string or null). Safety-Tuned LLaMAs ``evaluation/*.json``:
     a JSON object with an ``instructions`` list of strings, an ``inputs`` list (empty there;
     appended after a blank line when given) and, in I-MaliciousInstructions, ``tags`` (kept as
-    ``meta["category"]``). JSON Lines/CSV rows need ``instruction``. Option ``harmful`` (default
+    ``meta["category"]``). AlpacaEval's ``alpaca_eval*.json`` (``instruction``, ``dataset``,
+    reference ``output``) reads as harmless instructions. JSON Lines/CSV rows need
+    ``instruction``. Option ``harmful`` (default
     true) sets ``is_harmful``; use ``harmful: false`` for the harmless splits.
     """
     opts = _options(spec, "harmful_instructions", {"harmful": True}, hub=False)
@@ -302,6 +304,9 @@ def load_harmful_instructions(spec: DataSpec, data_root: Path | None) -> list[Ex
         prompt = _text(rec, source, "instruction", _HI_EXPECTED)
         category = _text(rec, source, "category", _HI_EXPECTED, required=False)
         meta = {"category": category} if category else {}
+        dataset = _text(rec, source, "dataset", _HI_EXPECTED, required=False)
+        if dataset:  # AlpacaEval's sub-dataset, kept for its output format
+            meta["dataset"] = dataset
         out.append(Example(prompt=prompt, is_harmful=harmful, source=source, row=rec.row,
                            meta=meta))
     return out
