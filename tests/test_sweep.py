@@ -72,7 +72,9 @@ def test_union_of_grids_and_mapping_values(tiny_overrides, tmp_path) -> None:
     sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
     assert len(sweep.runs) == 3
     assert 'defense_args={"fraction": 0.1}' in sweep.runs[2].overrides
-    assert run_name({"defense_args": {"fraction": 0.1}}).startswith("defense_args-")
+    assert run_name({"defense_args": {"fraction": 0.1}}) == "defense_args-fraction=0.1"
+    long = {"defense_args": {f"option_{i}": i for i in range(9)}}
+    assert len(run_name(long)) == len("defense_args-") + 8
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -83,6 +85,14 @@ def test_union_of_grids_and_mapping_values(tiny_overrides, tmp_path) -> None:
 def test_bad_sweep_files_fail_before_running(tiny_overrides, tmp_path, grid, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
+
+
+def test_only_keeps_matching_runs(tiny_overrides, tmp_path) -> None:
+    path = write_sweep(tmp_path, tiny_overrides, {"defense": ["sft", "kl"], "seed": [0, 1]})
+    names = [r.name for r in load_sweep(path, ["defense-kl*", "*seed-0"]).runs]
+    assert names == ["defense-sft_seed-0", "defense-kl_seed-0", "defense-kl_seed-1"]
+    with pytest.raises(ConfigError, match="no run name matches"):
+        load_sweep(path, ["nothing*"])
 
 
 def test_unknown_sweep_key(tiny_overrides, tmp_path) -> None:

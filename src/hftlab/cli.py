@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1,
                        help="parallel worker processes (the CPU threads are split among them)")
     sweep.add_argument("--dry-run", action="store_true", help="print the planned runs only")
+    sweep.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
+                       help="run only the runs whose name matches one of these globs")
     sweep.add_argument("-v", "--verbose", action="store_true")
     compare = sub.add_parser(
         "compare", help="mean ± std over seeds per cell and each defense's difference to sft")
@@ -79,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hftlab.sweep import compare_table, load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep_file)
+    sweep = load_sweep(args.sweep_file, args.only)
     if args.dry_run:
         for run in sweep.runs:
             print(f"{run.name}: {' '.join(run.overrides)}")

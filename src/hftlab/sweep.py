@@ -21,6 +21,7 @@ same one. ``hftlab compare`` (:func:`compare_table`) summarises any folder of ru
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import logging
@@ -72,14 +73,22 @@ def run_name(values: dict[str, Any]) -> str:
     """``defense-sft_poison_ratio-0.1_seed-0``: the last part of each key and its value."""
     parts = []
     for key, value in values.items():
-        shown = value if isinstance(value, (str, int, float, bool)) else stable_hash(value)[:8]
-        shown = re.sub(r"[^A-Za-z0-9._+=-]+", "-", str(shown)).strip("-")
+        if isinstance(value, dict):  # options: k=v pairs, a hash when too long to read
+            shown = "+".join(f"{k}={v}" for k, v in sorted(value.items()))
+            if len(shown) > 48:
+                shown = stable_hash(value)[:8]
+        elif isinstance(value, (str, int, float, bool)):
+            shown = str(value)
+        else:
+            shown = stable_hash(value)[:8]
+        shown = re.sub(r"[^A-Za-z0-9._+=-]+", "-", shown).strip("-")
         parts.append(f"{key.rsplit('.', 1)[-1]}-{shown}")
     return "_".join(parts) or "run"
 
 
-def load_sweep(path: Path) -> Sweep:
-    """Read and validate a sweep file; every run's config is checked before anything runs."""
+def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; every run's config is checked before anything runs.
+    ``only``: keep the runs whose name matches one of these globs (a subset, in file order)."""
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
     try:
@@ -117,6 +126,10 @@ def load_sweep(path: Path) -> Sweep:
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from exc
             sweep.runs.append(PlannedRun(name, overrides, values))
+    if only:
+        sweep.runs = [r for r in sweep.runs if any(fnmatch.fnmatch(r.name, p) for p in only)]
+        if not sweep.runs:
+            raise ConfigError(f"{path}: no run name matches --only {' '.join(only)}")
     return sweep
 
 
