@@ -1,0 +1,111 @@
+"""`hftlab report` on a run and on a sweep of the tiny model: report.md and a self-contained
+report.html with its embedded PNG plots, the Pareto front, and the path without matplotlib."""
+
+from __future__ import annotations
+
+import base64
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hftlab import plots
+from hftlab.cli import main
+from hftlab.report import write_report
+from hftlab.sweep import load_sweep, run_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EMBEDDED = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in EMBEDDED.findall(page)]
+
+
+def assert_self_contained(page: str) -> None:
+    assert not re.search(r'(src|href)="(https?:|//)', page)
+    assert "<script" not in page and "<link" not in page
+    assert not re.search(r'src="(?!data:)', page)
+
+
+def test_pareto_front_on_fixed_points() -> None:
+    # (harmful score, accuracy): lower harm and higher accuracy are better.
+    points = [(10, 80), (20, 90), (15, 70), (5, 60), (20, 85), (10, 80), (30, 90)]
+    # (15, 70) loses to (10, 80); (20, 85) to (20, 90); (30, 90) to (20, 90): equal accuracy,
+    # more harm. The two equal (10, 80) points beat each other nowhere, so both stay.
+    assert plots.pareto_front(points) == [3, 0, 5, 1]
+    assert plots.pareto_front([(1.0, 1.0)]) == [0]
+    assert plots.pareto_front([]) == []
+
+
+def test_series_names_and_colours() -> None:
+    assert plots.series_name({"defense": "vaccine", plots.POISON: 0.1}) == "vaccine"
+    assert plots.series_name({"defense": ["vaccine", "lisa"]}) == "vaccine+lisa"
+    named = plots.series_name({"defense": "sft", "finetune.train.lr": 0.001})
+    assert named == "defense=sft, lr=0.001"
+    assert plots.series_name({plots.POISON: 0.2}) == "all runs"
+    colours = plots.colour_for(["vaccine", "sft", "booster"])
+    assert colours["sft"] == plots.BASELINE_COLOUR
+    assert len(set(colours.values())) == 3
+
+
+@pytest.fixture
+def tiny_sweep(tiny_overrides: list[str], tmp_path: Path) -> Path:
+    """2 defenses × 2 poison ratios × 2 seeds on the tiny model: the sweep's folder."""
+    shared = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in tiny_overrides)}
+    shared.pop("finetune.poison_ratio")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "config": "run.yaml", "set": shared, "out": str(tmp_path / "out"),
+        "grid": {"defense": ["sft", "safe_instr"], "finetune.poison_ratio": [0.1, 0.3],
+                 "seed": [0, 1]}}))
+    (tmp_path / "run.yaml").write_text("seed: 0\n")
+    sweep = load_sweep(path)
+    assert run_sweep(sweep) == []
+    return sweep.out
+
+
+def test_sweep_and_run_reports(tiny_sweep: Path, capsys, monkeypatch) -> None:
+    assert main(["report", str(tiny_sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "8 of 8 planned runs finished" in printed and "Δ vs sft" in printed
+    md = (tiny_sweep / "report.md").read_text()
+    assert md.startswith("# hftlab sweep report") and "## Pareto front" in md
+    assert "defense=safe_instr, poison_ratio=0.3" in md
+    page = (tiny_sweep / "report.html").read_text()
+    assert_self_contained(page)
+    images = embedded_pngs(page)
+    # harmful score vs poison ratio, trade-off, curves, drift, cost
+    assert len(images) == 5
+    assert all(image.startswith(PNG_MAGIC) for image in images)
+    for key in ("harmful_vs_poison", "tradeoff", "curves", "drift", "overhead"):
+        assert f'<figure id="{key}">' in page
+    assert "Pareto front" in page and plots.INSTALL_HINT not in page
+
+    # every run of the sweep got its own report (curves and drift), linked from the sweep's
+    run = tiny_sweep / "runs" / "defense-sft_poison_ratio-0.1_seed-0"
+    run_page = (run / "report.html").read_text()
+    assert_self_contained(run_page)
+    assert [png[:8] for png in embedded_pngs(run_page)] == [PNG_MAGIC, PNG_MAGIC]
+    assert 'href="runs/defense-sft_poison_ratio-0.1_seed-0/report.html"' in page
+
+    # without matplotlib: both files are still written, the HTML says how to get the plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert not plots.available()
+    for folder in (tiny_sweep, run):
+        (folder / "report.md").unlink()
+        summary = write_report(folder)
+        assert plots.INSTALL_HINT in summary
+        assert (folder / "report.md").exists()
+        page = (folder / "report.html").read_text()
+        assert embedded_pngs(page) == []
+        assert page.count("pip install &#x27;hftlab[report]&#x27;") == 1
+
+
+def test_report_on_a_folder_without_runs(tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "has not finished" in capsys.readouterr().err
