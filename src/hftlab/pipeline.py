@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hftlab.attacks.base import PROMPT_PROBE, EvalVariant
 from hftlab.config import Config, ConfigError, dump_config
 from hftlab.context import MARKER, RunContext, seed_everything
 from hftlab.data.loaders import data_fingerprint
@@ -124,7 +125,7 @@ def stage_data(ctx: RunContext) -> dict[str, Any]:
     folder = ctx.stage_dir("data")
     write_jsonl(folder / "user_data.jsonl", [e.to_dict() for e in data.user])
     summary = {
-        "attack": ctx.attack.describe(data.user),
+        "attack": {**ctx.attack.describe(data.user), **ctx.attack.data_report(ctx)},
         "counts": {
             "alignment": len(data.alignment),
             "user": len(data.user),
@@ -349,33 +350,35 @@ def stage_post_finetune(ctx: RunContext) -> dict[str, Any]:
 
 def evaluate_model(
     ctx: RunContext, model: torch.nn.Module, folder: Path, label: str,
-    formatter: PromptFormatter | None = None,
+    formatter: PromptFormatter | None = None, prompt: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """Harmful score and fine-tune accuracy of one model; completions saved to a file (never
     printed: they answer harmful prompts). ``formatter``: how the model is prompted (default:
-    the run's; the deployed model gets the defense's served system prompt)."""
+    the run's; the deployed model gets the defense's served system prompt); ``prompt``: how each
+    prompt is phrased to it (the attack's ``served_prompt``; the judge reads the original)."""
     from tqdm.auto import tqdm
 
     ev = ctx.config.eval
     data = ctx.data
     formatter = formatter or ctx.formatter
+    ask = prompt or (lambda text: text)
     harmful_prompts = [e.prompt for e in data.eval_harmful]
     task_prompts = [e.prompt for e in data.eval_task]
     harmless_prompts = [e.prompt for e in data.eval_harmless]
     instructions = [e.prompt for e in data.eval_generations]
     total = len(harmful_prompts) + len(task_prompts) + len(harmless_prompts) + len(instructions)
     with tqdm(total=total, desc=f"eval {label}", disable=not ctx.is_main) as bar:
-        harmful_out = generate(model, formatter, harmful_prompts, ev.max_new_tokens,
-                               ev.batch_size, ctx.device, ctx.autocast, bar)
-        task_out = generate(model, formatter, task_prompts,
+        harmful_out = generate(model, formatter, [ask(p) for p in harmful_prompts],
+                               ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+        task_out = generate(model, formatter, [ask(p) for p in task_prompts],
                             ev.task_max_new_tokens or ev.max_new_tokens, ev.batch_size,
                             ctx.device, ctx.autocast, bar)
-        harmless_out = generate(model, formatter, harmless_prompts, ev.max_new_tokens,
-                                ev.batch_size, ctx.device, ctx.autocast, bar)
-        generations = generate(model, formatter, instructions,
+        harmless_out = generate(model, formatter, [ask(p) for p in harmless_prompts],
+                                ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+        generations = generate(model, formatter, [ask(p) for p in instructions],
                                ev.generation_max_new_tokens or ev.max_new_tokens, ev.batch_size,
                                ctx.device, ctx.autocast, bar)
-    hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out)
+    hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out, ctx.config.eval.hs_plus)
     fa, correct = finetune_accuracy(ctx.task, data.eval_task, task_out)
     refusal_rate, refused = over_refusal(harmless_out)
     rows = [
@@ -416,13 +419,51 @@ def evaluate_model(
 
 def cached_eval(
     ctx: RunContext, folder: Path, label: str, make_model: Callable[[], torch.nn.Module],
-    formatter: PromptFormatter | None = None,
+    formatter: PromptFormatter | None = None, prompt: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """(metrics, whether they came from the cache) for the model that ``make_model`` loads."""
     path = folder / "metrics.json"
     if path.exists() and not ctx.force:
         return read_json(path), True
-    return evaluate_model(ctx, make_model(), folder, label, formatter), False
+    # ``prompt`` is passed only when set, so wrappers of the older signature keep working
+    extra = {"prompt": prompt} if prompt is not None else {}
+    return evaluate_model(ctx, make_model(), folder, label, formatter, **extra), False
+
+
+def evaluate_attack_variant(
+    ctx: RunContext, model: torch.nn.Module, folder: Path, name: str, variant: EvalVariant,
+    formatter: PromptFormatter, prompt: Callable[[str], str] | None,
+) -> dict[str, Any]:
+    """Harmful score of the deployed model on the harmful eval prompts rewritten by one of the
+    attack's eval variants (e.g. with the backdoor trigger); completions saved, never printed.
+    The judge reads the original prompt and the completion as the variant reads it."""
+    from tqdm.auto import tqdm
+
+    ev = ctx.config.eval
+    ask = prompt or (lambda text: text)
+    examples = ctx.data.eval_harmful
+    prompts = [e.prompt for e in examples]
+    with tqdm(total=len(prompts), desc=f"eval final ({name})", disable=not ctx.is_main) as bar:
+        raw = generate(model, formatter, [ask(variant.prompt(p)) for p in prompts],
+                       ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+    read = [variant.completion(c) for c in raw]
+    hs, flags = harmful_score(ctx.judge, prompts, read, ctx.config.eval.hs_plus)
+    rows = [
+        {"set": f"harmful_{name}", "row": e.row, "prompt": e.prompt, "completion": c,
+         "judged_text": r, "flagged": f}
+        for e, c, r, f in zip(examples, raw, read, flags)
+    ]
+    metrics = {
+        "harmful_score": round(hs, 2),
+        "n_eval_harmful": len(prompts),
+        "generated_tokens": sum(len(ctx.tokenizer(c, add_special_tokens=False)["input_ids"])
+                                for c in raw),
+    }
+    if ctx.is_main:
+        with atomic_dir(folder) as tmp:
+            write_jsonl(tmp / "completions.jsonl", rows)
+            write_json(tmp / "metrics.json", metrics)
+    return metrics
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
@@ -447,37 +488,74 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         shutil.copyfile(source / "completions.jsonl", folder / f"completions_{name}.jsonl")
     if not align_cache:
         results["aligned"] = results["base"]  # alignment disabled: the aligned model is the base
-    # Only the deployed model is served with the defense's system prompt (e.g. BackdoorAlign's
-    # secret trigger); the cached base/aligned evaluations above keep the run's default.
-    # (ctx.eval_key() above has loaded the data, so data-stage defense state exists.)
+    # Only the user's model is queried the attacker's way (the attack's system prompt and prompt
+    # phrasing, e.g. identity_shift's AOA persona) with the defense's system prompt on top (e.g.
+    # BackdoorAlign's secret trigger); the cached base/aligned evaluations above keep the run's
+    # default. (ctx.eval_key() above has loaded the data, so data-stage state exists.)
     default = ctx.formatter.default_system_prompt
-    served = ctx.defense.inference_system_prompt(default)
+    served = ctx.defense.inference_system_prompt(ctx.attack.served_system_prompt(default))
     served_formatter = (
         ctx.formatter if served == default else ctx.formatter.with_system_prompt(served)
     )
+    attack = ctx.attack
+    ask = None if attack.served_prompt(PROMPT_PROBE) == PROMPT_PROBE else attack.served_prompt
     # The fine-tuned model's evaluation is cached with the fine-tuning (per served prompt): a
-    # repair's "before" is the plain run's "final".
+    # repair's "before" is the plain run's "final". The attack's phrasing enters the key only
+    # when it rewrites prompts, so that earlier cached evaluations stay valid.
+    tuned_key: dict[str, Any] = {"eval": ev_key, "system_prompt": served}
+    if ask is not None:
+        tuned_key["attack_prompt"] = attack.serving_key()
     tuned_source = (Path(ctx.stage_info("finetune")["cache"]) / "eval"
-                    / stable_hash({"eval": ev_key, "system_prompt": served})[:16])
-    if ctx.stage_info("post_finetune").get("repaired"):
+                    / stable_hash(tuned_key)[:16])
+    repaired = bool(ctx.stage_info("post_finetune").get("repaired"))
+    final_model: list[torch.nn.Module] = []  # the deployed model, loaded at most once
+
+    def load_final() -> torch.nn.Module:
+        if not final_model:
+            final_model.append(deployed_model(ctx))
+        return final_model[0]
+
+    if repaired:
         # the same model before the repair, served the same way: what the repair bought and cost
         results["finetuned"], from_cache = cached_eval(
             ctx, tuned_source, "finetuned", lambda: merged(finetuned_model(ctx)),
-            served_formatter)
+            served_formatter, ask)
         results["finetuned"]["cached"] = from_cache
         generated += 0 if from_cache else results["finetuned"]["generated_tokens"]
         shutil.copyfile(tuned_source / "completions.jsonl",
                         folder / "completions_finetuned.jsonl")
-        results["final"] = evaluate_model(ctx, deployed_model(ctx), folder / "final", "final",
-                                          served_formatter)
+        extra = {"prompt": ask} if ask is not None else {}
+        results["final"] = evaluate_model(ctx, load_final(), folder / "final", "final",
+                                          served_formatter, **extra)
         final_source, from_cache = folder / "final", False
     else:
         results["final"], from_cache = cached_eval(
-            ctx, tuned_source, "final", lambda: deployed_model(ctx), served_formatter)
+            ctx, tuned_source, "final", load_final, served_formatter, ask)
         final_source = tuned_source
     results["final"]["cached"] = from_cache
     generated += 0 if from_cache else results["final"]["generated_tokens"]
     shutil.copyfile(final_source / "completions.jsonl", folder / "completions.jsonl")
     if (final_source / ALPACA_EVAL_FILE).exists():
         shutil.copyfile(final_source / ALPACA_EVAL_FILE, folder / ALPACA_EVAL_FILE)
-    return {"results": results, "eval_key": ev_key, "tokens": generated}
+    # The attack's extra harmful-score evaluations of the deployed model (e.g. with the backdoor
+    # trigger), cached next to the final evaluation unless a repair made the final model here.
+    attack_eval: dict[str, Any] = {}
+    for name, variant in attack.eval_variants().items():
+        source = (folder / f"attack_{name}" if repaired else tuned_source.parent / stable_hash(
+            {**tuned_key, "attack": attack.serving_key(), "variant": name})[:16])
+        if (source / "metrics.json").exists() and not ctx.force:
+            attack_eval[name], cached = read_json(source / "metrics.json"), True
+        else:
+            attack_eval[name] = evaluate_attack_variant(
+                ctx, load_final(), source, name, variant, served_formatter, ask)
+            cached = False
+        attack_eval[name]["cached"] = cached
+        generated += 0 if cached else attack_eval[name]["generated_tokens"]
+        shutil.copyfile(source / "completions.jsonl", folder / f"completions_attack_{name}.jsonl")
+    serving = {
+        # a digest, not the text: a defense's served prompt may hold a secret trigger
+        "system_prompt_sha256": stable_hash(served)[:16] if served is not None else None,
+        "attack_prompt": attack.served_prompt("{prompt}") if ask is not None else None,
+    }
+    return {"results": results, "eval_key": ev_key, "tokens": generated,
+            "attack_eval": attack_eval or None, "serving": serving}

@@ -59,7 +59,8 @@ class Sweep:
     source: Path
     config: Path
     out: Path
-    runs: list[PlannedRun] = field(default_factory=list)
+    runs: list[PlannedRun] = field(default_factory=list)  # what this invocation runs
+    planned: list[PlannedRun] = field(default_factory=list)  # the whole grid (sweep.json)
 
     def run_dir(self, run: PlannedRun) -> Path:
         return self.out / "runs" / run.name
@@ -126,6 +127,7 @@ def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from exc
             sweep.runs.append(PlannedRun(name, overrides, values))
+    sweep.planned = list(sweep.runs)
     if only:
         sweep.runs = [r for r in sweep.runs if any(fnmatch.fnmatch(r.name, p) for p in only)]
         if not sweep.runs:
@@ -162,7 +164,7 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     write_json(sweep.out / "sweep.json", {
         "sweep": str(sweep.source), "config": str(sweep.config),
         "runs": [{"name": r.name, "overrides": r.overrides, "values": r.values}
-                 for r in sweep.runs],
+                 for r in sweep.planned or sweep.runs],
     })
     todo = [r for r in sweep.runs if not (sweep.run_dir(r) / "metrics.json").exists()]
     log.info("sweep %s: %d runs, %d to do", sweep.source, len(sweep.runs), len(todo))
