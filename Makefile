@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # into the venv first (a torch already installed satisfies the project's torch>=2.3).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench judge clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,16 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# The guardrail's CPU judge for configs/cpu_sst2.yaml: MiniLM + logistic head trained on the
+# provider's own harmful QA (BeaverTails rows 50-149, disjoint from the user's rows 0-49) against
+# refusals and helpful answers (~1 min). Used by configs/sweeps/cpu_attacks.yaml and cpu_defenses.yaml.
+JUDGE_DIR ?= runs/judges/minilm-provider
+judge: setup
+	$(VENV)/bin/hftlab judge train --data-root ../shared/data --out $(JUDGE_DIR) \
+	  --data '{kind: beavertails, path: beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100, options: {require_response: true}}' \
+	  --data '{kind: refusal, path: safety_tuned_llamas/safety_only_data_Instructions.json, offset: 400, n: 150, options: {refusals_only: true}}' \
+	  --data '{kind: refusal, path: alpaca/alpaca_data_safety_only.json, n: 150}'
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py --ablate
