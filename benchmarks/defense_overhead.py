@@ -24,7 +24,7 @@ import yaml
 
 from hftlab.config import load_config
 from hftlab.context import RunContext, seed_everything
-from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE
+from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, POST_FINETUNE
 from hftlab.model import attach_trainable
 from hftlab.train import SFTTrainer
 
@@ -123,7 +123,10 @@ def main() -> None:
         key, _, value = item.partition("=")
         options[key] = yaml.safe_load(value) or {}
     config = load_config(args.config, args.overrides)
-    names = [n for n in (args.defenses or DEFENSES.names()) if n != "sft"]
+    # repairs that act only after fine-tuning have no training step to time: their cost is the
+    # post_finetune stage's seconds in a run's metrics.json
+    names = [n for n in (args.defenses or DEFENSES.names())
+             if n != "sft" and set(DEFENSES.get(n).stages) - {POST_FINETUNE}]
     stages = sorted({acting_stage(n) for n in names} or {ALIGNMENT})
     plan = [("sft", stage) for stage in stages] + [(n, acting_stage(n)) for n in names]
     ctx = RunContext(config, Path("/tmp/hftlab-bench-defenses"))
