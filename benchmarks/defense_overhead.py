@@ -32,7 +32,7 @@ from hftlab.train import SFTTrainer
 # ("+fwd": one extra no-grad forward of the stage-start model)
 PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2, "lisa": 1,
           "vlguard_mix": 2, "ldifs": "1+fwd", "kl": "1+fwd", "constrained_sft": "1+fwd",
-          "ewc": 1, "safe_instr": 1, "backdoor_align": 1, "guardrail": 1}
+          "ewc": 1, "safe_instr": 1, "backdoor_align": 1, "guardrail": 1, "panacea": 3}
 
 
 def passes(name: str, defense) -> str:
