@@ -135,3 +135,17 @@ def test_fixed_alignment_seed_shares_one_aligned_model_across_run_seeds(
     assert second["stages"]["align"]["cached"] is True
     assert first["aligned.harmful_score"] == second["aligned.harmful_score"]
     assert first["curves"] != second["curves"]  # the fine-tuning seeds differ
+
+
+def test_run_started_by_an_older_version_resumes(tiny_config, tmp_path) -> None:
+    """A config.yaml written before a setting existed (here: eval.hs_plus) still matches."""
+    from hftlab.config import dump_config
+
+    run = tmp_path / "run"
+    run_pipeline(tiny_config, run)
+    older = "\n".join(line for line in dump_config(tiny_config).splitlines()
+                      if "hs_plus" not in line) + "\n"
+    (run / "config.yaml").write_text(older)
+    (run / "metrics.json").unlink()
+    run_pipeline(tiny_config, run)  # no "different config" error
+    assert (run / "metrics.json").exists()

@@ -104,3 +104,13 @@ def test_parallel_workers_finish_every_run(tiny_overrides, tmp_path) -> None:
     sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, {"seed": [0, 1]}))
     assert run_sweep(sweep, workers=2) == []
     assert len(list((sweep.out / "runs").rglob("metrics.json"))) == 2
+
+
+def test_runs_from_an_older_version_share_a_cell(tiny_overrides, tmp_path) -> None:
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, {"seed": [0, 1]}))
+    assert run_sweep(sweep) == []
+    old = sweep.run_dir(sweep.runs[0]) / "config.yaml"
+    old.write_text("\n".join(line for line in old.read_text().splitlines()
+                             if "hs_plus" not in line) + "\n")
+    rows = compare_rows(sweep.out / "runs")
+    assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]

@@ -76,7 +76,7 @@ def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
     """A run folder holds one config: resuming with another is an error, unless forced."""
     path = run_dir / "config.yaml"
     text = dump_config(config)
-    if path.exists() and not force and path.read_text() != text:
+    if path.exists() and not force and path.read_text() != text and same_config(path) != text:
         raise ConfigError(
             f"{run_dir} holds a run with a different config ({path}); "
             "use another --out, or --force to redo it with this config"
@@ -91,6 +91,17 @@ def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
     from hftlab.utils import atomic_write_text
 
     atomic_write_text(path, text)
+
+
+def same_config(path: Path) -> str | None:
+    """A saved config as this version writes it (settings added since then take their
+    defaults), so a run started by an older hftlab resumes; None if it no longer loads."""
+    from hftlab.config import load_config
+
+    try:
+        return dump_config(load_config(path))
+    except ConfigError:
+        return None
 
 
 def run_stage(

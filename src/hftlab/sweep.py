@@ -242,6 +242,17 @@ class RunRecord:
         return int(self.settings.get("seed", 0))
 
 
+def current_config_text(path: Path) -> str:
+    """A run's saved config with settings added since it ran at their defaults (so runs made by
+    different hftlab versions group together); the file as is if it no longer loads."""
+    from hftlab.config import dump_config
+
+    try:
+        return dump_config(load_config(path))
+    except ConfigError:
+        return path.read_text()
+
+
 def collect_runs(folder: Path) -> list[RunRecord]:
     """Every finished run (a folder with metrics.json and config.yaml) under ``folder``."""
     records = []
@@ -249,7 +260,7 @@ def collect_runs(folder: Path) -> list[RunRecord]:
         config = path.parent / "config.yaml"
         if not config.is_file():
             continue
-        settings = flatten(yaml.safe_load(config.read_text()) or {})
+        settings = flatten(yaml.safe_load(current_config_text(config)) or {})
         records.append(RunRecord(path.parent, settings, read_json(path)))
     if not records:
         raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
@@ -333,6 +344,7 @@ def compare_rows(folder: Path, baseline: str = "sft",
     """One row per cell: each metric's mean/std/CI over seeds and its difference to the
     baseline defense with the same other settings."""
     cells = group_cells(collect_runs(folder))
+    cells.sort(key=lambda c: c.label.get("defense") != baseline)  # the baseline first
     rows = []
     for cell in cells:
         base = baseline_of(cell, cells, baseline)
