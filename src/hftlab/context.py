@@ -234,6 +234,7 @@ def load_run_data(ctx: RunContext) -> RunData:
     ft = cfg.finetune
     task_rows = [ctx.task.format(e) for e in ctx.load(ft.task_data)]
     harmful_rows = ctx.load(ft.harmful_data)
+    ctx.attack.prepare(ctx)
     user = ctx.attack.build(AttackInputs(task_rows, harmful_rows, ft.n, ft.poison_ratio, cfg.seed))
     mech = cfg.mechanisms
     data = RunData(

@@ -79,6 +79,10 @@ class Attack(Plugin):
             "n_harmful": sum(e.is_harmful for e in data),
         }
 
+    def prepare(self, ctx: RunContext) -> None:
+        """Called with the run before :meth:`build`, for recipes that need the run's model or
+        prompt format (e.g. ``virus`` optimises tokens against the model)."""
+
     def data_report(self, ctx: RunContext) -> dict[str, Any]:
         """Extra facts for the data stage's ``attack`` record that need the run (a judge, the
         defense); called after the data is loaded. Counts only, never the harmful text."""
