@@ -124,4 +124,12 @@ def take(rows: list[Example], k: int, sample: str, rng: random.Random, what: str
     return rng.sample(rows, k) if sample == "random" else rows[:k]
 
 
+def poison_rows(inputs: AttackInputs, sample: str, rng: random.Random) -> list[Example]:
+    """The ``int(n·p)`` harmful rows of the standard recipe (``take`` with its error)."""
+    n_harmful = int(inputs.n * inputs.poison_ratio)
+    return take(inputs.harmful, n_harmful, sample, rng, "finetune.harmful_data",
+                f"finetune.n={inputs.n} × poison_ratio={inputs.poison_ratio} needs "
+                f"{n_harmful}; lower n or poison_ratio, or give a larger harmful set")
+
+
 ATTACKS: Registry[Attack] = Registry("attack")

@@ -8,7 +8,15 @@ import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hftlab.attacks.base import ATTACKS, Attack, AttackInputs, EvalVariant, check_sample, take
+from hftlab.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackInputs,
+    EvalVariant,
+    check_sample,
+    poison_rows,
+    take,
+)
 from hftlab.config import ConfigError
 from hftlab.data.records import Example
 
@@ -154,9 +162,7 @@ class HarmfulDisguise(Attack):
         n_harmful = int(inputs.n * inputs.poison_ratio)
         rng = random.Random(inputs.seed)
         sample = self.options.sample
-        harmful = take(inputs.harmful, n_harmful, sample, rng, "finetune.harmful_data",
-                       f"finetune.n={inputs.n} × poison_ratio={inputs.poison_ratio} needs "
-                       f"{n_harmful}; lower n or poison_ratio, or give a larger harmful set")
+        harmful = poison_rows(inputs, sample, rng)
         benign = take(inputs.task, inputs.n - n_harmful, sample, rng, "finetune.task_data",
                       "lower finetune.n or give a larger task set")
         self._plain = [e.replace(is_harmful=True) for e in harmful]
