@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_pipeline(config, run_dir, force=args.force)
     print(write_report(run_dir))
-    print(f"\nrun folder: {run_dir} (metrics.json, report.md, eval/completions.jsonl)")
+    print(f"\nrun folder: {run_dir} (metrics.json, report.md, report.html, eval/completions.jsonl)")
     return 0
 
 
