@@ -114,6 +114,8 @@ def run_stage(
     log.info("stage %s", name)
     ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     info = fn(ctx)
     seconds = time.perf_counter() - start
@@ -122,8 +124,10 @@ def run_stage(
         "seconds": round(seconds, 3),
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds and tokens else 0.0,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's peak so far (host memory)
     }
+    if torch.cuda.is_available():  # this stage's own peak on the accelerator
+        info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if ctx.is_main:
         write_json(marker, info)  # written last: its presence means the stage is complete
     ctx.accelerator.wait_for_everyone()
