@@ -446,6 +446,11 @@ def overhead_plot(groups: list[Group]) -> Plot | None:
             ("after alignment", lambda m: _gb(stage(m, "align", "peak_rss_mb"))),
             ("after fine-tuning", lambda m: _gb(stage(m, "finetune", "peak_rss_mb")))]),
     ]
+    if any(stage(m, "finetune", "peak_gpu_mb") is not None
+           for runs in pooled.values() for m in runs):  # runs on GPUs: the stage's own peak
+        panels[1] = ("peak accelerator memory", "GB", [
+            ("alignment", lambda m: _gb(stage(m, "align", "peak_gpu_mb"))),
+            ("fine-tuning", lambda m: _gb(stage(m, "finetune", "peak_gpu_mb")))])
     repair = [stage(m, "post_finetune", "seconds") or 0.0 for runs in pooled.values()
               for m in runs]
     if max(repair, default=0.0) >= 0.05:
