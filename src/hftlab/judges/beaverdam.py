@@ -14,9 +14,8 @@ from hftlab.judges.common import (
     DEVICES,
     DTYPES,
     check_choice,
+    load_pretrained,
     model_source,
-    resolve_device,
-    resolve_dtype,
     unloadable,
 )
 
@@ -122,18 +121,13 @@ class BeaverDamJudge(Judge):
         """Load the tokenizer and the classifier (once)."""
         if self._model is not None:
             return
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         opts = self.options
-        device = resolve_device(opts.device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.source, revision=opts.revision, padding_side="right",
-                model_max_length=opts.max_length)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                self.source, revision=opts.revision, dtype=resolve_dtype(opts.dtype, device))
-        except (OSError, ValueError) as exc:
-            raise unloadable(self.name, self.source, exc) from exc
+        tokenizer, model, device = load_pretrained(
+            self.name, self.source, opts.revision, opts.dtype, opts.device,
+            AutoModelForSequenceClassification, padding_side="right",
+            model_max_length=opts.max_length)
         if tokenizer.pad_token is None:
             # as the reference: a new <pad> token whose embedding is the mean of the others
             tokenizer.add_special_tokens({"pad_token": "<pad>"})

@@ -74,6 +74,23 @@ def unloadable(judge: str, model: str, exc: Exception) -> ConfigError:
 LABELLED_FIELDS = "prompt, response, and harmful (true/false) or is_safe (true/false)"
 
 
+def load_pretrained(
+    judge: str, source: str, revision: str | None, dtype: str, device_setting: str,
+    model_class: Any, **tokenizer_options: Any,
+) -> tuple[Any, Any, torch.device]:
+    """(tokenizer, model, device) of a model judge: one clear ConfigError if it cannot load."""
+    from transformers import AutoTokenizer
+
+    device = resolve_device(device_setting)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, **tokenizer_options)
+        model = model_class.from_pretrained(
+            source, revision=revision, dtype=resolve_dtype(dtype, device))
+    except (OSError, ValueError) as exc:
+        raise unloadable(judge, source, exc) from exc
+    return tokenizer, model, device
+
+
 def load_labelled(source: str, data_root: Path | None = None) -> list[Example]:
     """Labelled (prompt, response, harmful) rows from a data spec or a plain file.
 

@@ -16,10 +16,8 @@ from hftlab.judges.common import (
     DEVICES,
     DTYPES,
     check_choice,
+    load_pretrained,
     model_source,
-    resolve_device,
-    resolve_dtype,
-    unloadable,
 )
 
 log = logging.getLogger(__name__)
@@ -146,16 +144,11 @@ class LlamaGuardJudge(Judge):
     def load(self) -> None:
         if self._model is not None:
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         opts = self.options
-        device = resolve_device(opts.device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.source, revision=opts.revision)
-            model = AutoModelForCausalLM.from_pretrained(
-                self.source, revision=opts.revision, dtype=resolve_dtype(opts.dtype, device))
-        except (OSError, ValueError) as exc:
-            raise unloadable(self.name, self.source, exc) from exc
+        tokenizer, model, device = load_pretrained(
+            self.name, self.source, opts.revision, opts.dtype, opts.device, AutoModelForCausalLM)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
