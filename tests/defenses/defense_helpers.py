@@ -188,3 +188,27 @@ class LabelJudge(Judge):
 
     def flag(self, prompts: list[str], completions: list[str]) -> list[bool]:
         return [c.strip() not in ("positive", "negative") for c in completions]
+
+
+def cached_alignment_adapter(
+    adapter: torch.nn.Module, folder: Path, scale: float, seed: int
+) -> tuple[SimpleNamespace, dict]:
+    """Fill ``adapter``'s LoRA weights with seeded noise × ``scale`` and save it where a run's
+    alignment cache keeps its checkpoint (``folder/model``). Returns a run context whose
+    alignment stage points there, and {module: (A, B, scale)} of the adapter in float64."""
+    from hftlab.defenses.weights import lora_factors, lora_layers
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    adapter.save_pretrained(folder / "model")
+    factors = {}
+    for name, layer in lora_layers(adapter).items():
+        a, b, lora_scale = lora_factors(layer)
+        factors[name] = (a.double(), b.double(), lora_scale)
+    ctx = SimpleNamespace(stage_info=lambda stage: {"cache": str(folder)},
+                          device=torch.device("cpu"), config=SimpleNamespace(seed=seed))
+    return ctx, factors
+

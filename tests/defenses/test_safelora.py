@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from defense_helpers import lora_model, run_tiny_pipeline, stage_info
+from defense_helpers import cached_alignment_adapter, lora_model, run_tiny_pipeline, stage_info
 
 from hftlab.config import ConfigError
 from hftlab.defenses import DEFENSES
@@ -21,20 +21,8 @@ from hftlab.defenses.weights import lora_factors, lora_layers
 def aligned_adapter_ctx(model_dir: Path, folder: Path) -> tuple[SimpleNamespace, dict]:
     """A run context whose alignment cache holds a random LoRA adapter (the 'alignment'), and
     {module: V = s·B·A} of that adapter in float64, computed from the live weights."""
-    aligned = lora_model(model_dir)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in aligned.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    aligned.save_pretrained(folder / "model")
-    vectors = {}
-    for name, layer in lora_layers(aligned).items():
-        a, b, scale = lora_factors(layer)
-        vectors[name] = scale * (b.double() @ a.double())
-    ctx = SimpleNamespace(stage_info=lambda stage: {"cache": str(folder)},
-                          device=torch.device("cpu"), config=SimpleNamespace(seed=0))
-    return ctx, vectors
+    ctx, factors = cached_alignment_adapter(lora_model(model_dir), folder, 0.1, seed=0)
+    return ctx, {name: scale * (b @ a) for name, (a, b, scale) in factors.items()}
 
 
 def hand_projection(v: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from defense_helpers import lora_model, run_tiny_pipeline, stage_info
+from defense_helpers import cached_alignment_adapter, lora_model, run_tiny_pipeline, stage_info
 
 from hftlab.config import ConfigError, LoraConfig, TrainConfig
 from hftlab.defenses import DEFENSES
@@ -31,19 +31,7 @@ def safety_ctx(model_dir: Path, folder: Path, rank: int = 4) -> tuple[SimpleName
 
         plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         safety = attach_trainable(plain, TrainConfig(lora=LoraConfig(r=rank, alpha=2 * rank)))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in safety.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    safety.save_pretrained(folder / "model")
-    factors = {}
-    for name, layer in lora_layers(safety).items():
-        a, b, scale = lora_factors(layer)
-        factors[name] = (a.double(), b.double(), scale)
-    ctx = SimpleNamespace(stage_info=lambda stage: {"cache": str(folder)},
-                          device=torch.device("cpu"), config=SimpleNamespace(seed=3))
-    return ctx, factors
+    return cached_alignment_adapter(safety, folder, 0.3, seed=3)
 
 
 def hand_cosines(model, safety: dict) -> dict[str, float]:
