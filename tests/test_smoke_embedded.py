@@ -40,4 +40,6 @@ def test_embedded_model_runs_every_stage(tmp_path: Path) -> None:
     metrics = run_pipeline(config, tmp_path / "run")
     assert metrics["n_eval_harmful"] == 4 and len(metrics["curves"]) == 3
     assert len(metrics["drift"]["per_layer"]) == 31  # embeddings + 30 SmolLM2 blocks
-    assert metrics["stages"]["finetune"]["tokens_per_s"] > 0
+    # the fine-tuning may come from the shared cache (an earlier run of this test): its
+    # recorded step time is there either way
+    assert metrics["stages"]["finetune"]["seconds_per_step"] > 0
