@@ -11,6 +11,7 @@ are cached outside the run, keyed by a hash of everything that determines them.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from hftlab.attacks.base import PROMPT_PROBE, EvalVariant
-from hftlab.config import Config, ConfigError, dump_config
+from hftlab.config import Config, ConfigError, dump_config, load_config
 from hftlab.context import MARKER, RunContext, seed_everything
 from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
@@ -96,8 +97,6 @@ def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
 def same_config(path: Path) -> str | None:
     """A saved config as this version writes it (settings added since then take their
     defaults), so a run started by an older hftlab resumes; None if it no longer loads."""
-    from hftlab.config import load_config
-
     try:
         return dump_config(load_config(path))
     except ConfigError:
@@ -277,8 +276,6 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
 
 def link_tree(source: Path, target: Path, skip: set[str]) -> None:
     """Hard-link (or copy, across file systems) ``source``'s files into ``target``."""
-    import os
-
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if relative.parts[0] in skip or not path.is_file():

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError, load_config, read_yaml_mapping
 from hftlab.stats import Difference, Summary, compare, summarize
 from hftlab.utils import read_json, stable_hash, write_json
 
@@ -90,13 +90,8 @@ def run_name(values: dict[str, Any]) -> str:
 def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
     """Read and validate a sweep file; every run's config is checked before anything runs.
     ``only``: keep the runs whose name matches one of these globs (a subset, in file order)."""
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or "config" not in raw or "grid" not in raw:
+    raw = read_yaml_mapping(path, "sweep file")
+    if "config" not in raw or "grid" not in raw:
         raise ConfigError(f"{path}: a sweep needs 'config' (a run config) and 'grid' (key: list)")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
