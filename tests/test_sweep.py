@@ -12,7 +12,16 @@ import yaml
 
 from hftlab.cli import main
 from hftlab.config import ConfigError
-from hftlab.sweep import collect_runs, compare_rows, load_sweep, run_name, run_sweep
+from hftlab.sweep import (
+    AlignmentOrder,
+    PlannedRun,
+    alignment_group,
+    collect_runs,
+    compare_rows,
+    load_sweep,
+    run_name,
+    run_sweep,
+)
 
 
 def write_sweep(tmp_path: Path, tiny_overrides: list[str], grid: object, **extra) -> Path:
@@ -104,6 +113,25 @@ def test_parallel_workers_finish_every_run(tiny_overrides, tmp_path) -> None:
     sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, {"seed": [0, 1]}))
     assert run_sweep(sweep, workers=2) == []
     assert len(list((sweep.out / "runs").rglob("metrics.json"))) == 2
+
+
+def test_only_one_run_trains_each_uncached_alignment() -> None:
+    a1, a2, a3, b1, c1 = (PlannedRun(name, [], {}) for name in ("a1", "a2", "a3", "b1", "c1"))
+    order = AlignmentOrder([(a1, "A", False), (a2, "A", False), (a3, "A", False),
+                            (b1, "B", True), (c1, "C", False)])
+    assert [r.name for r in order.start()] == ["a1", "c1", "b1"]  # cached B starts at once
+    assert order.finished(a1, ok=False) == [a2]  # a failed leader hands the alignment on
+    assert order.finished(a2, ok=True) == [a3]
+    assert order.finished(a3, ok=True) == [] and order.finished(c1, ok=True) == []
+
+
+def test_alignment_group_sees_the_cache(tiny_overrides, tmp_path) -> None:
+    grid = {"finetune.poison_ratio": [0.0, 0.2]}  # one alignment, two runs
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
+    key_before, cached_before = alignment_group(sweep, sweep.runs[0])
+    assert not cached_before
+    assert run_sweep(sweep, workers=1) == []
+    assert alignment_group(sweep, sweep.runs[1]) == (key_before, True)
 
 
 def test_runs_from_an_older_version_share_a_cell(tiny_overrides, tmp_path) -> None:

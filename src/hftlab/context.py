@@ -158,18 +158,30 @@ class RunContext:
             "system_prompt": cfg.system_prompt,
         }
 
+    def alignment_rows(self) -> tuple[list[Example], list[Example]]:
+        """The alignment stage's inputs (alignment rows after the defense's data hook, provider
+        harmful QA). Read alone when the run's full data is not built yet, so grouping a sweep
+        by alignment never builds users' uploads (a Virus attack optimises them)."""
+        if self._data is not None:
+            return self._data.alignment, self._data.provider_harmful
+        cfg = self.config
+        alignment = self.load(cfg.alignment.data) if cfg.alignment.enabled else []
+        provider = self.load(cfg.provider_harmful) if cfg.provider_harmful else []
+        return self.defense.prepare_data(ALIGNMENT, alignment, self), provider
+
     def alignment_key(self) -> str:
         cfg = self.config
+        alignment, provider_harmful = self.alignment_rows()
         return stable_hash(
             {
                 **self.model_key(),
                 "enabled": cfg.alignment.enabled,
-                "data": data_fingerprint(self.data.alignment),
+                "data": data_fingerprint(alignment),
                 "train": cfg.alignment.train,
                 "precision": self.precision,
                 "seed": self.alignment_seed,
                 "defense": self.defense.cache_key(ALIGNMENT),
-                "provider_harmful": data_fingerprint(self.data.provider_harmful)
+                "provider_harmful": data_fingerprint(provider_harmful)
                 if self.defense.cache_key(ALIGNMENT)
                 else None,
             }
@@ -237,18 +249,18 @@ def load_run_data(ctx: RunContext) -> RunData:
     ctx.attack.prepare(ctx)
     user = ctx.attack.build(AttackInputs(task_rows, harmful_rows, ft.n, ft.poison_ratio, cfg.seed))
     mech = cfg.mechanisms
+    alignment, provider_harmful = ctx.alignment_rows()
     data = RunData(
-        alignment=ctx.load(cfg.alignment.data) if cfg.alignment.enabled else [],
+        alignment=alignment,
         user=ctx.defense.prepare_data(FINETUNE, user, ctx),
         mech_alignment=ctx.load(mech.alignment_data) if mech.every or mech.drift else [],
         mech_harmful=ctx.load(mech.harmful_data) if mech.every else [],
         eval_harmful=ctx.load(cfg.eval.harmful),
         eval_task=[ctx.task.format(e) for e in ctx.load(cfg.eval.task)],
-        provider_harmful=ctx.load(cfg.provider_harmful) if cfg.provider_harmful else [],
+        provider_harmful=provider_harmful,
         eval_harmless=ctx.load(cfg.eval.harmless) if cfg.eval.harmless else [],
         eval_generations=ctx.load(cfg.eval.generations) if cfg.eval.generations else [],
     )
-    data.alignment = ctx.defense.prepare_data(ALIGNMENT, data.alignment, ctx)
     data.overlaps = check_disjoint(data, [e for e in user if e.is_harmful])
     return data
 

@@ -15,8 +15,9 @@ A sweep file::
 
 Runs live in ``out/runs/<name>`` (each an ordinary run folder, resumable); ``out/sweep.json`` is
 the plan. Runs that share an aligned checkpoint share it through the alignment cache; with
-``--workers`` the first run of each distinct alignment goes first so no two workers train the
-same one. ``hftlab compare`` (:func:`compare_table`) summarises any folder of runs.
+``--workers`` a run whose alignment is not cached yet waits for the first run of its alignment,
+so no two workers train the same one; the others start at once. ``hftlab compare``
+(:func:`compare_table`) summarises any folder of runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import re
 import traceback
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,16 @@ def _execute(config_path: str, overrides: list[str], run_dir: str, threads: int 
     return run_dir
 
 
-def alignment_group(sweep: Sweep, run: PlannedRun) -> str:
-    """The alignment cache key this run will use (computed without training)."""
+def alignment_group(sweep: Sweep, run: PlannedRun) -> tuple[str, bool]:
+    """The alignment cache key this run will use and whether that checkpoint is already cached
+    (computed from the alignment inputs alone, without training or building the upload)."""
     from hftlab.context import RunContext
 
     config = load_config(sweep.config, run.overrides)
-    return RunContext(config, sweep.run_dir(run)).alignment_key()
+    ctx = RunContext(config, sweep.run_dir(run))
+    key = ctx.alignment_key()
+    checkpoint = ctx.cache_dir / "aligned" / key / "meta.json"
+    return key, not config.alignment.enabled or checkpoint.exists()
 
 
 def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
@@ -172,28 +177,57 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
             except Exception as exc:  # one failed run must not stop the sweep
                 failures.append((run.name, _describe(exc)))
         return _record_failures(sweep, failures)
-    # Phase 1: one run per distinct alignment (nobody trains the same one twice); phase 2: rest.
-    groups: dict[str, list[PlannedRun]] = {}
-    for run in todo:
-        groups.setdefault(alignment_group(sweep, run), []).append(run)
-    leaders = [runs[0] for runs in groups.values()]
-    followers = [r for runs in groups.values() for r in runs[1:]]
+    plan = AlignmentOrder([(run, *alignment_group(sweep, run)) for run in todo])
     threads = max(1, (os.cpu_count() or 1) // workers)
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for phase in (leaders, followers):
-            futures = {pool.submit(_execute, str(sweep.config), r.overrides,
-                                   str(sweep.run_dir(r)), threads): r for r in phase}
-            for future in as_completed(futures):
-                run = futures[future]
+        def submit(batch: list[PlannedRun]) -> dict[Future[str], PlannedRun]:
+            return {pool.submit(_execute, str(sweep.config), r.overrides,
+                                str(sweep.run_dir(r)), threads): r for r in batch}
+
+        pending = submit(plan.start())
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
                 try:
                     future.result()
                     print(f"done {run.name}", flush=True)
+                    ok = True
                 except Exception as exc:
                     failures.append((run.name, _describe(exc)))
+                    ok = False
+                pending.update(submit(plan.finished(run, ok)))
     return _record_failures(sweep, failures)
+
+
+class AlignmentOrder:
+    """Which runs may start: a run whose alignment is not cached yet waits for the one run that
+    trains it (its group's leader), so no two workers train the same alignment; every other run
+    starts at once. When a leader fails, the next run of its group trains the alignment."""
+
+    def __init__(self, runs: list[tuple[PlannedRun, str, bool]]) -> None:
+        groups: dict[str, list[PlannedRun]] = {}
+        self._ready: list[PlannedRun] = []
+        for run, key, cached in runs:
+            if cached:
+                self._ready.append(run)
+            else:
+                groups.setdefault(key, []).append(run)
+        self._ready = [group[0] for group in groups.values()] + self._ready
+        self._waiting = {group[0].name: group[1:] for group in groups.values()}
+
+    def start(self) -> list[PlannedRun]:
+        return self._ready
+
+    def finished(self, run: PlannedRun, ok: bool) -> list[PlannedRun]:
+        followers = self._waiting.pop(run.name, [])
+        if ok or not followers:
+            return followers
+        self._waiting[followers[0].name] = followers[1:]
+        return followers[:1]
 
 
 def _describe(exc: BaseException) -> str:
