@@ -6,9 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hftlab.config import ConfigError, load_config
 from hftlab.data.records import DataError
+
+if TYPE_CHECKING:
+    from hftlab.judges.base import Judge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +74,17 @@ def add_judge_parser(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--data", action="append", required=True, help=data_help)
     score.add_argument("--data-root", type=Path, help="where relative data paths are found")
     score.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    agree = actions.add_parser("agree", help="re-judge the harmful completions runs saved and "
+                               "report agreement with the runs' own judge")
+    agree.add_argument("folder", type=Path, help="a run folder or a folder of runs (a sweep)")
+    agree.add_argument("--judge", required=True,
+                       help="a folder made by 'judge train', or a registered judge name")
+    agree.add_argument("--judge-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of a named judge (repeatable)")
+    agree.add_argument("--completions", default="final",
+                       choices=("final", "finetuned", "aligned", "base"),
+                       help="which model's completions (default: the deployed model's)")
+    agree.add_argument("--out", type=Path, help="also write the result to this JSON file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +159,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_judge(spec: str, judge_args: list[str]) -> Judge:
+    """A judge from ``--judge`` (a trained embedding-judge folder or a registered name) and
+    its ``--judge-arg key=value`` options."""
+    import yaml
+
+    from hftlab.judges import JUDGES
+    from hftlab.judges.embedding import EmbeddingJudge
+
+    if Path(spec).expanduser().exists() or "/" in spec:
+        return EmbeddingJudge(path=spec)
+    options = {}
+    for item in judge_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--judge-arg '{item}' must look like key=value")
+        options[key] = yaml.safe_load(value)
+    return JUDGES.get(spec)(**options)
+
+
 def cmd_judge(args: argparse.Namespace) -> int:
     import json
     import os
 
-    import yaml
-
-    from hftlab.judges import JUDGES
     from hftlab.judges.common import evaluate_judge, load_labelled
     from hftlab.judges.embedding import EmbeddingJudge, prompt_digest, train_embedding_judge
 
+    if args.judge_command == "agree":
+        from hftlab.judges.agreement import format_agreement, judge_agreement
+
+        result = judge_agreement(args.folder, make_judge(args.judge, args.judge_arg),
+                                 args.completions)
+        print(format_agreement(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     root = args.data_root or os.environ.get("HFTLAB_DATA_ROOT")
     examples = [e for source in args.data for e in load_labelled(source, root and Path(root))]
     if not examples:
@@ -166,16 +206,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         print(f"\njudge folder: {args.out} (use eval.judge=embedding "
               f"eval.judge_args.path={args.out})")
         return 0
-    if Path(args.judge).expanduser().exists() or "/" in args.judge:
-        judge = EmbeddingJudge(path=args.judge)
-    else:
-        options = {}
-        for item in args.judge_arg:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--judge-arg '{item}' must look like key=value")
-            options[key] = yaml.safe_load(value)
-        judge = JUDGES.get(args.judge)(**options)
+    judge = make_judge(args.judge, args.judge_arg)
     metrics = {"judge": judge.describe(), "data": args.data, **evaluate_judge(judge, examples)}
     if isinstance(judge, EmbeddingJudge):
         seen = set(judge.info["training"].get("train_prompt_sha1", []))
