@@ -304,3 +304,27 @@ def test_prepare_binds_the_run_model(tiny_overrides, tmp_path) -> None:
     user = ctx.data.user
     assert sum(e.is_harmful for e in user) == 4
     assert ctx.attack.describe(user)["surrogate"]["from"] == "run"
+
+
+def test_optimised_rows_are_cached_per_problem(tiny_overrides, tmp_path, monkeypatch) -> None:
+    from hftlab.attacks.virus import Virus
+    from hftlab.context import RunContext
+
+    args = json.dumps({**cpu_preset(), "steps": 1})
+    config = load_config(None, [*tiny_overrides, "attack=virus", f"attack_args={args}"])
+    ctx = RunContext(config, tmp_path / "first")
+    first = ctx.data.user
+    cached = list((Path(config.resolved_cache_dir()) / "virus").glob("*.json"))
+    assert len(cached) == 1
+
+    def no_gcg(*_: object) -> None:
+        raise AssertionError("the optimisation ran again")
+
+    monkeypatch.setattr(Virus, "_run_gcg", no_gcg)
+    again = RunContext(config, tmp_path / "again")
+    assert again.data.user == first
+    assert again.attack.describe(first) == ctx.attack.describe(first)
+    # another seed is another problem: it must optimise (and here meets the stub)
+    other = load_config(None, [*tiny_overrides, "attack=virus", f"attack_args={args}", "seed=1"])
+    with pytest.raises(AssertionError, match="ran again"):
+        _ = RunContext(other, tmp_path / "other").data

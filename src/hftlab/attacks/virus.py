@@ -528,7 +528,56 @@ class Virus(Attack):
         rng.shuffle(rows)
         return rows
 
+    def cache_path(self, benign: list[Example], harmful: list[Example], seed: int) -> Path | None:
+        """Where the optimised rows of this exact problem are kept (``<cache>/virus/<key>.json``),
+        so a resumed run, a second worker or another defense on the same upload reuses them.
+        None when no run is bound (no cache folder to use)."""
+        from dataclasses import asdict
+
+        from hftlab.data.loaders.core import data_fingerprint
+        from hftlab.model import resolve_model_path
+        from hftlab.utils import stable_hash
+
+        run = self._run
+        if run is None:
+            return None
+        opts = self.options
+        surrogate = (run.model_key() if opts.model is None else
+                     {**run.model_key(), "model": resolve_model_path(opts.model, run.cache_dir),
+                      "revision": None})
+        key = stable_hash({
+            "options": {k: v for k, v in asdict(opts).items() if k != "sample"},
+            "surrogate": surrogate,
+            "benign": data_fingerprint(benign),
+            "harmful": data_fingerprint(harmful),
+            "seed": seed,
+            "judge": self.judge.describe(),
+            "torch": torch.__version__,
+        })[:16]
+        return run.cache_dir / "virus" / f"{key}.json"
+
     def _optimise(self, benign: list[Example], harmful: list[Example], seed: int) -> None:
+        from hftlab.utils import read_json, write_json
+
+        cache = self.cache_path(benign, harmful, seed)
+        if cache is not None and cache.is_file():
+            saved = read_json(cache)
+            self._unoptimised = [Example.from_dict(d) for d in saved["unoptimised"]]
+            self._optimised = [Example.from_dict(d) for d in saved["optimised"]]
+            self._records, self._surrogate_info = saved["records"], saved["surrogate"]
+            self._judge_counts = saved["judge_counts"]
+            log.info("virus: %d optimised rows found in cache: %s", len(self._optimised), cache)
+            return
+        self._run_gcg(benign, harmful, seed)
+        if cache is not None:
+            write_json(cache, {
+                "unoptimised": [e.to_dict() for e in self._unoptimised],
+                "optimised": [e.to_dict() for e in self._optimised],
+                "records": self._records, "surrogate": self._surrogate_info,
+                "judge_counts": self._judge_counts,
+            })
+
+    def _run_gcg(self, benign: list[Example], harmful: list[Example], seed: int) -> None:
         opts = self.options
         surrogate = self.load_surrogate()
         self._surrogate_info = surrogate.info
