@@ -18,6 +18,7 @@ from hftlab.sweep import (
     alignment_group,
     collect_runs,
     compare_rows,
+    compare_table,
     load_sweep,
     run_name,
     run_sweep,
@@ -142,3 +143,20 @@ def test_runs_from_an_older_version_share_a_cell(tiny_overrides, tmp_path) -> No
                              if "hs_plus" not in line) + "\n")
     rows = compare_rows(sweep.out / "runs")
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
+
+
+def test_attack_eval_variants_become_compare_columns(tmp_path) -> None:
+    for defense, seed, triggered in (("sft", 0, 40.0), ("sft", 1, 50.0), ("lisa", 0, 10.0)):
+        run = tmp_path / f"{defense}-{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"defense: {defense}\nseed: {seed}\n")
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": 5.0, "finetune_accuracy": 80.0, "n_eval_harmful": 100,
+            "n_eval_task": 100, "seed": seed,
+            "attack_eval": {"triggered": {"harmful_score": triggered, "n": 50}}}))
+    metric = "attack_eval.triggered.harmful_score"
+    rows = {r["name"]: r for r in compare_rows(tmp_path)}
+    assert rows["defense=sft"][metric]["mean"] == 45.0
+    lisa = rows["defense=lisa"][f"{metric}.vs_sft"]
+    assert lisa["diff"] == -35.0 and lisa["test"].startswith("two-proportion")
+    assert metric in compare_table(tmp_path).splitlines()[0]

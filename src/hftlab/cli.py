@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("folder", type=Path, help="a sweep folder or any folder of runs")
     compare.add_argument("--baseline", default="sft", help="the defense to compare against")
     compare.add_argument("--metrics", nargs="*", default=None,
-                         help="metrics.json keys (default: harmful_score finetune_accuracy)")
+                         help="metrics.json keys or dotted paths into its blocks (default: "
+                              "harmful_score finetune_accuracy, plus each attack eval variant's "
+                              "harmful score)")
     add_judge_parser(sub)
     return parser
 
@@ -152,9 +154,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hftlab.sweep import METRICS, compare_table
+    from hftlab.sweep import compare_table
 
-    metrics = tuple(args.metrics) if args.metrics else METRICS
+    metrics = tuple(args.metrics) if args.metrics else None
     print(compare_table(args.folder, args.baseline, metrics))
     return 0
 

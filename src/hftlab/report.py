@@ -405,11 +405,12 @@ def _summary_text(summary: dict[str, Any] | None) -> str:
 
 
 def write_sweep_report(folder: Path, records: list[Any], baseline: str = "sft") -> str:
-    from hftlab.sweep import METRICS, compare_rows, compare_table, group_cells
+    from hftlab.sweep import compare_rows, compare_table, default_metrics, group_cells
 
     cells = group_cells(records)
-    rows = compare_rows(folder, baseline)
-    compare_md = compare_table(folder, baseline)
+    metrics = default_metrics(records)
+    rows = compare_rows(folder, baseline, metrics)
+    compare_md = compare_table(folder, baseline, metrics)
     groups = plots.groups_from_cells(cells)
     means = [(statistics.fmean(c.values("harmful_score")),
               statistics.fmean(c.values("finetune_accuracy")))
@@ -435,16 +436,16 @@ def write_sweep_report(folder: Path, records: list[Any], baseline: str = "sft") 
     atomic_write_text(folder / "report.md", "\n".join(md))
 
     headers = ["cell", "seeds"]
-    for metric in METRICS:
+    for metric in metrics:
         headers += [f"{metric.replace('_', ' ')} % (mean ± std)", f"Δ vs {baseline} [95% CI]"]
     table_rows = []
     for row in rows:
         values: list[Any] = [row["name"] or "(all runs)", ",".join(map(str, row["seeds"]))]
-        for metric in METRICS:
+        for metric in metrics:
             values += [_summary_text(row[metric]), _delta_html(row[f"{metric}.vs_{baseline}"])]
         table_rows.append(values)
     front_set = set(front_names)
-    tests = sorted({row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in METRICS
+    tests = sorted({row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
                     if row.get(f"{m}.vs_{baseline}")})
     first = records[0].metrics
     body = [

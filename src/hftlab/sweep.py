@@ -296,6 +296,26 @@ def collect_runs(folder: Path) -> list[RunRecord]:
     return records
 
 
+def metric_value(metrics: dict[str, Any], name: str) -> Any:
+    """A metrics.json value by name: a top-level key (``aligned.harmful_score``) or a dotted
+    path into a nested block (``attack_eval.triggered.harmful_score``); None when absent."""
+    if name in metrics:
+        return metrics[name]
+    value: Any = metrics
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def default_metrics(records: list[RunRecord]) -> tuple[str, ...]:
+    """HS and FA, plus the harmful score of each attack eval variant the runs report (e.g. a
+    backdoor attack's HS with its trigger)."""
+    variants = sorted({name for r in records for name in (r.metrics.get("attack_eval") or {})})
+    return METRICS + tuple(f"attack_eval.{v}.harmful_score" for v in variants)
+
+
 @dataclass
 class Cell:
     """Runs that differ only in their seed."""
@@ -304,13 +324,17 @@ class Cell:
     runs: list[RunRecord]
 
     def values(self, metric: str) -> list[float]:
-        return [float(r.metrics[metric]) for r in self.runs if r.metrics.get(metric) is not None]
+        found = (metric_value(r.metrics, metric) for r in self.runs)
+        return [float(v) for v in found if v is not None]
 
     def summary(self, metric: str) -> Summary | None:
         values = self.values(metric)
         return summarize(values) if values else None
 
     def n_prompts(self, metric: str) -> int:
+        if metric.startswith("attack_eval."):  # a variant carries its own sample size
+            variant = metric.split(".")[1]
+            return int(metric_value(self.runs[0].metrics, f"attack_eval.{variant}.n") or 0)
         key = "n_eval_harmful" if "harmful" in metric else "n_eval_task"
         return int(self.runs[0].metrics.get(key) or 0)
 
@@ -369,10 +393,12 @@ def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
 
 
 def compare_rows(folder: Path, baseline: str = "sft",
-                 metrics: tuple[str, ...] = METRICS) -> list[dict[str, Any]]:
+                 metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One row per cell: each metric's mean/std/CI over seeds and its difference to the
-    baseline defense with the same other settings."""
-    cells = group_cells(collect_runs(folder))
+    baseline defense with the same other settings (default metrics: :func:`default_metrics`)."""
+    records = collect_runs(folder)
+    metrics = metrics or default_metrics(records)
+    cells = group_cells(records)
     cells.sort(key=lambda c: c.label.get("defense") != baseline)  # the baseline first
     rows = []
     for cell in cells:
@@ -391,8 +417,9 @@ def compare_rows(folder: Path, baseline: str = "sft",
 
 
 def compare_table(folder: Path, baseline: str = "sft",
-                  metrics: tuple[str, ...] = METRICS) -> str:
+                  metrics: tuple[str, ...] | None = None) -> str:
     """The console / markdown table of :func:`compare_rows`."""
+    metrics = metrics or default_metrics(collect_runs(folder))
     rows = compare_rows(folder, baseline, metrics)
     header = ["cell", "seeds"]
     for metric in metrics:
