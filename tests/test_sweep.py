@@ -160,3 +160,43 @@ def test_attack_eval_variants_become_compare_columns(tmp_path) -> None:
     lisa = rows["defense=lisa"][f"{metric}.vs_sft"]
     assert lisa["diff"] == -35.0 and lisa["test"].startswith("two-proportion")
     assert metric in compare_table(tmp_path).splitlines()[0]
+
+
+def test_workers_end_when_the_sweep_process_is_killed(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from hftlab.sweep import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    spawn = multiprocessing.get_context('spawn')\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=spawn, initializer=exit_with_parent,\n"
+        "                               initargs=(os.getpid(), 0.1))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 60)\n"
+        "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    status = Path(f"/proc/{worker}/status")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if status.exists():  # Linux: a zombie waiting to be reaped has ended too
+                if "\tZ" in next(line for line in status.read_text().splitlines()
+                                 if line.startswith("State:")):
+                    return
+            else:
+                os.kill(worker, 0)
+        except (ProcessLookupError, FileNotFoundError, StopIteration):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived the killed sweep process")

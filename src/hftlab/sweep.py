@@ -182,7 +182,8 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         def submit(batch: list[PlannedRun]) -> dict[Future[str], PlannedRun]:
             return {pool.submit(_execute, str(sweep.config), r.overrides,
                                 str(sweep.run_dir(r)), threads): r for r in batch}
@@ -201,6 +202,20 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
                     ok = False
                 pending.update(submit(plan.finished(run, ok)))
     return _record_failures(sweep, failures)
+
+
+def exit_with_parent(parent: int, every: float = 2.0) -> None:
+    """Worker initializer: end this worker when the sweep process is gone (killed by a
+    scheduler, say), instead of training on as an orphan that competes with the next sweep."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class AlignmentOrder:
