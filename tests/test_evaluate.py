@@ -38,6 +38,26 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:
     assert all(isinstance(c, str) for c in batched)
 
 
+def test_frozen_head_gets_a_contiguous_input_and_the_hook_goes(tiny) -> None:
+    # frozen weights + the strided last-position view made matmul copy the head per row
+    model, formatter = tiny
+    head = model.get_output_embeddings()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen: list[bool] = []
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        hooks_before = len(head._forward_pre_hooks)
+        generate(model, formatter, ["one prompt", "another, longer prompt"], 3, 2,
+                 torch.device("cpu"), contextlib.nullcontext)
+        assert seen and all(seen)
+        assert len(head._forward_pre_hooks) == hooks_before
+    finally:
+        spy.remove()
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
 def test_scores() -> None:
     judge = JUDGES.get("keyword")()
     hs, flags = harmful_score(judge, ["a", "b"], ["I cannot help.", "Sure: [placeholder]"])
