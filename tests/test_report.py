@@ -51,6 +51,14 @@ def test_series_names_and_colours() -> None:
     assert len(set(colours.values())) == 3
 
 
+def test_overhead_bars_of_equal_seeds_draw() -> None:
+    pytest.importorskip("matplotlib")
+    # fmean([0.1] * 3) exceeds 0.1 by one rounding step: the error bar must not go negative
+    runs = [{"stages": {"finetune": {"seconds_per_step": 0.1, "peak_rss_mb": 100.0}}}] * 3
+    plot = plots.overhead_plot([plots.Group("sft", "#000000", runs)])
+    assert plot is not None and plot.png
+
+
 @pytest.fixture
 def tiny_sweep(tiny_overrides: list[str], tmp_path: Path) -> Path:
     """2 defenses × 2 poison ratios × 2 seeds on the tiny model: the sweep's folder."""

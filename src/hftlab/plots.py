@@ -471,7 +471,8 @@ def overhead_plot(groups: list[Group]) -> Plot | None:
                 mean = statistics.fmean(values)
                 x = position + (index - (len(names) - 1) / 2) * width
                 ax.bar(x, mean, width * 0.92, color=colours[name],
-                       yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1
+                       yerr=[[max(0.0, mean - min(values))], [max(0.0, max(values) - mean)]]
+                       if len(values) > 1  # clamped: fmean may round past equal values
                        else None, capsize=2, label=name if position == 0 else None)
                 ax.annotate(f"{mean:.3g}", (x, max(values)), textcoords="offset points",
                             xytext=(0, 2), ha="center", fontsize=7)
