@@ -200,3 +200,12 @@ def test_workers_end_when_the_sweep_process_is_killed(tmp_path) -> None:
         time.sleep(0.1)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError("the worker outlived the killed sweep process")
+
+
+def test_a_dead_worker_is_named_as_such() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hftlab.sweep import _describe
+
+    assert "fewer --workers" in _describe(BrokenProcessPool("terminated abruptly"))
+    assert _describe(ConfigError("bad key")) == "bad key"

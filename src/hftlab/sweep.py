@@ -31,6 +31,7 @@ import re
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,10 @@ class AlignmentOrder:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConfigError):
         return str(exc)
+    if isinstance(exc, BrokenProcessPool):
+        return ("a worker process died abruptly (killed by the OS, often for lack of memory: "
+                "each worker holds its own models), which stops the whole pool; rerun the "
+                "sweep to resume, with fewer --workers")
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
