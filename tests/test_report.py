@@ -79,6 +79,7 @@ def test_sweep_and_run_reports(tiny_sweep: Path, capsys, monkeypatch) -> None:
     assert main(["report", str(tiny_sweep)]) == 0
     printed = capsys.readouterr().out
     assert "8 of 8 planned runs finished" in printed and "Δ vs sft" in printed
+    assert re.search(r"Compute: \d+ min of stage time over 8 runs", printed)
     md = (tiny_sweep / "report.md").read_text()
     assert md.startswith("# hftlab sweep report") and "## Pareto front" in md
     assert "defense=safe_instr, poison_ratio=0.3" in md

@@ -334,6 +334,12 @@ def _status(folder: Path, records: list[Any]) -> list[str]:
                          + ", ".join(missing) + ".")
     else:
         lines.append(f"{len(records)} finished runs under this folder.")
+    seconds = [sum(float(stage.get("seconds") or 0.0)
+                   for stage in (r.metrics.get("stages") or {}).values()) for r in records]
+    if any(seconds):
+        lines.append(f"Compute: {sum(seconds) / 60:.0f} min of stage time over {len(records)} "
+                     f"runs ({statistics.fmean(seconds) / 60:.1f} min per run; a stage found in "
+                     "the cache counts only its lookup, so a shared alignment is not included).")
     failures = folder / "failures.json"
     if failures.exists():
         for failure in read_json(failures):
