@@ -209,3 +209,21 @@ def test_a_dead_worker_is_named_as_such() -> None:
 
     assert "fewer --workers" in _describe(BrokenProcessPool("terminated abruptly"))
     assert _describe(ConfigError("bad key")) == "bad key"
+
+
+def test_baseline_can_be_any_varying_setting(tmp_path) -> None:
+    for ratio, seed, hs in ((0.0, 0, 4.0), (0.0, 1, 6.0), (0.2, 0, 30.0), (0.2, 1, 34.0)):
+        run = tmp_path / f"p{ratio}-s{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"seed: {seed}\nfinetune: {{poison_ratio: {ratio}}}\n")
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": seed}))
+    rows = compare_rows(tmp_path, "poison_ratio=0.0")
+    assert [r["name"] for r in rows] == ["poison_ratio=0.0", "poison_ratio=0.2"]
+    diff = rows[1]["harmful_score.vs_poison_ratio=0.0"]
+    assert diff["diff"] == 27.0 and diff["test"] == "welch"
+    assert rows[0]["harmful_score.vs_poison_ratio=0.0"] is None
+    assert all(r["harmful_score.vs_sft"] is None for r in compare_rows(tmp_path))
+    with pytest.raises(ConfigError, match="not a setting that varies"):
+        compare_rows(tmp_path, "lr=0.1")

@@ -391,16 +391,32 @@ def group_cells(records: Iterable[RunRecord]) -> list[Cell]:
     return list(cells.values())
 
 
+def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
+    """``--baseline`` as (setting, value): a defense name (``sft``), or ``KEY=VALUE`` for any
+    setting that varies between cells (``poison_ratio=0.0``: the key may drop its section)."""
+    key, sep, text = baseline.partition("=")
+    if not sep:
+        return "defense", baseline
+    value = yaml.safe_load(text)
+    keys = {k for c in cells for k in c.label}
+    for candidate in sorted(keys):
+        if candidate == key or candidate.endswith(f".{key}"):
+            return candidate, value
+    raise ConfigError(f"--baseline {baseline}: '{key}' is not a setting that varies between "
+                      f"cells; choose one of {', '.join(sorted(keys)) or '(none vary)'}")
+
+
 def baseline_of(cell: Cell, cells: list[Cell], baseline: str) -> Cell | None:
-    """The cell with defense == ``baseline`` and every other varying setting equal."""
-    if cell.label.get("defense") == baseline:
+    """The baseline cell (see :func:`baseline_setting`) with every other varying setting
+    equal; None for a baseline cell itself."""
+    key, value = baseline_setting(cells, baseline)
+    ignore = {key, "defense_args"} if key == "defense" else {key}
+    if key in cell.label and cell.label[key] == value:
         return None
-    want = {k: v for k, v in cell.label.items() if k not in ("defense", "defense_args")}
+    want = {k: v for k, v in cell.label.items() if k not in ignore}
     for other in cells:
-        if other.label.get("defense") != baseline:
-            continue
-        if {k: v for k, v in other.label.items() if k not in ("defense", "defense_args")} \
-                == want:
+        if key in other.label and other.label[key] == value and \
+                {k: v for k, v in other.label.items() if k not in ignore} == want:
             return other
     return None
 
@@ -419,7 +435,8 @@ def compare_rows(folder: Path, baseline: str = "sft",
     records = collect_runs(folder)
     metrics = metrics or default_metrics(records)
     cells = group_cells(records)
-    cells.sort(key=lambda c: c.label.get("defense") != baseline)  # the baseline first
+    key, value = baseline_setting(cells, baseline)
+    cells.sort(key=lambda c: c.label.get(key) != value)  # the baseline first (a stable sort)
     rows = []
     for cell in cells:
         base = baseline_of(cell, cells, baseline)
