@@ -224,6 +224,9 @@ def test_baseline_can_be_any_varying_setting(tmp_path) -> None:
     diff = rows[1]["harmful_score.vs_poison_ratio=0.0"]
     assert diff["diff"] == 27.0 and diff["test"] == "welch"
     assert rows[0]["harmful_score.vs_poison_ratio=0.0"] is None
-    assert all(r["harmful_score.vs_sft"] is None for r in compare_rows(tmp_path))
+    # the default baseline of a sweep that varies only p: its lowest p
+    default = compare_rows(tmp_path)[1]["harmful_score.vs_finetune.poison_ratio=0.0"]
+    assert default == diff
+    assert "Δ vs finetune.poison_ratio=0.0" in compare_table(tmp_path)
     with pytest.raises(ConfigError, match="not a setting that varies"):
         compare_rows(tmp_path, "lr=0.1")

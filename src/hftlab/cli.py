@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="mean ± std over seeds per cell and each defense's difference to sft")
     compare.add_argument("folder", type=Path, help="a sweep folder or any folder of runs")
-    compare.add_argument("--baseline", default="sft",
+    compare.add_argument("--baseline", default=None,
                          help="the defense to compare against, or KEY=VALUE for any setting "
-                              "that varies (e.g. poison_ratio=0.0)")
+                              "that varies (e.g. poison_ratio=0.0); default: sft when the "
+                              "defense varies, else the lowest poison ratio when that varies")
     compare.add_argument("--metrics", nargs="*", default=None,
                          help="metrics.json keys or dotted paths into its blocks (default: "
                               "harmful_score finetune_accuracy, plus each attack eval variant's "

@@ -410,11 +410,18 @@ def _summary_text(summary: dict[str, Any] | None) -> str:
     return f"{summary['mean']:.1f}" + ("" if std is None else f" ± {std:.1f}")
 
 
-def write_sweep_report(folder: Path, records: list[Any], baseline: str = "sft") -> str:
-    from hftlab.sweep import compare_rows, compare_table, default_metrics, group_cells
+def write_sweep_report(folder: Path, records: list[Any], baseline: str | None = None) -> str:
+    from hftlab.sweep import (
+        compare_rows,
+        compare_table,
+        default_baseline,
+        default_metrics,
+        group_cells,
+    )
 
     cells = group_cells(records)
     metrics = default_metrics(records)
+    baseline = baseline or default_baseline(cells)
     rows = compare_rows(folder, baseline, metrics)
     compare_md = compare_table(folder, baseline, metrics)
     groups = plots.groups_from_cells(cells)

@@ -391,6 +391,19 @@ def group_cells(records: Iterable[RunRecord]) -> list[Cell]:
     return list(cells.values())
 
 
+def default_baseline(cells: list[Cell]) -> str:
+    """``sft`` when the defense varies between cells; else the lowest poison ratio when that
+    varies (the ratio sweep: each p against p = min); else ``sft``."""
+    keys = {k for c in cells for k in c.label}
+    if "defense" in keys:
+        return "sft"
+    for key in sorted(keys):
+        if key.endswith("poison_ratio"):
+            lowest = min(c.label[key] for c in cells if key in c.label)
+            return f"{key}={lowest}"
+    return "sft"
+
+
 def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
     """``--baseline`` as (setting, value): a defense name (``sft``), or ``KEY=VALUE`` for any
     setting that varies between cells (``poison_ratio=0.0``: the key may drop its section)."""
@@ -428,13 +441,14 @@ def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
     return compare(a, b, cell.n_prompts(metric), base.n_prompts(metric))
 
 
-def compare_rows(folder: Path, baseline: str = "sft",
+def compare_rows(folder: Path, baseline: str | None = None,
                  metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One row per cell: each metric's mean/std/CI over seeds and its difference to the
     baseline defense with the same other settings (default metrics: :func:`default_metrics`)."""
     records = collect_runs(folder)
     metrics = metrics or default_metrics(records)
     cells = group_cells(records)
+    baseline = baseline or default_baseline(cells)
     key, value = baseline_setting(cells, baseline)
     cells.sort(key=lambda c: c.label.get(key) != value)  # the baseline first (a stable sort)
     rows = []
@@ -453,10 +467,12 @@ def compare_rows(folder: Path, baseline: str = "sft",
     return rows
 
 
-def compare_table(folder: Path, baseline: str = "sft",
+def compare_table(folder: Path, baseline: str | None = None,
                   metrics: tuple[str, ...] | None = None) -> str:
     """The console / markdown table of :func:`compare_rows`."""
-    metrics = metrics or default_metrics(collect_runs(folder))
+    records = collect_runs(folder)
+    metrics = metrics or default_metrics(records)
+    baseline = baseline or default_baseline(group_cells(records))
     rows = compare_rows(folder, baseline, metrics)
     header = ["cell", "seeds"]
     for metric in metrics:
