@@ -37,6 +37,8 @@ def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
     completions = read_jsonl(run / "eval" / "completions.jsonl")
     assert len(completions) == 12 and {"prompt", "completion"} <= set(completions[0])
     assert metrics["n_eval_harmful"] == 6 and metrics["n_eval_task"] == 6
+    assert metrics["empty_harmful_completions"] == sum(
+        not r["completion"].strip() for r in completions if r["set"] == "harmful")
     assert 0 <= metrics["harmful_score"] <= 100 and 0 <= metrics["finetune_accuracy"] <= 100
     # curves at steps 0, 2, 4, each with the three losses
     assert [c["step"] for c in metrics["curves"]] == [0, 2, 4]

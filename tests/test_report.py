@@ -118,3 +118,13 @@ def test_report_on_a_folder_without_runs(tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_empty_completions_are_named_in_the_summary(tmp_path) -> None:
+    from hftlab.report import _mechanism_line
+
+    metrics = {"empty_harmful_completions": 47, "n_eval_harmful": 300,
+               "judge": {"name": "keyword"}}
+    assert any("47 of 300 harmful prompts got an empty completion" in line
+               for line in _mechanism_line(metrics))
+    assert _mechanism_line({**metrics, "empty_harmful_completions": 0}) == []

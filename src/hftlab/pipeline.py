@@ -411,6 +411,9 @@ def evaluate_model(
         "finetune_accuracy": round(fa, 2),
         "n_eval_harmful": len(harmful_prompts),
         "n_eval_task": len(task_prompts),
+        # a model that answers with nothing: most judges score these (the keyword judge as
+        # harmful: no refusal phrase), so the report says how many there are
+        "empty_harmful_completions": sum(not c.strip() for c in harmful_out),
         "generated_tokens": generated,
     }
     if harmless_prompts:

@@ -93,6 +93,11 @@ def _mechanism_line(metrics: dict[str, Any]) -> list[str]:
     drift = metrics.get("drift")
     if drift:
         lines.append(f"hidden-state drift (mean over layers): {drift['mean']:.3f}")
+    empty = metrics.get("empty_harmful_completions")
+    if empty:
+        lines.append(f"{empty} of {metrics['n_eval_harmful']} harmful prompts got an empty "
+                     f"completion, which the {metrics['judge']['name']} judge scored as it "
+                     "would any answer (see eval/completions.jsonl)")
     return lines
 
 
