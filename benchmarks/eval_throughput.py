@@ -30,7 +30,7 @@ from hftlab.config import ModelConfig
 from hftlab.context import resolve_precision
 from hftlab.data.loaders import load_examples
 from hftlab.data.spec import DataSpec
-from hftlab.evaluate import generate
+from hftlab.evaluate import generate, left_padded
 from hftlab.formatting import PromptFormatter
 from hftlab.model import load_model, load_tokenizer, resolve_model_path
 from hftlab.tasks import TASKS
@@ -76,12 +76,8 @@ def plain_generate(model: torch.nn.Module, formatter: PromptFormatter, prompts: 
     out = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+        ids, mask = left_padded([encoded[i] for i in chunk], pad)
+        width = ids.shape[1]
         with torch.no_grad(), autocast():
             result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     max_new_tokens=new_tokens, do_sample=False, num_beams=1,

@@ -53,13 +53,8 @@ def generate(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
+            input_ids, attention = left_padded([encoded[i] for i in chunk], pad_id)
+            width = input_ids.shape[1]
             with autocast():
                 output = model.generate(
                     input_ids=input_ids.to(device),
@@ -75,6 +70,17 @@ def generate(
         hook.remove()
         model.train(was_training)
     return completions
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to the longest row, and their attention mask."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention[row, width - len(ids) :] = 1
+    return input_ids, attention
 
 
 def contiguous_input(_: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
