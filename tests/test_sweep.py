@@ -124,6 +124,9 @@ def test_only_one_run_trains_each_uncached_alignment() -> None:
     assert order.finished(a1, ok=False) == [a2]  # a failed leader hands the alignment on
     assert order.finished(a2, ok=True) == [a3]
     assert order.finished(a3, ok=True) == [] and order.finished(c1, ok=True) == []
+    # a broken pool: whatever still waits is handed back (to be recorded as failed)
+    broken = AlignmentOrder([(a1, "A", False), (a2, "A", False), (a3, "A", False)])
+    assert broken.remaining() == [a2, a3] and broken.finished(a1, ok=False) == []
 
 
 def test_alignment_group_sees_the_cache(tiny_overrides, tmp_path) -> None:

@@ -190,6 +190,7 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
                                 str(sweep.run_dir(r)), threads): r for r in batch}
 
         pending = submit(plan.start())
+        broken = False
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -201,7 +202,11 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
                 except Exception as exc:
                     failures.append((run.name, _describe(exc)))
                     ok = False
-                pending.update(submit(plan.finished(run, ok)))
+                    if isinstance(exc, BrokenProcessPool):  # the pool takes no more work:
+                        broken = True  # the runs still waiting fail with it
+                        failures += [(r.name, _describe(exc)) for r in plan.remaining()]
+                if not broken:
+                    pending.update(submit(plan.finished(run, ok)))
     return _record_failures(sweep, failures)
 
 
@@ -237,6 +242,12 @@ class AlignmentOrder:
 
     def start(self) -> list[PlannedRun]:
         return self._ready
+
+    def remaining(self) -> list[PlannedRun]:
+        """Every run still waiting for a leader, removed from the plan."""
+        runs = [r for group in self._waiting.values() for r in group]
+        self._waiting.clear()
+        return runs
 
     def finished(self, run: PlannedRun, ok: bool) -> list[PlannedRun]:
         followers = self._waiting.pop(run.name, [])
