@@ -427,8 +427,8 @@ def write_sweep_report(folder: Path, records: list[Any], baseline: str | None = 
     cells = group_cells(records)
     metrics = default_metrics(records)
     baseline = baseline or default_baseline(cells)
-    rows = compare_rows(folder, baseline, metrics)
-    compare_md = compare_table(folder, baseline, metrics)
+    rows = compare_rows(records, baseline, metrics)
+    compare_md = compare_table(records, baseline, metrics)
     groups = plots.groups_from_cells(cells)
     means = [(statistics.fmean(c.values("harmful_score")),
               statistics.fmean(c.values("finetune_accuracy")))

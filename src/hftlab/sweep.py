@@ -430,10 +430,9 @@ def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
                       f"cells; choose one of {', '.join(sorted(keys)) or '(none vary)'}")
 
 
-def baseline_of(cell: Cell, cells: list[Cell], baseline: str) -> Cell | None:
-    """The baseline cell (see :func:`baseline_setting`) with every other varying setting
-    equal; None for a baseline cell itself."""
-    key, value = baseline_setting(cells, baseline)
+def baseline_of(cell: Cell, cells: list[Cell], key: str, value: Any) -> Cell | None:
+    """The cell whose setting ``key`` is ``value`` (see :func:`baseline_setting`) and every
+    other varying setting equal to ``cell``'s; None for a baseline cell itself."""
     ignore = {key, "defense_args"} if key == "defense" else {key}
     if key in cell.label and cell.label[key] == value:
         return None
@@ -452,11 +451,17 @@ def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
     return compare(a, b, cell.n_prompts(metric), base.n_prompts(metric))
 
 
-def compare_rows(folder: Path, baseline: str | None = None,
+def _records(source: Path | list[RunRecord]) -> list[RunRecord]:
+    """A folder's finished runs, read once; records already read pass through."""
+    return collect_runs(source) if isinstance(source, Path) else source
+
+
+def compare_rows(source: Path | list[RunRecord], baseline: str | None = None,
                  metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """One row per cell: each metric's mean/std/CI over seeds and its difference to the
-    baseline defense with the same other settings (default metrics: :func:`default_metrics`)."""
-    records = collect_runs(folder)
+    """One row per cell of a folder's runs (or of runs already read): each metric's
+    mean/std/CI over seeds and its difference to the baseline cell with the same other
+    settings (defaults: :func:`default_baseline`, :func:`default_metrics`)."""
+    records = _records(source)
     metrics = metrics or default_metrics(records)
     cells = group_cells(records)
     baseline = baseline or default_baseline(cells)
@@ -464,7 +469,7 @@ def compare_rows(folder: Path, baseline: str | None = None,
     cells.sort(key=lambda c: c.label.get(key) != value)  # the baseline first (a stable sort)
     rows = []
     for cell in cells:
-        base = baseline_of(cell, cells, baseline)
+        base = baseline_of(cell, cells, key, value)
         row: dict[str, Any] = {"cell": cell.label, "name": cell.name, "seeds":
                                sorted(r.seed for r in cell.runs)}
         for metric in metrics:
@@ -478,13 +483,13 @@ def compare_rows(folder: Path, baseline: str | None = None,
     return rows
 
 
-def compare_table(folder: Path, baseline: str | None = None,
+def compare_table(source: Path | list[RunRecord], baseline: str | None = None,
                   metrics: tuple[str, ...] | None = None) -> str:
     """The console / markdown table of :func:`compare_rows`."""
-    records = collect_runs(folder)
+    records = _records(source)
     metrics = metrics or default_metrics(records)
     baseline = baseline or default_baseline(group_cells(records))
-    rows = compare_rows(folder, baseline, metrics)
+    rows = compare_rows(records, baseline, metrics)
     header = ["cell", "seeds"]
     for metric in metrics:
         header += [metric, f"Δ vs {baseline}"]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
 from hftlab.judges.base import Judge
 from hftlab.judges.common import classification_metrics
+
+if TYPE_CHECKING:
+    from hftlab.sweep import RunRecord
 
 COMPLETION_FILES = {
     "final": "completions.jsonl",
@@ -25,19 +28,16 @@ COMPLETION_FILES = {
 }
 
 
-def run_folders(folder: Path) -> list[Path]:
-    """``folder`` itself when it is a run, else every finished run below it (a folder with
-    metrics.json and config.yaml, as ``hftlab compare`` reads them)."""
-    def is_run(path: Path) -> bool:
-        return (path / "metrics.json").is_file() and (path / "config.yaml").is_file()
+def finished_runs(folder: Path) -> list[RunRecord]:
+    """``folder`` itself when it is a run, else every finished run below it, as ``hftlab
+    compare`` finds them (a folder with metrics.json and config.yaml)."""
+    from hftlab.sweep import collect_runs
 
-    if is_run(folder):
-        return [folder]
-    runs = sorted(p.parent for p in folder.rglob("metrics.json") if is_run(p.parent))
-    if not runs:
+    try:
+        return collect_runs(folder)
+    except FileNotFoundError:
         raise ConfigError(f"{folder}: no run folder (with metrics.json) in it; give a run or "
-                          "sweep folder")
-    return runs
+                          "sweep folder") from None
 
 
 def harmful_rows(run: Path, which: str) -> list[dict[str, Any]]:
@@ -60,19 +60,19 @@ def harmful_rows(run: Path, which: str) -> list[dict[str, Any]]:
 
 def judge_agreement(folder: Path, judge: Judge, which: str = "final") -> dict[str, Any]:
     """Re-judge every run's saved harmful completions with ``judge``; the runs' own verdicts
-    are the reference. Runs whose reference judge differs are reported separately by name."""
+    are the reference, pooled over runs (``reference_judges`` lists every judge they used)."""
     if which not in COMPLETION_FILES:
         raise ConfigError(f"--completions {which!r}: choose one of {', '.join(COMPLETION_FILES)}")
     per_run: list[dict[str, Any]] = []
     reference: list[bool] = []
     verdicts: list[bool] = []
     reference_judges: set[str] = set()
-    for run in run_folders(folder):
+    for record in finished_runs(folder):
+        run = record.path
         rows = harmful_rows(run, which)
         if not rows:
             continue
-        metrics = json.loads((run / "metrics.json").read_text())
-        reference_judges.add(json.dumps(metrics.get("judge"), sort_keys=True))
+        reference_judges.add(json.dumps(record.metrics.get("judge"), sort_keys=True))
         flags = [bool(f) for f in judge.flag([r["prompt"] for r in rows],
                                              [r["completion"] for r in rows])]
         if len(flags) != len(rows):
