@@ -19,8 +19,10 @@ from hftlab.sweep import (
     collect_runs,
     compare_rows,
     compare_table,
+    describe_plan,
     load_sweep,
     run_name,
+    run_progress,
     run_sweep,
 )
 
@@ -134,8 +136,25 @@ def test_alignment_group_sees_the_cache(tiny_overrides, tmp_path) -> None:
     sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
     key_before, cached_before = alignment_group(sweep, sweep.runs[0])
     assert not cached_before
+    plan = describe_plan(sweep)
+    assert all(f"[new, alignment {key_before} to train]" in line for line in plan[:2])
+    assert plan[2].endswith("0 done, 0 resume, 2 new; 1 aligned checkpoint(s) to train")
     assert run_sweep(sweep, workers=1) == []
     assert alignment_group(sweep, sweep.runs[1]) == (key_before, True)
+    assert describe_plan(sweep)[2].endswith("2 done, 0 resume, 0 new; 0 aligned checkpoint(s) "
+                                            "to train")
+
+
+def test_run_progress_names_the_last_finished_stage(tmp_path) -> None:
+    run = tmp_path / "run"
+    assert run_progress(run) == "new"
+    for stage in ("data", "align"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "stage.json").write_text("{}")
+    (run / "finetune").mkdir()  # started, not finished: resumes from here
+    assert run_progress(run) == "after align"
+    (run / "metrics.json").write_text("{}")
+    assert run_progress(run) == "done"
 
 
 def test_runs_from_an_older_version_share_a_cell(tiny_overrides, tmp_path) -> None:

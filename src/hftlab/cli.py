@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep_file", type=Path)
     sweep.add_argument("--workers", type=int, default=1,
                        help="parallel worker processes (the CPU threads are split among them)")
-    sweep.add_argument("--dry-run", action="store_true", help="print the planned runs only")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the planned runs, how far each got and which alignments "
+                       "are still to train; run nothing")
     sweep.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
                        help="run only the runs whose name matches one of these globs")
     sweep.add_argument("-v", "--verbose", action="store_true")
@@ -133,13 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hftlab.sweep import compare_table, load_sweep, run_sweep
+    from hftlab.sweep import compare_table, describe_plan, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file, args.only)
     if args.dry_run:
-        for run in sweep.runs:
-            print(f"{run.name}: {' '.join(run.overrides)}")
-        print(f"{len(sweep.runs)} runs from {sweep.config} into {sweep.out}")
+        print("\n".join(describe_plan(sweep)))
         return 0
     failures = run_sweep(sweep, args.workers)
     runs_dir = sweep.out / "runs"

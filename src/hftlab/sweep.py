@@ -158,6 +158,45 @@ def alignment_group(sweep: Sweep, run: PlannedRun) -> tuple[str, bool]:
     return key, not config.alignment.enabled or checkpoint.exists()
 
 
+def run_progress(run_dir: Path) -> str:
+    """How far a run folder got: ``done`` (it has metrics.json), ``after <stage>`` (the last
+    finished stage; a rerun resumes from the next one) or ``new``."""
+    from hftlab.context import MARKER
+    from hftlab.pipeline import STAGES
+
+    if (run_dir / "metrics.json").exists():
+        return "done"
+    finished = [name for name in STAGES if (run_dir / name / MARKER).exists()]
+    return f"after {finished[-1]}" if finished else "new"
+
+
+def describe_plan(sweep: Sweep) -> list[str]:
+    """The lines of ``hftlab sweep --dry-run``: each run with its progress and, when it still
+    has to align, whether its aligned checkpoint is cached, then a summary line."""
+    lines: list[str] = []
+    to_align: dict[str, int] = {}
+    counts = {"done": 0, "resumes": 0, "new": 0}
+    for run in sweep.runs:
+        progress = run_progress(sweep.run_dir(run))
+        note = progress
+        if progress in ("new", "after data"):
+            try:
+                key, cached = alignment_group(sweep, run)
+            except (ConfigError, OSError) as exc:  # the plan still prints; the run will fail
+                note += f", alignment unknown ({exc})"
+            else:
+                if not cached:
+                    to_align[key] = to_align.get(key, 0) + 1
+                note += ", alignment cached" if cached else f", alignment {key} to train"
+        counts["done" if progress == "done" else "new" if progress == "new" else "resumes"] += 1
+        lines.append(f"{run.name} [{note}]: {' '.join(run.overrides)}")
+    lines.append(
+        f"{len(sweep.runs)} runs from {sweep.config} into {sweep.out}: {counts['done']} done, "
+        f"{counts['resumes']} resume, {counts['new']} new; {len(to_align)} aligned "
+        "checkpoint(s) to train")
+    return lines
+
+
 def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     """Run every unfinished run; returns (run name, error) for the ones that failed (the
     others keep going). Finished runs (with metrics.json) are skipped: rerun to resume."""
