@@ -252,3 +252,16 @@ def test_baseline_can_be_any_varying_setting(tmp_path) -> None:
     assert "Δ vs finetune.poison_ratio=0.0" in compare_table(tmp_path)
     with pytest.raises(ConfigError, match="not a setting that varies"):
         compare_rows(tmp_path, "lr=0.1")
+
+
+def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
+    for name, defense, args in (("sft", "sft", {}), ("lisa", "lisa", {"alignment_step": 3})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": 0, "defense": defense, "defense_args": args}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": 10.0, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": 0}))
+    names = [r["name"] for r in compare_rows(tmp_path)]
+    assert names == ["defense=sft", "defense=lisa, defense_args={alignment_step: 3}"]

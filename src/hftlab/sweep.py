@@ -410,7 +410,10 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in self.label.items())
+        """``defense=lisa, defense_args={...}``; empty option mappings (``defense_args={}``
+        beside a cell that sets some) are left out of the name, not out of the label."""
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in self.label.items()
+                         if v != {})
 
 
 def _short(value: Any) -> str:
