@@ -174,7 +174,7 @@ def describe_plan(sweep: Sweep) -> list[str]:
     """The lines of ``hftlab sweep --dry-run``: each run with its progress and, when it still
     has to align, whether its aligned checkpoint is cached, then a summary line."""
     lines: list[str] = []
-    to_align: dict[str, int] = {}
+    to_align: set[str] = set()
     counts = {"done": 0, "resumes": 0, "new": 0}
     for run in sweep.runs:
         progress = run_progress(sweep.run_dir(run))
@@ -186,7 +186,7 @@ def describe_plan(sweep: Sweep) -> list[str]:
                 note += f", alignment unknown ({exc})"
             else:
                 if not cached:
-                    to_align[key] = to_align.get(key, 0) + 1
+                    to_align.add(key)
                 note += ", alignment cached" if cached else f", alignment {key} to train"
         counts["done" if progress == "done" else "new" if progress == "new" else "resumes"] += 1
         lines.append(f"{run.name} [{note}]: {' '.join(run.overrides)}")
