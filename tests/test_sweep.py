@@ -12,6 +12,7 @@ import yaml
 
 from hftlab.cli import main
 from hftlab.config import ConfigError
+from hftlab.context import MARKER
 from hftlab.sweep import (
     AlignmentOrder,
     PlannedRun,
@@ -150,7 +151,7 @@ def test_run_progress_names_the_last_finished_stage(tmp_path) -> None:
     assert run_progress(run) == "new"
     for stage in ("data", "align"):
         (run / stage).mkdir(parents=True)
-        (run / stage / "stage.json").write_text("{}")
+        (run / stage / MARKER).write_text("{}")
     (run / "finetune").mkdir()  # started, not finished: resumes from here
     assert run_progress(run) == "after align"
     (run / "metrics.json").write_text("{}")
