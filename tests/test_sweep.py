@@ -266,3 +266,27 @@ def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
             "n_eval_task": 872, "seed": 0}))
     names = [r["name"] for r in compare_rows(tmp_path)]
     assert names == ["defense=sft", "defense=lisa, defense_args={alignment_step: 3}"]
+
+
+def test_export_keeps_records_and_leaves_outputs_behind(tmp_path, capsys) -> None:
+    runs = tmp_path / "runs"
+    for seed, hs in ((0, 10.0), (1, 14.0)):
+        run = runs / f"defense-sft_seed-{seed}"
+        (run / "eval").mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "defense": "sft"}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": seed}))
+        (run / "eval" / "completions.jsonl").write_text('{"completion": "x"}\n')
+        (run / "adapter_model.safetensors").write_bytes(b"weights")
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "config.yaml").write_text("seed: 2\n")
+    out = tmp_path / "records"
+    assert main(["export", str(runs), "--out", str(out)]) == 0
+    assert "exported 2 run record(s)" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "defense-sft_seed-0/config.yaml", "defense-sft_seed-0/metrics.json",
+        "defense-sft_seed-1/config.yaml", "defense-sft_seed-1/metrics.json"]
+    assert compare_table(out) == compare_table(runs)
+    assert main(["export", str(runs), "--out", str(runs / "records")]) == 2
+    assert "lies inside" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``, ``judge``."""
+"""Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``, ``export``,
+``judge``."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="metrics.json keys or dotted paths into its blocks (default: "
                               "harmful_score finetune_accuracy, plus each attack eval variant's "
                               "harmful score)")
+    export = sub.add_parser(
+        "export", help="copy the finished runs' records (metrics.json, config.yaml; no "
+        "checkpoints, no completions) into a folder small enough to commit")
+    export.add_argument("folder", type=Path, help="a run folder, a sweep folder or any folder "
+                        "with finished runs below it")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write")
     add_judge_parser(sub)
     return parser
 
@@ -113,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "export":
+            from hftlab.sweep import export_records
+
+            written = export_records(args.folder, args.out)
+            print(f"exported {len(written)} run record(s) to {args.out}; "
+                  f"`hftlab compare {args.out}` reprints their table")
+            return 0
         if args.command == "judge":
             return cmd_judge(args)
         return cmd_list()

@@ -366,6 +366,27 @@ def collect_runs(folder: Path) -> list[RunRecord]:
     return records
 
 
+RECORD_FILES = ("metrics.json", "config.yaml")
+
+
+def export_records(source: Path, out: Path) -> list[Path]:
+    """Copy each finished run's record (metrics.json and config.yaml: scores, curves, drift,
+    timings, the resolved config) from ``source`` into ``out``, keeping the folder layout.
+    Checkpoints and completions stay behind, so the records are small enough to commit and
+    carry no model outputs; ``hftlab compare`` and ``hftlab report`` work on them as on runs."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ConfigError(f"export folder {out} lies inside {source}: a later export would "
+                          "collect its own records again; choose a folder outside it")
+    written = []
+    for record in collect_runs(source):
+        target = out / record.path.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            (target / name).write_bytes((record.path / name).read_bytes())
+        written.append(target)
+    return written
+
+
 def metric_value(metrics: dict[str, Any], name: str) -> Any:
     """A metrics.json value by name: a top-level key (``aligned.harmful_score``) or a dotted
     path into a nested block (``attack_eval.triggered.harmful_score``); None when absent."""
