@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "hftlab"))
     parser.add_argument("--ablate", action="store_true", help="also time each speed-up alone")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="hftlab's compute precision (auto: bf16 where the CPU has it "
+                        "natively); bf16 on a CPU without AVX512-BF16/AMX times emulated bf16")
     return parser.parse_args()
 
 
@@ -190,7 +193,7 @@ def main() -> None:
     needed = args.steps * args.batch_size
     items = (items * math.ceil(needed / len(items)))[:needed]  # one pass, no epoch boundary
     train = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size)
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     pad_id = tokenizer.pad_token_id
     print(f"model {args.model} · {args.steps} steps × batch {args.batch_size} · "
           f"LoRA r={train.lora.r} on {len(train.lora.target_modules)} modules · "

@@ -290,3 +290,18 @@ def test_export_keeps_records_and_leaves_outputs_behind(tmp_path, capsys) -> Non
     assert compare_table(out) == compare_table(runs)
     assert main(["export", str(runs), "--out", str(runs / "records")]) == 2
     assert "lies inside" in capsys.readouterr().err
+
+
+def test_runs_resolved_to_different_precisions_are_separate_cells(tmp_path) -> None:
+    # `model.precision: auto` in both configs; one machine had bf16, the other did not
+    for name, precision, hs in (("a", "bf16", 17.7), ("b", "bf16", 14.0), ("c", "fp32", 35.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": ord(name), "defense": "sft", "model": {"precision": "auto"}}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": ord(name), "precision": precision}))
+    rows = compare_rows(tmp_path)
+    assert [r["name"] for r in rows] == ["precision=bf16", "precision=fp32"]
+    assert [len(r["seeds"]) for r in rows] == [2, 1]

@@ -62,6 +62,7 @@ def _headline(metrics: dict[str, Any]) -> str:
         f"task {metrics['task']} · attack {attack['attack']} "
         f"({attack['n_harmful']}/{attack['n']} harmful rows) · defense {metrics['defense']} · "
         f"judge {metrics['judge']['name']} · seed {metrics['seed']}"
+        + (f" · {metrics['precision']}" if metrics.get("precision") else "")
     )
 
 
@@ -293,7 +294,7 @@ def _run_html(run_dir: Path, metrics: dict[str, Any], drawn: list[plots.Plot],
     body = [
         f"<h1>hftlab run report: {_esc(run_dir.name)}</h1>",
         f'<p class="meta">{_esc(_headline(metrics))} · model {_esc(metrics.get("model"))} · '
-        f'{_esc(metrics.get("device"))} {_esc(metrics.get("precision"))}</p>',
+        f'{_esc(metrics.get("device"))}</p>',
         "<h2>Scores</h2>", html_table(headers, rows),
         f'<p class="note">{_prose(HARMFUL_SCORE_TEXT.format(judge=metrics["judge"]["name"]))} '
         "The interval on the final row is the Wilson 95% interval over the prompts.</p>",

@@ -360,7 +360,12 @@ def collect_runs(folder: Path) -> list[RunRecord]:
         if not config.is_file():
             continue
         settings = flatten(yaml.safe_load(current_config_text(config)) or {})
-        records.append(RunRecord(path.parent, settings, read_json(path)))
+        metrics = read_json(path)
+        if metrics.get("precision"):
+            # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and
+            # bf16 and fp32 training give different models: never pool them into one cell
+            settings["model.precision"] = metrics["precision"]
+        records.append(RunRecord(path.parent, settings, metrics))
     if not records:
         raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
     return records
