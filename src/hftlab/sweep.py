@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -387,7 +388,7 @@ def export_records(source: Path, out: Path) -> list[Path]:
         target = out / record.path.relative_to(source)
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORD_FILES:
-            (target / name).write_bytes((record.path / name).read_bytes())
+            shutil.copyfile(record.path / name, target / name)
         written.append(target)
     return written
 
