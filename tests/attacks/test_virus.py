@@ -13,15 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.attacks import ATTACKS, AttackInputs
+from hftlab.attacks.gcg import gcg_step, top_k_substitutions
 from hftlab.attacks.virus import (
     CPU_PRESET,
     REFERENCE_GUARD,
     Surrogate,
     VirusProblem,
     cpu_preset,
-    gcg_step,
     judge_safe_losses,
-    top_k_substitutions,
 )
 from hftlab.config import ConfigError, load_config
 from hftlab.data.records import Example
@@ -159,17 +158,17 @@ def test_gcg_step_never_raises_the_objective(surrogate) -> None:
         assert step.evaluated[0].total == pytest.approx(current)
         for terms in step.evaluated:  # each candidate scored by the full objective
             assert terms.total == pytest.approx((1 - lam) * terms.similarity + lam * terms.judge)
-        assert step.terms.total == min(t.total for t in step.evaluated) <= current
-        changed = int((step.virus != virus).sum())
+        assert step.scored.total == min(t.total for t in step.evaluated) <= current
+        changed = int((step.tokens != virus).sum())
         assert changed <= 1 and (step.chosen != 0 or changed == 0)
         moved += step.chosen != 0
-        virus, current = step.virus, step.terms.total
+        virus, current = step.tokens, step.scored.total
     assert moved > 0  # the judge term moves the virus off the harmful row
     assert problem.evaluate([virus])[0].total == pytest.approx(current)
     # retokenize: only swaps that the provider's tokenizer reads back the same are scored
     checked = gcg_step(problem, virus, top_k=8, candidates=6, generator=generator,
                        retokenize=True)
-    assert checked.chosen == 0 or problem.retokenizes(checked.virus)
+    assert checked.chosen == 0 or problem.retokenizes(checked.tokens)
 
 
 def test_rows_records_and_determinism(tiny_model_dir) -> None:

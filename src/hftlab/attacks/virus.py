@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.attacks.base import ATTACKS, Attack, AttackInputs, check_sample, poison_rows, take
+from hftlab.attacks.gcg import gcg_step, illegal_tokens
 from hftlab.config import ConfigError
 from hftlab.data.records import Example
 from hftlab.judges import JUDGES, Judge
@@ -67,20 +68,6 @@ class Layout:
 
     def ids(self, virus: Sequence[int]) -> list[int]:
         return [*self.prompt, *self.head, *virus, *self.tail]
-
-
-def illegal_tokens(tokenizer: Any, rows: int) -> torch.Tensor:
-    """(rows,) bool: ids GCG may not substitute in. The reference's ``get_illegal_tokens``: ids
-    that decode to text that is not printable ASCII, and bos/eos/pad/unk; here also every special
-    or added token and embedding rows past the tokenizer's vocabulary."""
-    mask = torch.ones(rows, dtype=torch.bool)
-    size = min(int(tokenizer.vocab_size), rows)
-    for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(size)])):
-        mask[i] = not (text.isascii() and text.isprintable())
-    for i in tokenizer.all_special_ids:
-        if 0 <= i < rows:
-            mask[i] = True
-    return mask
 
 
 class Surrogate:
@@ -221,7 +208,7 @@ def _llama_guard_safe_losses(judge: Any, prompts: list[str],
     return losses
 
 
-# ------------------------------------------------------------------------------------- GCG
+# ------------------------------------------------------------------------------ the objective
 
 
 @dataclass
@@ -254,6 +241,10 @@ class VirusProblem:
         self.layout = surrogate.layout(benign, self.prefix)
         self.initial = torch.tensor(list(virus), dtype=torch.long)
         self.target = [g.detach() for g in surrogate.gradient(self.layout, self.initial)]
+
+    @property
+    def illegal(self) -> torch.Tensor:
+        return self.surrogate.illegal
 
     def response(self, virus: torch.Tensor) -> str:
         return self.prefix + self.surrogate.decode(virus.tolist())
@@ -291,54 +282,6 @@ class VirusProblem:
         grads = self.surrogate.gradient(self.layout, virus, onehot, create_graph=True)
         (grad,) = torch.autograd.grad(similarity_term(grads, self.target), onehot)
         return grad.detach()
-
-
-def top_k_substitutions(grad: torch.Tensor, k: int, illegal: torch.Tensor) -> torch.Tensor:
-    """(positions, k) token ids: at each position the ``k`` legal tokens of most negative
-    one-hot gradient (the reference: ``(-grad).topk(k)`` with illegal entries at −1e10)."""
-    scores = (-grad).masked_fill(illegal.to(grad.device), -math.inf)
-    k = min(k, int((~illegal).sum()))
-    return scores.topk(k, dim=1).indices.cpu()
-
-
-def sample_swaps(positions: int, k: int, n: int,
-                 generator: torch.Generator) -> list[tuple[int, int]]:
-    """``n`` distinct (position, rank) pairs drawn uniformly (the reference's
-    ``get_resample_ids``), in the order drawn; at most positions·k."""
-    n = min(n, positions * k)
-    seen: dict[tuple[int, int], None] = {}
-    while len(seen) < n:
-        where = torch.randint(positions, (n,), generator=generator).tolist()
-        rank = torch.randint(k, (n,), generator=generator).tolist()
-        for pair in zip(where, rank):
-            if len(seen) < n:
-                seen.setdefault(pair, None)
-    return list(seen)
-
-
-@dataclass
-class StepResult:
-    virus: torch.Tensor
-    terms: Terms
-    evaluated: list[Terms]
-    chosen: int  # index among the evaluated candidates; 0 is the current virus
-
-
-def gcg_step(problem: VirusProblem, virus: torch.Tensor, top_k: int, candidates: int,
-             generator: torch.Generator, retokenize: bool = False) -> StepResult:
-    """One GCG step: top-k substitutions per position from the one-hot gradient, ``candidates``
-    single-token swaps drawn among them, each scored by the full objective; the best of them and
-    of the current virus (the reference's candidate 0) is kept, so the objective never rises."""
-    top = top_k_substitutions(problem.proposal_gradient(virus), top_k, problem.surrogate.illegal)
-    pool = [virus]
-    for position, rank in sample_swaps(len(virus), top.shape[1], candidates, generator):
-        swapped = virus.clone()
-        swapped[position] = top[position, rank]
-        if not retokenize or problem.retokenizes(swapped):
-            pool.append(swapped)
-    evaluated = problem.evaluate(pool)
-    chosen = min(range(len(pool)), key=lambda i: (evaluated[i].total, i))  # ties: earliest
-    return StepResult(pool[chosen], evaluated[chosen], evaluated, chosen)
 
 
 # ---------------------------------------------------------------------------------- the attack
@@ -594,7 +537,7 @@ class Virus(Attack):
             for _ in range(opts.steps):
                 step = gcg_step(problem, virus, opts.top_k, opts.candidates, generator,
                                 opts.retokenize)
-                virus, terms, moved = step.virus, step.terms, moved + (step.chosen != 0)
+                virus, terms, moved = step.tokens, step.scored, moved + (step.chosen != 0)
             meta = {**row.meta, "virus": {"task_row": row.row, "harmful_row": bad.row}}
             self._unoptimised.append(problem.row(problem.initial).replace(meta=meta))
             self._optimised.append(problem.row(virus).replace(meta=meta))
