@@ -68,7 +68,7 @@ def test_step_takes_the_best_single_swap_by_hand() -> None:
     start = torch.tensor([0, 0, 0])
     # top-1 per position: 2 (−5), 1 (−2), 1 (−1); all 3 swaps drawn (3 positions × 1 rank)
     step = gcg_step(problem, start, top_k=1, candidates=10, generator=torch.Generator())
-    assert [s.total for s in step.evaluated][0] == 0.0
+    assert step.evaluated[0].total == 0.0
     assert sorted(s.total for s in step.evaluated[1:]) == [-5.0, -2.0, -1.0]
     assert step.tokens.tolist() == [2, 0, 0] and step.scored.total == -5.0
     again = gcg_step(problem, step.tokens, top_k=1, candidates=10, generator=torch.Generator())
