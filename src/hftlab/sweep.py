@@ -223,8 +223,10 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
+    # one fresh process per run: a worker's freed memory is not returned to the OS, so a
+    # reused worker would carry one run's peak into the next (and into its recorded peak RSS)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(),), max_tasks_per_child=1) as pool:
         def submit(batch: list[PlannedRun]) -> dict[Future[str], PlannedRun]:
             return {pool.submit(_execute, str(sweep.config), r.overrides,
                                 str(sweep.run_dir(r)), threads): r for r in batch}
