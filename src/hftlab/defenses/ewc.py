@@ -59,11 +59,14 @@ Departures from the reference, and why:
 
 Returned per micro-batch: ``loss`` is the cross-entropy (comparable with the other defenses) and
 ``ewc_penalty`` the value λ·Σ F (w − w_init)² before the step. Cost: one forward-backward per
-Fisher batch at setup; then plain SFT plus the penalty's elementwise work.
+Fisher batch at setup (space ``weights`` adds one (d_out × tokens)·(tokens × d_in) product per
+adapted layer and batch), recorded as ``fisher_seconds`` in the stage's
+report; then plain SFT plus the penalty's elementwise work.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,6 +250,7 @@ class EWC(Defense):
         if stage != FINETUNE:
             return
         items, size = self.fisher_items(trainer)
+        started = time.perf_counter()
 
         def batches() -> Iterator[Batch]:
             for start in range(0, len(items), size):
@@ -274,6 +278,8 @@ class EWC(Defense):
             "fisher_rows": len(items),
             "fisher_batches": -(-len(items) // size),
             "fisher_sum": float(f"{sum(float(f.sum()) for f in self.fisher):.6g}"),
+            # the setup pass is outside the optimizer steps, so seconds_per_step omits it
+            "fisher_seconds": round(time.perf_counter() - started, 1),
         }
         self.trace = []
 
