@@ -60,8 +60,8 @@ Departures from the reference, and why:
 Returned per micro-batch: ``loss`` is the cross-entropy (comparable with the other defenses) and
 ``ewc_penalty`` the value λ·Σ F (w − w_init)² before the step. Cost: one forward-backward per
 Fisher batch at setup (space ``weights`` adds one (d_out × tokens)·(tokens × d_in) product per
-adapted layer and batch), recorded as ``fisher_seconds`` in the stage's
-report; then plain SFT plus the penalty's elementwise work.
+adapted layer and batch), recorded as ``fisher_seconds`` in the stage's report; then plain SFT
+plus the penalty's elementwise work.
 """
 
 from __future__ import annotations
