@@ -81,12 +81,11 @@ def test_trainable_fisher_matches_squared_batch_gradients(tiny_lora) -> None:
     for name, got in zip(names, defense.fisher):
         assert torch.allclose(got, expected[name], atol=1e-10, rtol=1e-4), name
     assert all(p.grad is None for p in tiny_lora.parameters())  # the Fisher pass leaves no .grad
+    assert defense.fisher_info.pop("fisher_seconds") >= 0
     assert defense.fisher_info == {
         "space": "trainable", "fisher_rows": 5, "fisher_batches": 2,
         "fisher_sum": pytest.approx(sum(float(f.sum()) for f in expected.values()), rel=1e-4),
-        "fisher_seconds": defense.fisher_info["fisher_seconds"],
     }
-    assert defense.fisher_info["fisher_seconds"] >= 0
 
 
 def test_fresh_adapter_has_zero_fisher_for_lora_a(tiny_model_dir) -> None:
