@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -223,10 +224,12 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    # one fresh process per run: a worker's freed memory is not returned to the OS, so a
-    # reused worker would carry one run's peak into the next (and into its recorded peak RSS)
+    # One fresh process per run: a run's recorded peak memory is its process's lifetime peak
+    # (ru_maxrss), so a reused worker would pass one run's peak on to the next. Python 3.10's
+    # pool cannot recycle workers; there the peaks carry over.
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent,
-                             initargs=(os.getpid(),), max_tasks_per_child=1) as pool:
+                             initargs=(os.getpid(),), **fresh) as pool:
         def submit(batch: list[PlannedRun]) -> dict[Future[str], PlannedRun]:
             return {pool.submit(_execute, str(sweep.config), r.overrides,
                                 str(sweep.run_dir(r)), threads): r for r in batch}
