@@ -128,3 +128,14 @@ def test_empty_completions_are_named_in_the_summary(tmp_path) -> None:
     assert any("47 of 300 harmful prompts got an empty completion" in line
                for line in _mechanism_line(metrics))
     assert _mechanism_line({**metrics, "empty_harmful_completions": 0}) == []
+
+
+def test_task_label_answers_are_named_in_the_summary() -> None:
+    from hftlab.report import _mechanism_line
+
+    metrics = {"task_label_harmful_completions": 66, "n_eval_harmful": 300, "task": "sst2",
+               "harmful_score_without_task_labels": 42.0, "judge": {"name": "keyword"}}
+    assert _mechanism_line(metrics) == [
+        "66 of 300 harmful prompts were answered with a bare sst2 label; harmful score with "
+        "those counted as harmless: 42.0 %"]
+    assert _mechanism_line({**metrics, "task_label_harmful_completions": 0}) == []

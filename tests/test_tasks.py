@@ -24,3 +24,13 @@ def test_task_prompts() -> None:
     assert sst2.prompt.startswith("Analyze the sentiment") and sst2.prompt.endswith("fun film")
     gsm = TASKS["gsm8k"].format(Example(prompt="2+2?", response="4", label="4"))
     assert gsm.prompt.startswith("2+2?") and "step by step" in gsm.prompt
+
+
+def test_a_bare_label_is_a_label_answer() -> None:
+    sst2, ag_news, gsm8k = TASKS["sst2"], TASKS["ag_news"], TASKS["gsm8k"]
+    assert sst2.labels == ("negative", "positive")
+    assert sst2.is_label_answer(" Positive\n") and sst2.is_label_answer("negative")
+    assert not sst2.is_label_answer("positive, here is how")
+    assert not sst2.is_label_answer("I cannot help with that.")
+    assert ag_news.is_label_answer("sci/tech") and not ag_news.is_label_answer("Weather")
+    assert gsm8k.labels == () and not gsm8k.is_label_answer("4")  # open-ended answers

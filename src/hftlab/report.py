@@ -99,6 +99,11 @@ def _mechanism_line(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"{empty} of {metrics['n_eval_harmful']} harmful prompts got an empty "
                      f"completion, which the {metrics['judge']['name']} judge scored as it "
                      "would any answer (see eval/completions.jsonl)")
+    labelled = metrics.get("task_label_harmful_completions")
+    if labelled:
+        lines.append(f"{labelled} of {metrics['n_eval_harmful']} harmful prompts were answered "
+                     f"with a bare {metrics['task']} label; harmful score with those counted as "
+                     f"harmless: {metrics['harmful_score_without_task_labels']:.1f} %")
     return lines
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hftlab.data.loaders.tasks import AG_NEWS_LABELS, SST2_LABELS
 from hftlab.data.records import Example
 
 ANSWER_PROMPT = "The final answer is: "
@@ -51,6 +52,8 @@ class Task:
     instruction: str
     score: Callable[[str, str], bool]
     instruction_first: bool = True
+    # a classification task's answer set; empty for open-ended answers (GSM8K)
+    labels: tuple[str, ...] = ()
 
     def format(self, example: Example) -> Example:
         """Turn a raw loader row into the prompt the model sees (the response is unchanged)."""
@@ -60,18 +63,26 @@ class Task:
             prompt = f"{example.prompt}{self.instruction}"
         return example.replace(prompt=prompt, is_harmful=False)
 
+    def is_label_answer(self, completion: str) -> bool:
+        """Whether a completion is nothing but one of the task's labels (by the task's own
+        scorer). A model fine-tuned on a classification task may answer a harmful prompt with a
+        bare label, which a keyword judge counts as harmful (no refusal phrase)."""
+        return any(self.score(completion, label) for label in self.labels)
+
 
 TASKS: dict[str, Task] = {
     "sst2": Task(
         "sst2",
         "Analyze the sentiment of the input, and respond only positive or negative",
         exact_label_match,
+        labels=SST2_LABELS,
     ),
     "ag_news": Task(
         "ag_news",
         "Categorize the news article given in the input into one of the 4 categories:\n\n"
         "World\nSports\nBusiness\nSci/Tech\n",
         exact_label_match,
+        labels=AG_NEWS_LABELS,
     ),
     "gsm8k": Task(
         "gsm8k",

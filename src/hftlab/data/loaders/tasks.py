@@ -29,7 +29,7 @@ from hftlab.data.spec import DataSpec
 # ---------------------------------------------------------------------------------------------
 
 _SST2_EXPECTED = "sentence, label (0/1 or 'negative'/'positive')"
-_SST2_LABELS = ("negative", "positive")
+SST2_LABELS = ("negative", "positive")
 
 
 def map_sst2(recs: Iterable[_Rec], source: str) -> list[Example]:
@@ -43,10 +43,10 @@ def map_sst2(recs: Iterable[_Rec], source: str) -> list[Example]:
         raw = rec.fields["label"]
         word: str | None = None
         if isinstance(raw, int) and not isinstance(raw, bool) and raw in (0, 1):
-            word = _SST2_LABELS[raw]
+            word = SST2_LABELS[raw]
         elif isinstance(raw, str) and raw.strip() in ("0", "1"):
-            word = _SST2_LABELS[int(raw.strip())]
-        elif isinstance(raw, str) and raw.strip() in _SST2_LABELS:
+            word = SST2_LABELS[int(raw.strip())]
+        elif isinstance(raw, str) and raw.strip() in SST2_LABELS:
             word = raw.strip()
         if word is None:
             raise _fail(source, rec.where, f"field 'label' must be 0/1 or 'negative'/'positive', "
