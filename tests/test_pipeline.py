@@ -102,6 +102,57 @@ def test_interrupted_run_resumes_to_the_same_metrics(
     assert comparable(resumed) == comparable(reference)
 
 
+def test_run_killed_mid_stage_resumes_from_its_checkpoint(
+    tiny_overrides, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hftlab.train import SFTTrainer
+
+    config = load_config(None, [*tiny_overrides, "checkpoint_every=1"])
+    run = tmp_path / "killed"
+    save = SFTTrainer.save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.stage == "finetune" and self.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SFTTrainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, run)
+    assert (run / "finetune" / "checkpoint" / "trainer.pt").is_file()
+    assert not (run / "finetune" / "stage.json").exists()
+    assert not (run / "align" / "checkpoint").exists()  # removed once the stage completed
+    monkeypatch.setattr(SFTTrainer, "save_checkpoint", save)
+    resumed = run_pipeline(config, run)
+    assert not (run / "finetune" / "checkpoint").exists()
+    finetune = json.loads((run / "finetune" / "stage.json").read_text())
+    assert finetune["steps"] == 4 and finetune["resumed_from_step"] == 2
+    # an uninterrupted run without checkpoints (own cache: nothing shared) gives the same run
+    plain = load_config(None, [*tiny_overrides, f"cache_dir={tmp_path / 'other-cache'}"])
+    reference = run_pipeline(plain, tmp_path / "reference")
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_checkpoint_every_is_not_part_of_the_run(tiny_overrides, tmp_path) -> None:
+    from hftlab.pipeline import guard_run_dir
+    from hftlab.sweep import collect_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    guard_run_dir(load_config(None, tiny_overrides), run, force=False)
+    guard_run_dir(load_config(None, [*tiny_overrides, "checkpoint_every=5"]), run, force=False)
+    assert "checkpoint_every: 5" in (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="different config"):
+        guard_run_dir(load_config(None, [*tiny_overrides, "seed=1"]), run, force=False)
+    (run / "metrics.json").write_text("{}")
+    assert "checkpoint_every" not in collect_runs(tmp_path)[0].settings
+
+
+def test_checkpoint_every_must_not_be_negative(tiny_overrides) -> None:
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        load_config(None, [*tiny_overrides, "checkpoint_every=-1"])
+
+
 def test_force_redoes_stages(tiny_config, tmp_path) -> None:
     run = tmp_path / "run"
     run_pipeline(tiny_config, run)

@@ -76,3 +76,59 @@ def test_schedules() -> None:
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-9 and cosine(10) == 0.0
     linear = lr_lambda("linear", warmup=0, total=4)
     assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def _dropout_trainer(model_dir, folder, max_steps: int = 5):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from hftlab.config import LoraConfig, TrainConfig
+    from hftlab.defenses import DEFENSES
+    from hftlab.model import attach_trainable
+    from hftlab.train import SFTTrainer
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(lr=1e-2, batch_size=3, max_steps=max_steps,
+                      lora=LoraConfig(r=4, alpha=8, dropout=0.3))
+    model = attach_trainable(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+    return SFTTrainer(model, cfg, Accelerator(cpu=True), 0, "finetune", DEFENSES.get("sft")(),
+                      seed=1, checkpoint_dir=folder, checkpoint_every=2)
+
+
+def _items() -> list[Tokenized]:
+    rng = random.Random(0)
+    return [Tokenized([rng.randrange(4, 200) for _ in range(rng.randrange(5, 10))], 2)
+            for _ in range(7)]
+
+
+def test_resume_restores_the_random_state_dropout_draws_from(tiny_model_dir, tmp_path) -> None:
+    straight = _dropout_trainer(tiny_model_dir, None)
+    expected = straight.train(_items())
+
+    def die_at_3(trainer, loss):
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _dropout_trainer(tiny_model_dir, tmp_path / "ckpt").train(_items(), on_step=die_at_3)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rng-0.pt", "trainer.pt"]
+    resumed = _dropout_trainer(tiny_model_dir, tmp_path / "ckpt")
+    got = resumed.train(_items())
+    assert resumed.resumed_from == 2 and got.losses == expected.losses
+    for (n, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_of_another_schedule_is_refused(tiny_model_dir, tmp_path) -> None:
+    from hftlab.config import ConfigError
+
+    _dropout_trainer(tiny_model_dir, tmp_path / "ckpt", max_steps=3).train(_items())
+    with pytest.raises(ConfigError, match=r"trainer\.pt.*total_steps 3 \(this run: 5\).*delete"):
+        _dropout_trainer(tiny_model_dir, tmp_path / "ckpt").train(_items())
+
+
+def test_no_checkpoint_folder_without_checkpoint_every(tiny_model_dir, tmp_path) -> None:
+    trainer = _dropout_trainer(tiny_model_dir, tmp_path / "ckpt")
+    trainer.checkpoint_every = 0
+    trainer.train(_items())
+    assert not (tmp_path / "ckpt").exists()

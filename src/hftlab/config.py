@@ -140,6 +140,9 @@ class Config:
     data_root: str | None = None  # where relative data paths are found; env HFTLAB_DATA_ROOT
     cache_dir: str | None = None  # converted models, aligned checkpoints; env HFTLAB_CACHE
     out_dir: str | None = None  # run folder; default runs/<config name>
+    # save a training stage's state every k optimizer steps; a rerun resumes it (0: never).
+    # In no cache key: a resumed stage reaches the same weights as an uninterrupted one.
+    checkpoint_every: int = 0
     defense: str | list[str] = "sft"  # a name, or several that act together
     defense_args: dict[str, Any] = field(default_factory=dict)  # keyed by name for several
     attack: str = "harmful_mix"
@@ -366,6 +369,8 @@ def validate(config: Config, where: str) -> None:
         fail("finetune.n", f"must be ≥ 1, got {ft.n}")
     if ft.task not in TASKS:
         fail("finetune.task", unknown_name_message("task", ft.task, list(TASKS)))
+    if config.checkpoint_every < 0:
+        fail("checkpoint_every", f"must be ≥ 0 (0: no checkpoints), got {config.checkpoint_every}")
     if config.mechanisms.every < 0:
         fail("mechanisms.every", "must be ≥ 0 (0 turns the curves off)")
     if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:

@@ -52,6 +52,14 @@ class MechanismTracker:
             self.record(trainer, sum(self._recent) / len(self._recent))
             self._recent = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The points so far, for a trainer checkpoint (a resumed stage keeps its curves)."""
+        return {"curves": [dict(p) for p in self.curves], "recent": list(self._recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curves = [dict(p) for p in state["curves"]]
+        self._recent = list(state["recent"])
+
     def finish(self, trainer: SFTTrainer) -> None:
         if not self.curves or self.curves[-1]["step"] != trainer.step:
             recent = sum(self._recent) / len(self._recent) if self._recent else None

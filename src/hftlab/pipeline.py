@@ -50,6 +50,7 @@ from hftlab.utils import (
 
 log = logging.getLogger(__name__)
 STAGES = ("data", "align", "finetune", "post_finetune", "eval")
+CHECKPOINTS = "checkpoint"  # a training stage's resumable state (config checkpoint_every)
 N_TRACK_TASK = 24  # benign user rows whose loss is tracked during fine-tuning
 ALPACA_EVAL_FILE = "alpaca_eval_outputs.json"  # eval.generations, for `alpaca_eval --model_outputs`
 
@@ -77,7 +78,8 @@ def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
     """A run folder holds one config: resuming with another is an error, unless forced."""
     path = run_dir / "config.yaml"
     text = dump_config(config)
-    if path.exists() and not force and path.read_text() != text and same_config(path) != text:
+    changed = path.exists() and path.read_text() != text
+    if changed and not force and not same_experiment(path, config):
         raise ConfigError(
             f"{run_dir} holds a run with a different config ({path}); "
             "use another --out, or --force to redo it with this config"
@@ -94,13 +96,16 @@ def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
     atomic_write_text(path, text)
 
 
-def same_config(path: Path) -> str | None:
-    """A saved config as this version writes it (settings added since then take their
-    defaults), so a run started by an older hftlab resumes; None if it no longer loads."""
+def same_experiment(path: Path, config: Config) -> bool:
+    """Whether a saved config describes the run ``config`` does, read as this version reads it
+    (settings added since then take their defaults, so a run started by an older hftlab resumes)
+    and whatever its ``checkpoint_every``: how often a stage saves is not part of the run."""
     try:
-        return dump_config(load_config(path))
+        saved = load_config(path)
     except ConfigError:
-        return None
+        return False
+    saved.checkpoint_every = config.checkpoint_every
+    return dump_config(saved) == dump_config(config)
 
 
 def run_stage(
@@ -129,6 +134,7 @@ def run_stage(
         info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if ctx.is_main:
         write_json(marker, info)  # written last: its presence means the stage is complete
+        shutil.rmtree(ctx.stage_dir(name) / CHECKPOINTS, ignore_errors=True)
     ctx.accelerator.wait_for_everyone()
     return info
 
@@ -181,6 +187,8 @@ def train_stage(
     trainer = SFTTrainer(
         model, train_cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, stage, ctx.defense, seed,
         precision=ctx.precision, context=ctx,
+        checkpoint_dir=ctx.stage_dir("align" if stage == ALIGNMENT else "finetune") / CHECKPOINTS,
+        checkpoint_every=ctx.config.checkpoint_every,
     )
     _, total = trainer.plan(len(items))
     if tracker is not None:
@@ -213,6 +221,7 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
         "seconds_per_step": round(result.seconds_per_step, 4),
         "train_tokens": result.tokens,
         "final_loss": result.losses[-1],
+        "resumed_from_step": trainer.resumed_from,  # 0: trained in one go
         "defense": ctx.defense.cache_key(ALIGNMENT),
         "defense_report": ctx.defense.report(ALIGNMENT),
     }
@@ -339,6 +348,7 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "seconds_per_step": round(result.seconds_per_step, 4),
         "final_loss": result.losses[-1],
+        "resumed_from_step": trainer.resumed_from,  # 0: trained in one go
         "tokens": result.tokens,
         "defense_report": ctx.defense.report(FINETUNE),
     }

@@ -366,6 +366,7 @@ def collect_runs(folder: Path) -> list[RunRecord]:
         if not config.is_file():
             continue
         settings = flatten(yaml.safe_load(current_config_text(config)) or {})
+        settings.pop("checkpoint_every", None)  # how often a stage saved: not an experiment
         metrics = read_json(path)
         if metrics.get("precision"):
             # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and

@@ -5,21 +5,30 @@ where the hardware has it, logits computed only at supervised positions (the LM 
 49k vocabulary dominates a small model's step), and length-grouped batches (little padding).
 Devices, mixed precision and multi-GPU data parallelism come from ``accelerate``: the same code
 runs here on a CPU and under ``accelerate launch`` on many GPUs.
+
+A stage can save a checkpoint every k optimizer steps (trainable weights, optimizer and schedule,
+the random generators, the defense's and the callback's state) and a rerun resumes from it to
+the same weights an uninterrupted run reaches: multi-hour alignment stages (RepNoise, TAR,
+Booster on a CPU; the reference step counts on a GPU) survive preemption and can be split
+across sessions.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hftlab.config import TrainConfig
+from hftlab.config import ConfigError, TrainConfig
 from hftlab.formatting import Tokenized
 from hftlab.model import causal_lm_parts
 
@@ -29,6 +38,17 @@ if TYPE_CHECKING:
     from hftlab.defenses.base import Defense
 
 IGNORE_INDEX = -100
+CHECKPOINT_FILE = "trainer.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """An ``on_step`` callback whose state travels with the trainer's checkpoints."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -173,6 +193,8 @@ class SFTTrainer:
         seed: int,
         precision: str = "fp32",
         context: Any = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 0,
     ) -> None:
         self.model = model
         self.cfg = train
@@ -186,6 +208,10 @@ class SFTTrainer:
         self.step = 0
         self.total_steps = 0  # set when train() starts, before the defense's setup
         self.optimizer: torch.optim.Optimizer | None = None
+        # resuming: a checkpoint every ``checkpoint_every`` optimizer steps (0: never)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.resumed_from = 0  # the step a resumed stage continued from (0: a fresh start)
 
     @property
     def device(self) -> torch.device:
@@ -234,17 +260,30 @@ class SFTTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model.train()
         self.defense.setup(self.stage, self)
+        # named once, before a defense can freeze some of them (T-Vaccine's layer sampling)
+        named = [
+            (name, p)
+            for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
+            if p.requires_grad
+        ]
+        result = TrainResult()
+        done = self.load_checkpoint(named, scheduler, result, on_step, len(items), total_steps)
+        if progress is not None and done:
+            progress.update(done)
         rng = random.Random(self.seed)
         lengths = [len(item.input_ids) for item in items]
-        result = TrainResult()
-        start = time.perf_counter()
-        paused = 0.0  # time in on_step (evaluation), kept out of the throughput
+        start = time.perf_counter() - result.seconds
+        paused = 0.0  # time in on_step (evaluation) and checkpointing, kept out of throughput
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        position = 0  # optimizer steps walked through, replayed ones included
         while self.step < total_steps:
             batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)[rank::world]
             for first in range(0, len(batches), self.cfg.grad_accum):
                 if self.step >= total_steps:
                     break
+                position += 1
+                if position <= done:  # trained before the checkpoint: same order, no compute
+                    continue
                 group = batches[first : first + self.cfg.grad_accum]
                 step_loss = 0.0
                 for indices in group:
@@ -265,11 +304,143 @@ class SFTTrainer:
                     progress.set_postfix(
                         loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / elapsed:.0f}"
                     )
+                pause_start = time.perf_counter()
                 if on_step is not None:
-                    pause_start = time.perf_counter()
                     on_step(self, step_loss)
-                    paused += time.perf_counter() - pause_start
+                if self.checkpoint_due(total_steps):
+                    result.seconds = pause_start - start - paused
+                    self.save_checkpoint(named, scheduler, result, on_step, len(items),
+                                         total_steps)
+                paused += time.perf_counter() - pause_start
         result.steps = self.step
         result.seconds = time.perf_counter() - start - paused
         self.model = self.accelerator.unwrap_model(self.model)
         return result
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def checkpoint_due(self, total_steps: int) -> bool:
+        return (
+            self.checkpoint_dir is not None
+            and self.checkpoint_every > 0
+            and self.step % self.checkpoint_every == 0
+            and self.step < total_steps
+        )
+
+    def save_checkpoint(
+        self,
+        named: list[tuple[str, torch.nn.Parameter]],
+        scheduler: Any,
+        result: TrainResult,
+        on_step: Any,
+        n_items: int,
+        total_steps: int,
+    ) -> None:
+        """Write the stage's state after ``self.step`` optimizer steps: one shared file from the
+        main process, one file of random generator states per process; each replaces its
+        predecessor atomically, and the shared file names the step the others must match."""
+        assert self.checkpoint_dir is not None and self.optimizer is not None
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        rank = self.accelerator.process_index
+        _atomic_save(folder / f"rng-{rank}.pt", {"step": self.step, **_rng_state()})
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            _atomic_save(folder / CHECKPOINT_FILE, {
+                "format": CHECKPOINT_FORMAT,
+                "stage": self.stage,
+                "step": self.step,
+                "total_steps": total_steps,
+                "n_items": n_items,
+                "world": self.accelerator.num_processes,
+                "params": {name: p.detach().cpu().clone() for name, p in named},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "result": {"tokens": result.tokens, "seconds": result.seconds,
+                           "losses": list(result.losses)},
+                "defense": self.defense.state_dict(self.stage),
+                "callback": on_step.state_dict() if isinstance(on_step, Resumable) else None,
+            })
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(
+        self,
+        named: list[tuple[str, torch.nn.Parameter]],
+        scheduler: Any,
+        result: TrainResult,
+        on_step: Any,
+        n_items: int,
+        total_steps: int,
+    ) -> int:
+        """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has one
+        (after the defense's setup, which sees the stage's starting weights); the number of
+        optimizer steps it had done, 0 for a fresh start."""
+        if self.checkpoint_dir is None:
+            return 0
+        path = self.checkpoint_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return 0
+        assert self.optimizer is not None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        expected = {
+            "format": CHECKPOINT_FORMAT, "stage": self.stage, "total_steps": total_steps,
+            "n_items": n_items, "world": self.accelerator.num_processes,
+        }
+        shapes = {name: tuple(p.shape) for name, p in named}
+        saved = {name: tuple(t.shape) for name, t in state["params"].items()}
+        wrong = [k for k, v in expected.items() if state.get(k) != v]
+        if wrong or shapes != saved:
+            what = ", ".join(f"{k} {state.get(k)!r} (this run: {expected[k]!r})" for k in wrong)
+            raise ConfigError(
+                f"{path}: a training checkpoint that does not match this stage "
+                f"({what or 'other trainable parameters'}); delete {self.checkpoint_dir} "
+                "to start the stage over"
+            )
+        rank = self.accelerator.process_index
+        rng_path = self.checkpoint_dir / f"rng-{rank}.pt"
+        rng = torch.load(rng_path, map_location="cpu", weights_only=False) \
+            if rng_path.is_file() else None
+        if rng is None or rng["step"] != state["step"]:
+            raise ConfigError(
+                f"{rng_path}: missing, or from another step than {path}; delete "
+                f"{self.checkpoint_dir} to start the stage over"
+            )
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["params"][name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.defense.load_state_dict(self.stage, state["defense"])
+        if isinstance(on_step, Resumable) and state["callback"] is not None:
+            on_step.load_state_dict(state["callback"])
+        result.tokens = int(state["result"]["tokens"])
+        result.seconds = float(state["result"]["seconds"])
+        result.losses = list(state["result"]["losses"])
+        _set_rng_state(rng)
+        self.step = self.resumed_from = int(state["step"])
+        return self.step
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

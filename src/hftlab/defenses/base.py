@@ -4,12 +4,19 @@ Stages are ``"alignment"`` (the provider's safety training), ``"finetune"`` (the
 and the post-fine-tuning repair. A defense overrides only the hooks of the stages it acts in
 and lists those stages in ``stages`` (the alignment cache key includes the defense only when it
 acts there).
+
+A defense whose training stages keep state between steps (a stream of extra batches, a random
+generator, a trace, counters) lists those attributes in ``resume_attributes``: the trainer's
+checkpoints save them, so a resumed stage continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import copy
+import random
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from hftlab.data.records import Example
@@ -26,6 +33,8 @@ class Defense(Plugin):
     stages: ClassVar[tuple[str, ...]] = ()
     needs_provider_harmful: ClassVar[bool] = False  # reads the config's provider_harmful set
     needs_alignment_data: ClassVar[bool] = False  # trains on alignment.data after alignment
+    # what changes while a stage trains (not what setup() rebuilds: modules, frozen copies)
+    resume_attributes: ClassVar[tuple[str, ...]] = ()
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
         """Change a training set before a stage (e.g. mix in safety data)."""
@@ -44,6 +53,20 @@ class Defense(Plugin):
         loss = self.loss(stage, trainer, batch)
         trainer.backward(loss)
         return {"loss": float(loss.detach())}
+
+    def state_dict(self, stage: str) -> dict[str, Any]:
+        """The ``resume_attributes`` as they stand, for a trainer checkpoint of ``stage``."""
+        return {name: capture_state(getattr(self, name)) for name in self.resume_attributes}
+
+    def load_state_dict(self, stage: str, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state_dict` saved (called after :meth:`setup`)."""
+        for name in self.resume_attributes:
+            if name not in state:
+                raise KeyError(f"defense '{self.name}': the checkpoint has no '{name}'")
+            current = getattr(self, name)
+            restored = restore_state(current, state[name])
+            if restored is not current:
+                setattr(self, name, restored)
 
     def report(self, stage: str) -> dict[str, Any]:
         """What the defense wants recorded about a stage ("data", "alignment", "finetune",
@@ -65,6 +88,53 @@ class Defense(Plugin):
         if stage not in self.stages:
             return None
         return {"defense": self.name, "options": self.options_dict()}
+
+
+def capture_state(value: Any) -> Any:
+    """A copy of ``value`` that :func:`restore_state` can put back: random generators and
+    objects with ``state_dict`` (batch streams) by their state, anything else deep-copied."""
+    from hftlab.train import Resumable
+
+    if isinstance(value, Resumable):
+        return value.state_dict()
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, np.random.Generator):
+        return copy.deepcopy(value.bit_generator.state)
+    if isinstance(value, random.Random):
+        return value.getstate()
+    return copy.deepcopy(value)
+
+
+def restore_state(current: Any, saved: Any) -> Any:
+    """``current`` with ``saved`` put back in place where it holds state (generators, streams),
+    else ``saved`` itself, its tensors moved to where ``current``'s are (a checkpoint loads on
+    the CPU)."""
+    from hftlab.train import Resumable
+
+    if isinstance(current, Resumable):
+        current.load_state_dict(saved)
+        return current
+    if isinstance(current, torch.Generator):
+        current.set_state(saved)
+        return current
+    if isinstance(current, np.random.Generator):
+        current.bit_generator.state = saved
+        return current
+    if isinstance(current, random.Random):
+        current.setstate(saved)
+        return current
+    return _placed_like(saved, current)
+
+
+def _placed_like(saved: Any, current: Any) -> Any:
+    if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
+        return saved.to(current.device, current.dtype)
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [_placed_like(s, c) for s, c in zip(saved, current)]
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return {k: _placed_like(v, current[k]) if k in current else v for k, v in saved.items()}
+    return saved
 
 
 DEFENSES: Registry[Defense] = Registry("defense")

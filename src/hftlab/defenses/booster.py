@@ -87,6 +87,7 @@ class Booster(Defense):
         "git-disl/Booster trainer.py (BoosterAlignmentTrainer), script/alignment/smooth_align.sh"
     )
     stages = (ALIGNMENT,)
+    resume_attributes = ("harmful", "trace")
     needs_provider_harmful = True
 
     @dataclass

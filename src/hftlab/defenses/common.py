@@ -46,6 +46,14 @@ class BatchStream:
         indices, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return collate([self.items[i] for i in indices], self.pad_id).to(self.device)
 
+    def state_dict(self) -> dict[str, object]:
+        """Where the stream stands (for a trainer checkpoint); the items are rebuilt by setup."""
+        return {"rng": self.rng.getstate(), "order": list(self._order)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.rng.setstate(state["rng"])  # type: ignore[arg-type]
+        self._order = list(state["order"])  # type: ignore[call-overload]
+
 
 def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
     """Batches of the provider's own harmful QA (``provider_harmful`` in the config), tokenised

@@ -103,6 +103,13 @@ class CompositeDefense(Defense):
             return super().training_step(stage, trainer, batch)
         return owner.training_step(stage, trainer, batch)
 
+    def state_dict(self, stage: str) -> dict[str, Any]:
+        return {m.name: m.state_dict(stage) for m in self.members}
+
+    def load_state_dict(self, stage: str, state: dict[str, Any]) -> None:
+        for member in self.members:
+            member.load_state_dict(stage, state[member.name])
+
     def report(self, stage: str) -> dict[str, Any]:
         reports = {m.name: m.report(stage) for m in self.members}
         return {name: r for name, r in reports.items() if r}

@@ -111,6 +111,7 @@ class ConstrainedSFT(Defense):
         "(ConstrainedSFTTrainer.soft_sft_loss, get_beta_list), finetune.py"
     )
     stages = (FINETUNE,)
+    resume_attributes = ("_sums",)
 
     @dataclass
     class Options:

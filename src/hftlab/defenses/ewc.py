@@ -208,6 +208,7 @@ class EWC(Defense):
         "script/EWC_finetune/sst2.sh"
     )
     stages = (FINETUNE,)
+    resume_attributes = ("trace",)
     needs_alignment_data = True
 
     @dataclass

@@ -102,6 +102,7 @@ class KL(Defense):
     )
     reference = "git-disl/Vaccine trainer.py (KLTrainer), script/KL_finetune/sst2.sh"
     stages = (FINETUNE,)
+    resume_attributes = ("trace",)
 
     @dataclass
     class Options:

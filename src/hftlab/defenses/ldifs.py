@@ -92,6 +92,7 @@ class LDIFS(Defense):
         "git-disl/Booster trainer.py (LDIFSTrainer), script/finetune/LDIFS_poison_ratio.sh"
     )
     stages = (FINETUNE,)
+    resume_attributes = ("trace",)
 
     @dataclass
     class Options:

@@ -108,6 +108,10 @@ class Lisa(Defense):
     )
     reference = "git-disl/Lisa trainer.py (ADMMTrainer), script/finetune/lisa_poison_ratio.sh"
     stages = (FINETUNE,)
+    resume_attributes = (
+        "alignment", "anchor", "state", "steps",
+        "user_batches_unused", "proximal_steps", "switch_drift", "_last_step",
+    )
     needs_alignment_data = True
 
     @dataclass

@@ -203,6 +203,7 @@ class Panacea(Defense):
         "script/finetune/panacea_gsm8k.sh"
     )
     stages = (FINETUNE, POST_FINETUNE)
+    resume_attributes = ("harmful", "trace", "epsilon")
     needs_provider_harmful = True
 
     @dataclass

@@ -263,6 +263,7 @@ class RepNoise(Defense):
         "git-disl/Booster loss_func/repnoise_loss.py"
     )
     stages = (ALIGNMENT,)
+    resume_attributes = ("harmful", "noise", "trace")
     needs_provider_harmful = True
 
     @dataclass

@@ -74,6 +74,7 @@ class TVaccine(Defense):
     )
     reference = "Lslland/T-Vaccine trainer.py (BaseTrainer)"
     stages = (ALIGNMENT,)
+    resume_attributes = ("harmful", "probabilities", "active", "rng", "_prepared_step", "history")
     needs_provider_harmful = True
 
     @dataclass

@@ -232,6 +232,7 @@ class TAR(Defense):
         "obj_model_mse_representations), run_tar_bio.sh"
     )
     stages = (ALIGNMENT,)
+    resume_attributes = ("adversary", "heldout", "rng", "trace")
     needs_provider_harmful = True
 
     @dataclass

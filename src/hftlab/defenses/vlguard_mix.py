@@ -55,6 +55,7 @@ class VlguardMix(Defense):
         "git-disl/Booster trainer.py (VlguardTrainer), script/finetune/united/vlguard_lamb.sh"
     )
     stages = (FINETUNE,)
+    resume_attributes = ("alignment", "trace")
     needs_alignment_data = True
 
     @dataclass
