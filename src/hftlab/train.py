@@ -15,6 +15,7 @@ across sessions.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from hftlab.defenses.base import Defense
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CHECKPOINT_FILE = "trainer.pt"
@@ -340,6 +343,7 @@ class SFTTrainer:
         main process, one file of random generator states per process; each replaces its
         predecessor atomically, and the shared file names the step the others must match."""
         assert self.checkpoint_dir is not None and self.optimizer is not None
+        started = time.perf_counter()
         folder = self.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         rank = self.accelerator.process_index
@@ -361,6 +365,9 @@ class SFTTrainer:
                 "defense": self.defense.state_dict(self.stage),
                 "callback": on_step.state_dict() if isinstance(on_step, Resumable) else None,
             })
+            log.info("%s: checkpoint at step %d of %d (%.0f MB, %.1f s) in %s", self.stage,
+                     self.step, total_steps, (folder / CHECKPOINT_FILE).stat().st_size / 2**20,
+                     time.perf_counter() - started, folder)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(
@@ -418,6 +425,8 @@ class SFTTrainer:
         result.losses = list(state["result"]["losses"])
         _set_rng_state(rng)
         self.step = self.resumed_from = int(state["step"])
+        log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step, total_steps,
+                 path)
         return self.step
 
 
