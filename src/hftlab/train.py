@@ -181,6 +181,20 @@ class TrainResult:
         return self.seconds / self.steps if self.steps else 0.0
 
 
+@dataclass
+class StageRun:
+    """What a checkpoint holds besides the trainer's own fields: the parameters by name (named
+    before a defense may freeze some), the schedule, the result so far, the step callback and
+    the stage's size (to refuse a checkpoint of another stage)."""
+
+    named: list[tuple[str, torch.nn.Parameter]]
+    scheduler: Any
+    result: TrainResult
+    on_step: Any
+    n_items: int
+    total_steps: int
+
+
 class SFTTrainer:
     """One training stage. The defense's :meth:`training_step` computes the loss(es) and calls
     :meth:`backward`; the trainer owns batching, clipping, the optimizer and the schedule."""
@@ -270,7 +284,8 @@ class SFTTrainer:
             if p.requires_grad
         ]
         result = TrainResult()
-        done = self.load_checkpoint(named, scheduler, result, on_step, len(items), total_steps)
+        run = StageRun(named, scheduler, result, on_step, len(items), total_steps)
+        done = self.load_checkpoint(run)
         if progress is not None and done:
             progress.update(done)
         rng = random.Random(self.seed)
@@ -312,8 +327,7 @@ class SFTTrainer:
                     on_step(self, step_loss)
                 if self.checkpoint_due(total_steps):
                     result.seconds = pause_start - start - paused
-                    self.save_checkpoint(named, scheduler, result, on_step, len(items),
-                                         total_steps)
+                    self.save_checkpoint(run)
                 paused += time.perf_counter() - pause_start
         result.steps = self.step
         result.seconds = time.perf_counter() - start - paused
@@ -330,15 +344,7 @@ class SFTTrainer:
             and self.step < total_steps
         )
 
-    def save_checkpoint(
-        self,
-        named: list[tuple[str, torch.nn.Parameter]],
-        scheduler: Any,
-        result: TrainResult,
-        on_step: Any,
-        n_items: int,
-        total_steps: int,
-    ) -> None:
+    def save_checkpoint(self, run: StageRun) -> None:
         """Write the stage's state after ``self.step`` optimizer steps: one shared file from the
         main process, one file of random generator states per process; each replaces its
         predecessor atomically, and the shared file names the step the others must match."""
@@ -349,36 +355,29 @@ class SFTTrainer:
         rank = self.accelerator.process_index
         _atomic_save(folder / f"rng-{rank}.pt", {"step": self.step, **_rng_state()})
         self.accelerator.wait_for_everyone()
+        callback = run.on_step if isinstance(run.on_step, Resumable) else None
         if self.accelerator.is_main_process:
             _atomic_save(folder / CHECKPOINT_FILE, {
                 "format": CHECKPOINT_FORMAT,
                 "stage": self.stage,
                 "step": self.step,
-                "total_steps": total_steps,
-                "n_items": n_items,
+                "total_steps": run.total_steps,
+                "n_items": run.n_items,
                 "world": self.accelerator.num_processes,
-                "params": {name: p.detach().cpu().clone() for name, p in named},
+                "params": {name: p.detach().cpu().clone() for name, p in run.named},
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "result": {"tokens": result.tokens, "seconds": result.seconds,
-                           "losses": list(result.losses)},
+                "scheduler": run.scheduler.state_dict(),
+                "result": {"tokens": run.result.tokens, "seconds": run.result.seconds,
+                           "losses": list(run.result.losses)},
                 "defense": self.defense.state_dict(self.stage),
-                "callback": on_step.state_dict() if isinstance(on_step, Resumable) else None,
+                "callback": callback.state_dict() if callback is not None else None,
             })
+            size_mb = (folder / CHECKPOINT_FILE).stat().st_size / 2**20
             log.info("%s: checkpoint at step %d of %d (%.0f MB, %.1f s) in %s", self.stage,
-                     self.step, total_steps, (folder / CHECKPOINT_FILE).stat().st_size / 2**20,
-                     time.perf_counter() - started, folder)
+                     self.step, run.total_steps, size_mb, time.perf_counter() - started, folder)
         self.accelerator.wait_for_everyone()
 
-    def load_checkpoint(
-        self,
-        named: list[tuple[str, torch.nn.Parameter]],
-        scheduler: Any,
-        result: TrainResult,
-        on_step: Any,
-        n_items: int,
-        total_steps: int,
-    ) -> int:
+    def load_checkpoint(self, run: StageRun) -> int:
         """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has one
         (after the defense's setup, which sees the stage's starting weights); the number of
         optimizer steps it had done, 0 for a fresh start."""
@@ -390,10 +389,10 @@ class SFTTrainer:
         assert self.optimizer is not None
         state = torch.load(path, map_location="cpu", weights_only=False)
         expected = {
-            "format": CHECKPOINT_FORMAT, "stage": self.stage, "total_steps": total_steps,
-            "n_items": n_items, "world": self.accelerator.num_processes,
+            "format": CHECKPOINT_FORMAT, "stage": self.stage, "total_steps": run.total_steps,
+            "n_items": run.n_items, "world": self.accelerator.num_processes,
         }
-        shapes = {name: tuple(p.shape) for name, p in named}
+        shapes = {name: tuple(p.shape) for name, p in run.named}
         saved = {name: tuple(t.shape) for name, t in state["params"].items()}
         wrong = [k for k, v in expected.items() if state.get(k) != v]
         if wrong or shapes != saved:
@@ -413,20 +412,20 @@ class SFTTrainer:
                 f"{self.checkpoint_dir} to start the stage over"
             )
         with torch.no_grad():
-            for name, p in named:
+            for name, p in run.named:
                 p.copy_(state["params"][name].to(p.device, p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        run.scheduler.load_state_dict(state["scheduler"])
         self.defense.load_state_dict(self.stage, state["defense"])
-        if isinstance(on_step, Resumable) and state["callback"] is not None:
-            on_step.load_state_dict(state["callback"])
-        result.tokens = int(state["result"]["tokens"])
-        result.seconds = float(state["result"]["seconds"])
-        result.losses = list(state["result"]["losses"])
+        if isinstance(run.on_step, Resumable) and state["callback"] is not None:
+            run.on_step.load_state_dict(state["callback"])
+        run.result.tokens = int(state["result"]["tokens"])
+        run.result.seconds = float(state["result"]["seconds"])
+        run.result.losses = list(state["result"]["losses"])
         _set_rng_state(rng)
         self.step = self.resumed_from = int(state["step"])
-        log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step, total_steps,
-                 path)
+        log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step,
+                 run.total_steps, path)
         return self.step
 
 
