@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hftlab.cli import main
@@ -154,6 +155,9 @@ def test_run_progress_names_the_last_finished_stage(tmp_path) -> None:
         (run / stage / MARKER).write_text("{}")
     (run / "finetune").mkdir()  # started, not finished: resumes from here
     assert run_progress(run) == "after align"
+    (run / "finetune" / "checkpoint").mkdir()
+    torch.save({"step": 30}, run / "finetune" / "checkpoint" / "rng-0.pt")
+    assert run_progress(run) == "after align, finetune at step 30"
     (run / "metrics.json").write_text("{}")
     assert run_progress(run) == "done"
 

@@ -162,14 +162,25 @@ def alignment_group(sweep: Sweep, run: PlannedRun) -> tuple[str, bool]:
 
 def run_progress(run_dir: Path) -> str:
     """How far a run folder got: ``done`` (it has metrics.json), ``after <stage>`` (the last
-    finished stage; a rerun resumes from the next one) or ``new``."""
+    finished stage; a rerun resumes from the next one, from its checkpoint if it saved one:
+    ``after data, align at step 40``) or ``new``."""
+    import torch
+
     from hftlab.context import MARKER
-    from hftlab.pipeline import STAGES
+    from hftlab.pipeline import CHECKPOINTS, STAGES
 
     if (run_dir / "metrics.json").exists():
         return "done"
     finished = [name for name in STAGES if (run_dir / name / MARKER).exists()]
-    return f"after {finished[-1]}" if finished else "new"
+    if not finished:
+        return "new"
+    progress = f"after {finished[-1]}"
+    following = STAGES[min(STAGES.index(finished[-1]) + 1, len(STAGES) - 1)]
+    saved = run_dir / following / CHECKPOINTS / "rng-0.pt"  # small; names the step
+    if following not in finished and saved.is_file():
+        step = torch.load(saved, map_location="cpu", weights_only=False)["step"]
+        progress += f", {following} at step {step}"
+    return progress
 
 
 def describe_plan(sweep: Sweep) -> list[str]:
