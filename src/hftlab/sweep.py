@@ -164,10 +164,9 @@ def run_progress(run_dir: Path) -> str:
     """How far a run folder got: ``done`` (it has metrics.json), ``after <stage>`` (the last
     finished stage; a rerun resumes from the next one, from its checkpoint if it saved one:
     ``after data, align at step 40``) or ``new``."""
-    import torch
-
     from hftlab.context import MARKER
     from hftlab.pipeline import CHECKPOINTS, STAGES
+    from hftlab.train import checkpoint_step
 
     if (run_dir / "metrics.json").exists():
         return "done"
@@ -175,11 +174,10 @@ def run_progress(run_dir: Path) -> str:
     if not finished:
         return "new"
     progress = f"after {finished[-1]}"
-    following = STAGES[min(STAGES.index(finished[-1]) + 1, len(STAGES) - 1)]
-    saved = run_dir / following / CHECKPOINTS / "rng-0.pt"  # small; names the step
-    if following not in finished and saved.is_file():
-        step = torch.load(saved, map_location="cpu", weights_only=False)["step"]
-        progress += f", {following} at step {step}"
+    following = STAGES[STAGES.index(finished[-1]) + 1 :][:1]
+    step = checkpoint_step(run_dir / following[0] / CHECKPOINTS) if following else None
+    if step is not None:
+        progress += f", {following[0]} at step {step}"
     return progress
 
 

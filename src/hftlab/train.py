@@ -353,7 +353,7 @@ class SFTTrainer:
         folder = self.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         rank = self.accelerator.process_index
-        _atomic_save(folder / f"rng-{rank}.pt", {"step": self.step, **_rng_state()})
+        _atomic_save(folder / _rng_file(rank), {"step": self.step, **_rng_state()})
         self.accelerator.wait_for_everyone()
         callback = run.on_step if isinstance(run.on_step, Resumable) else None
         if self.accelerator.is_main_process:
@@ -403,7 +403,7 @@ class SFTTrainer:
                 "to start the stage over"
             )
         rank = self.accelerator.process_index
-        rng_path = self.checkpoint_dir / f"rng-{rank}.pt"
+        rng_path = self.checkpoint_dir / _rng_file(rank)
         rng = torch.load(rng_path, map_location="cpu", weights_only=False) \
             if rng_path.is_file() else None
         if rng is None or rng["step"] != state["step"]:
@@ -427,6 +427,19 @@ class SFTTrainer:
         log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step,
                  run.total_steps, path)
         return self.step
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder holds (read from the main process's small RNG file, not the
+    weights); None if it holds none."""
+    path = folder / _rng_file(0)
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
 
 
 def _rng_state() -> dict[str, Any]:

@@ -63,10 +63,7 @@ class Defense(Plugin):
         for name in self.resume_attributes:
             if name not in state:
                 raise KeyError(f"defense '{self.name}': the checkpoint has no '{name}'")
-            current = getattr(self, name)
-            restored = restore_state(current, state[name])
-            if restored is not current:
-                setattr(self, name, restored)
+            setattr(self, name, restore_state(getattr(self, name), state[name]))
 
     def report(self, stage: str) -> dict[str, Any]:
         """What the defense wants recorded about a stage ("data", "alignment", "finetune",
