@@ -134,8 +134,8 @@ def test_run_killed_mid_stage_resumes_from_its_checkpoint(
 
 
 def test_checkpoint_every_is_not_part_of_the_run(tiny_overrides, tmp_path) -> None:
+    from hftlab.compare import collect_runs
     from hftlab.pipeline import guard_run_dir
-    from hftlab.sweep import collect_runs
 
     run = tmp_path / "run"
     run.mkdir()

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "export":
-            from hftlab.sweep import export_records
+            from hftlab.compare import export_records
 
             written = export_records(args.folder, args.out)
             print(f"exported {len(written)} run record(s) to {args.out}; "
@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hftlab.sweep import compare_table, describe_plan, load_sweep, run_sweep
+    from hftlab.compare import compare_table
+    from hftlab.sweep import describe_plan, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file, args.only)
     if args.dry_run:
@@ -171,7 +172,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hftlab.sweep import compare_table
+    from hftlab.compare import compare_table
 
     metrics = tuple(args.metrics) if args.metrics else None
     print(compare_table(args.folder, args.baseline, metrics))

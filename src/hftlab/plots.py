@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hftlab.compare import Cell
 from hftlab.stats import summarize, wilson
-from hftlab.sweep import Cell
 
 INSTALL_HINT = (
     "Plots need matplotlib, which is not installed: pip install 'hftlab[report]' "

@@ -124,7 +124,7 @@ def write_report(path: Path) -> str:
     )
     if (path / "config.yaml").exists() and not (path / "sweep.json").exists():
         raise FileNotFoundError(unfinished)
-    from hftlab.sweep import collect_runs
+    from hftlab.compare import collect_runs
 
     try:
         records = collect_runs(path)
@@ -422,7 +422,7 @@ def _summary_text(summary: dict[str, Any] | None) -> str:
 
 
 def write_sweep_report(folder: Path, records: list[Any], baseline: str | None = None) -> str:
-    from hftlab.sweep import (
+    from hftlab.compare import (
         compare_rows,
         compare_table,
         default_baseline,

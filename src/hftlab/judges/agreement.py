@@ -18,7 +18,7 @@ from hftlab.judges.base import Judge
 from hftlab.judges.common import classification_metrics
 
 if TYPE_CHECKING:
-    from hftlab.sweep import RunRecord
+    from hftlab.compare import RunRecord
 
 COMPLETION_FILES = {
     "final": "completions.jsonl",
@@ -31,7 +31,7 @@ COMPLETION_FILES = {
 def finished_runs(folder: Path) -> list[RunRecord]:
     """``folder`` itself when it is a run, else every finished run below it, as ``hftlab
     compare`` finds them (a folder with metrics.json and config.yaml)."""
-    from hftlab.sweep import collect_runs
+    from hftlab.compare import collect_runs
 
     try:
         return collect_runs(folder)

@@ -1,0 +1,293 @@
+"""Reading finished runs: collect every run folder under a path, group the runs that differ
+only in their seed into cells, summarise each metric over seeds and test each cell against a
+baseline cell (Welch, or two proportions for one seed each). ``hftlab compare``, ``hftlab
+export`` and the sweep report are built on it; any folder of run records works, whether a
+sweep made it or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftlab.config import ConfigError, load_config
+from hftlab.stats import Difference, Summary, compare, summarize
+from hftlab.utils import read_json
+
+log = logging.getLogger(__name__)
+# keys that do not define a cell: seeds are repetitions, paths are where things live
+NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root"}
+METRICS = ("harmful_score", "finetune_accuracy")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("defense_args", "attack_args",
+                                                              "judge_args", "options"):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    settings: dict[str, Any]  # the flattened config
+    metrics: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings.get("seed", 0))
+
+
+def current_config_text(path: Path) -> str:
+    """A run's saved config with settings added since it ran at their defaults (so runs made by
+    different hftlab versions group together); the file as is if it no longer loads."""
+    from hftlab.config import dump_config
+
+    try:
+        return dump_config(load_config(path))
+    except ConfigError:
+        return path.read_text()
+
+
+def collect_runs(folder: Path) -> list[RunRecord]:
+    """Every finished run (a folder with metrics.json and config.yaml) under ``folder``."""
+    records = []
+    for path in sorted(folder.rglob("metrics.json")):
+        config = path.parent / "config.yaml"
+        if not config.is_file():
+            continue
+        settings = flatten(yaml.safe_load(current_config_text(config)) or {})
+        settings.pop("checkpoint_every", None)  # how often a stage saved: not an experiment
+        metrics = read_json(path)
+        if metrics.get("precision"):
+            # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and
+            # bf16 and fp32 training give different models: never pool them into one cell
+            settings["model.precision"] = metrics["precision"]
+        records.append(RunRecord(path.parent, settings, metrics))
+    if not records:
+        raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
+    return records
+
+
+RECORD_FILES = ("metrics.json", "config.yaml")
+
+
+def export_records(source: Path, out: Path) -> list[Path]:
+    """Copy each finished run's record (metrics.json and config.yaml: scores, curves, drift,
+    timings, the resolved config) from ``source`` into ``out``, keeping the folder layout.
+    Checkpoints and completions stay behind, so the records are small enough to commit and
+    carry no model outputs; ``hftlab compare`` and ``hftlab report`` work on them as on runs."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ConfigError(f"export folder {out} lies inside {source}: a later export would "
+                          "collect its own records again; choose a folder outside it")
+    written = []
+    for record in collect_runs(source):
+        target = out / record.path.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            shutil.copyfile(record.path / name, target / name)
+        written.append(target)
+    return written
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> Any:
+    """A metrics.json value by name: a top-level key (``aligned.harmful_score``) or a dotted
+    path into a nested block (``attack_eval.triggered.harmful_score``); None when absent."""
+    if name in metrics:
+        return metrics[name]
+    value: Any = metrics
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def default_metrics(records: list[RunRecord]) -> tuple[str, ...]:
+    """HS and FA, plus the harmful score of each attack eval variant the runs report (e.g. a
+    backdoor attack's HS with its trigger)."""
+    variants = sorted({name for r in records for name in (r.metrics.get("attack_eval") or {})})
+    return METRICS + tuple(f"attack_eval.{v}.harmful_score" for v in variants)
+
+
+@dataclass
+class Cell:
+    """Runs that differ only in their seed."""
+
+    label: dict[str, Any]  # the settings that vary between cells
+    runs: list[RunRecord]
+
+    def values(self, metric: str) -> list[float]:
+        found = (metric_value(r.metrics, metric) for r in self.runs)
+        return [float(v) for v in found if v is not None]
+
+    def summary(self, metric: str) -> Summary | None:
+        values = self.values(metric)
+        return summarize(values) if values else None
+
+    def n_prompts(self, metric: str) -> int:
+        if metric.startswith("attack_eval."):  # a variant carries its own sample size
+            variant = metric.split(".")[1]
+            return int(metric_value(self.runs[0].metrics, f"attack_eval.{variant}.n") or 0)
+        key = "n_eval_harmful" if "harmful" in metric else "n_eval_task"
+        return int(self.runs[0].metrics.get(key) or 0)
+
+    @property
+    def name(self) -> str:
+        """``defense=lisa, defense_args={...}``; empty option mappings (``defense_args={}``
+        beside a cell that sets some) are left out of the name, not out of the label."""
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in self.label.items()
+                         if v != {})
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _frozen(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def group_cells(records: Iterable[RunRecord]) -> list[Cell]:
+    records = list(records)
+    keys = sorted({k for r in records for k in r.settings} - NOT_CELL_KEYS)
+    varying = [k for k in keys
+               if len({_frozen(r.settings.get(k)) for r in records}) > 1]
+    cells: dict[str, Cell] = {}
+    for record in records:
+        label = {k: record.settings.get(k) for k in varying}
+        cell = cells.setdefault(_frozen(label), Cell(label, []))
+        if any(r.seed == record.seed for r in cell.runs):
+            # the same run in two folders (a copy): count it once
+            log.warning("%s repeats %s (same config and seed); counted once", record.path,
+                        next(r.path for r in cell.runs if r.seed == record.seed))
+            continue
+        cell.runs.append(record)
+    return list(cells.values())
+
+
+def default_baseline(cells: list[Cell]) -> str:
+    """``sft`` when the defense varies between cells; else the lowest poison ratio when that
+    varies (the ratio sweep: each p against p = min); else ``sft``."""
+    keys = {k for c in cells for k in c.label}
+    if "defense" in keys:
+        return "sft"
+    for key in sorted(keys):
+        if key.endswith("poison_ratio"):
+            lowest = min(c.label[key] for c in cells if key in c.label)
+            return f"{key}={lowest}"
+    return "sft"
+
+
+def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
+    """``--baseline`` as (setting, value): a defense name (``sft``), or ``KEY=VALUE`` for any
+    setting that varies between cells (``poison_ratio=0.0``: the key may drop its section)."""
+    key, sep, text = baseline.partition("=")
+    if not sep:
+        return "defense", baseline
+    value = yaml.safe_load(text)
+    keys = {k for c in cells for k in c.label}
+    for candidate in sorted(keys):
+        if candidate == key or candidate.endswith(f".{key}"):
+            return candidate, value
+    raise ConfigError(f"--baseline {baseline}: '{key}' is not a setting that varies between "
+                      f"cells; choose one of {', '.join(sorted(keys)) or '(none vary)'}")
+
+
+def baseline_of(cell: Cell, cells: list[Cell], key: str, value: Any) -> Cell | None:
+    """The cell whose setting ``key`` is ``value`` (see :func:`baseline_setting`) and every
+    other varying setting equal to ``cell``'s; None for a baseline cell itself."""
+    ignore = {key, "defense_args"} if key == "defense" else {key}
+    if key in cell.label and cell.label[key] == value:
+        return None
+    want = {k: v for k, v in cell.label.items() if k not in ignore}
+    for other in cells:
+        if key in other.label and other.label[key] == value and \
+                {k: v for k, v in other.label.items() if k not in ignore} == want:
+            return other
+    return None
+
+
+def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
+    a, b = cell.values(metric), base.values(metric)
+    if not a or not b:
+        return None
+    return compare(a, b, cell.n_prompts(metric), base.n_prompts(metric))
+
+
+def _records(source: Path | list[RunRecord]) -> list[RunRecord]:
+    """A folder's finished runs, read once; records already read pass through."""
+    return collect_runs(source) if isinstance(source, Path) else source
+
+
+def compare_rows(source: Path | list[RunRecord], baseline: str | None = None,
+                 metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """One row per cell of a folder's runs (or of runs already read): each metric's
+    mean/std/CI over seeds and its difference to the baseline cell with the same other
+    settings (defaults: :func:`default_baseline`, :func:`default_metrics`)."""
+    records = _records(source)
+    metrics = metrics or default_metrics(records)
+    cells = group_cells(records)
+    baseline = baseline or default_baseline(cells)
+    key, value = baseline_setting(cells, baseline)
+    cells.sort(key=lambda c: c.label.get(key) != value)  # the baseline first (a stable sort)
+    rows = []
+    for cell in cells:
+        base = baseline_of(cell, cells, key, value)
+        row: dict[str, Any] = {"cell": cell.label, "name": cell.name, "seeds":
+                               sorted(r.seed for r in cell.runs)}
+        for metric in metrics:
+            summary = cell.summary(metric)
+            row[metric] = summary.as_dict() if summary else None
+            diff = difference(cell, base, metric) if base else None
+            row[f"{metric}.vs_{baseline}"] = None if diff is None else {
+                "diff": round(diff.diff, 3), "ci95": [round(c, 3) for c in diff.ci],
+                "significant": diff.significant, "test": diff.test}
+        rows.append(row)
+    return rows
+
+
+def compare_table(source: Path | list[RunRecord], baseline: str | None = None,
+                  metrics: tuple[str, ...] | None = None) -> str:
+    """The console / markdown table of :func:`compare_rows`."""
+    records = _records(source)
+    metrics = metrics or default_metrics(records)
+    baseline = baseline or default_baseline(group_cells(records))
+    rows = compare_rows(records, baseline, metrics)
+    header = ["cell", "seeds"]
+    for metric in metrics:
+        header += [metric, f"Δ vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["name"] or "(all runs)", ",".join(map(str, row["seeds"]))]
+        for metric in metrics:
+            s = row[metric]
+            if s is None:
+                cells += ["—", "—"]
+                continue
+            text = f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
+            d = row[f"{metric}.vs_{baseline}"]
+            delta = "—" if d is None else (
+                f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                + (" *" if d["significant"] else ""))
+            cells += [text, delta]
+        lines.append("| " + " | ".join(cells) + " |")
+    tests = {row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
+             if row.get(f"{m}.vs_{baseline}")}
+    lines += ["", f"mean ± std over seeds; Δ = difference to {baseline} with its 95% interval "
+              f"({'; '.join(sorted(tests)) or 'no baseline cells'}); * = interval excludes 0"]
+    return "\n".join(lines)
