@@ -108,6 +108,8 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
         "attack_eval": attack_eval(ctx.stage_info("eval").get("attack_eval")),
         "attack_serving": ctx.stage_info("eval").get("serving"),
         "data_counts": data_info["counts"],
+        # what the defense did to the upload (guardrail: rows screened, dropped, leaked)
+        "data_defense_report": data_info.get("defense_report") or None,
         "overlaps": data_info["overlaps"],
         "curves": read_json(ft_dir / "curves.json"),
         "drift": read_json(ft_dir / "drift.json"),

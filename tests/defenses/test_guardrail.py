@@ -134,6 +134,7 @@ def test_pipeline_trains_on_what_the_guardrail_keeps(fake_judges, tiny_overrides
     assert (report["benign_dropped"], report["kept"]) == (0, config.finetune.n - n_harmful)
     saved = read_jsonl(run / "data" / "user_data.jsonl")
     assert len(saved) == report["kept"] and not any(r["is_harmful"] for r in saved)
+    assert metrics["data_defense_report"] == report  # `hftlab compare --metrics` reads it
 
 
 def test_pipeline_stops_when_everything_is_dropped(tiny_overrides, tmp_path) -> None:
