@@ -1,8 +1,8 @@
-"""Reading finished runs: collect every run folder under a path, group the runs that differ
-only in their seed into cells, summarise each metric over seeds and test each cell against a
-baseline cell (Welch, or two proportions for one seed each). ``hftlab compare``, ``hftlab
-export`` and the sweep report are built on it; any folder of run records works, whether a
-sweep made it or not.
+"""Reading finished runs: collect every run folder under a path, group the runs that differ only
+in their seed into cells, summarise each metric over seeds and test each cell against a
+baseline cell (Welch's t across seeds, or a two-proportion test when a side has one seed).
+``hftlab compare``, ``hftlab export`` and the sweep report are built on it; any folder of run
+records works, whether a sweep made it or not.
 """
 
 from __future__ import annotations
