@@ -22,7 +22,14 @@ from defense_helpers import (
 
 from hftlab.config import ConfigError, load_config
 from hftlab.defenses import DEFENSES
-from hftlab.defenses.repnoise import difference_mask, masked_ce, mmd_loss, repnoise_loss
+from hftlab.defenses.repnoise import (
+    FusedLensCE,
+    difference_mask,
+    fusable_head,
+    masked_ce,
+    mmd_loss,
+    repnoise_loss,
+)
 from hftlab.formatting import Tokenized
 from hftlab.train import Batch, collate
 
@@ -316,3 +323,64 @@ def test_repnoise_pipeline_runs(tiny_overrides, tmp_path) -> None:
     report = info["defense_report"]
     assert all(math.isfinite(report[f"{k}_last"])
                for k in ("harmless_loss", "noise_loss", "harmful_lens_loss"))
+
+
+# --- the fused logit-lens CE ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 64])
+def test_fused_lens_ce_matches_autograd_of_cross_entropy(chunk) -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(7, 5, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    want = F.cross_entropy(rows @ weight.T, targets)
+    want_rows, want_weight = torch.autograd.grad(2.5 * want, (rows, weight))
+
+    got = FusedLensCE.apply(rows, weight, targets, chunk)
+    got_rows, got_weight = torch.autograd.grad(2.5 * got, (rows, weight))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got_rows, want_rows, atol=1e-6)
+    assert torch.allclose(got_weight, want_weight, atol=1e-6)
+
+
+def test_fused_lens_ce_frozen_weight_and_bf16_autocast() -> None:
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g)  # frozen, as the LM head under LoRA
+    targets = torch.randint(0, 13, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy((rows @ weight.T).float(), targets)
+        got = FusedLensCE.apply(rows, weight, targets, 4)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-6)  # the same bf16 product, float32 softmax
+    (grad,) = torch.autograd.grad(got, rows)
+    (exact,) = torch.autograd.grad(F.cross_entropy(rows @ weight.T, targets), rows)
+    assert grad.dtype == rows.dtype and torch.allclose(grad, exact, atol=2e-2)
+
+
+def test_lens_falls_back_to_recompute_for_other_heads(tiny_lora) -> None:
+    base = tiny_lora.get_base_model()
+    head = base.lm_head
+    assert fusable_head(head, None) and not fusable_head(head, 30.0)
+    harmful, harmless = paired_batches()
+    fused, _ = repnoise_loss(tiny_lora, harmful, harmless,
+                             generator=torch.Generator().manual_seed(2))
+    fused_grads = autograd_of(tiny_lora, fused)
+    # a biased head with a zero bias computes the same logits through the unfused path
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+    biased.requires_grad_(False)
+    base.lm_head = biased
+    try:
+        assert not fusable_head(biased, None)
+        plain, _ = repnoise_loss(tiny_lora, harmful, harmless,
+                                 generator=torch.Generator().manual_seed(2))
+        plain_grads = autograd_of(tiny_lora, plain)
+    finally:
+        base.lm_head = head
+    assert torch.allclose(fused, plain, atol=1e-6)
+    for name, value in plain_grads.items():
+        assert torch.allclose(fused_grads[name], value, atol=1e-6, rtol=1e-5), name

@@ -60,17 +60,22 @@ Departures, and why:
   (harmful instructions), which alignment deliberately does not do. So the harmless term is the
   stage's supervised loss (``trainer.compute_loss``): CE over the refusal answer tokens, the same
   loss as the SFT baseline's alignment.
-* The lens logits (N × vocabulary per state) are recomputed in the backward pass
-  (``torch.utils.checkpoint``) instead of being stored for all L + 1 states, and the pairwise
-  distances come from a Gram matrix rather than a (2B, 2B, T·H) difference tensor: same values,
-  far less memory.
+* The lens logits (N × vocabulary per state) are never stored for all L + 1 states: with a
+  plain bias-free linear LM head, :class:`FusedLensCE` forms each state's gradient
+  (softmax − one-hot) @ W in the forward pass, chunk by chunk, and keeps only that (N × H);
+  other heads (LoRA on the head, quantised, soft-capped) recompute the logits in the backward
+  pass (``torch.utils.checkpoint``). The pairwise distances come from a Gram matrix rather than
+  a (2B, 2B, T·H) difference tensor. Same values, far less memory, and the fused path does two
+  vocabulary projections per state instead of three.
 * The noise comes from a generator seeded from the run's seed (reproducible runs).
 
 Data: the alignment batch (refusals) is the harmless batch; the harmful batch comes from the
 provider's harmful QA (``provider_harmful`` in the config, e.g. BeaverTails rows 50-149 in
 configs/cpu_sst2.yaml), ``harmful_batch_size`` rows per step (default: the stage's batch size).
 Cost: a forward on the harmful and one on the harmless batch, one backward through both, plus
-L + 1 LM-head applications on the masked harmful tokens (each run twice: forward and recompute).
+L + 1 LM-head projections of the masked harmful tokens and L + 1 products of their
+(vocabulary-sized) gradient with the head's weight; on a 135M model with a 49k vocabulary these
+projections cost several times the model itself.
 """
 
 from __future__ import annotations
@@ -130,6 +135,59 @@ def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.numel() == 0:  # nothing differs: the term vanishes instead of becoming NaN
         return logits.float().sum() * 0.0
     return F.cross_entropy(logits.float(), targets)
+
+
+class FusedLensCE(torch.autograd.Function):
+    """Mean cross-entropy of ``rows @ weight.T`` against ``targets`` whose gradient is formed in
+    the forward pass, ``chunk`` rows at a time: d/d rows = (softmax − one-hot) @ weight / N and
+    d/d weight = (softmax − one-hot)ᵀ @ rows / N (only for the inputs that need it). The
+    N × vocabulary logits live one chunk at a time and are neither stored nor recomputed.
+    Matrix products follow the active autocast, as the unfused head would; the loss and the
+    softmax are float32."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, chunk):  # type: ignore[override]
+        n = rows.shape[0]
+        want_rows, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if want_rows else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if want_weight else None
+        for start in range(0, n, chunk):
+            part, part_targets = rows[start:start + chunk], targets[start:start + chunk]
+            log_probs = torch.log_softmax(F.linear(part, weight).float(), dim=-1)
+            total -= log_probs.gather(1, part_targets[:, None]).sum()
+            if not (want_rows or want_weight):
+                continue
+            grad = log_probs.exp_()
+            grad[torch.arange(len(part_targets), device=grad.device), part_targets] -= 1.0
+            grad /= n
+            if want_rows:
+                grad_rows[start:start + chunk] = (grad @ weight.to(grad.dtype)).to(rows.dtype)
+            if want_weight:
+                grad_weight += grad.T @ part.float()
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grad_rows, grad_weight = ctx.saved_tensors
+        weight_grad = None
+        if grad_weight is not None:
+            weight_grad = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return (grad_rows * grad_output.to(grad_rows.dtype) if grad_rows is not None else None,
+                weight_grad, None, None)
+
+
+LENS_CHUNK = 1024  # rows per vocabulary projection: 1024 × 49k float32 ≈ 200 MB at a time
+
+
+def fusable_head(head: torch.nn.Module, softcap: float | None) -> bool:
+    """Whether :class:`FusedLensCE` computes exactly what ``head`` does: a plain bias-free
+    ``nn.Linear`` with an unsharded 2-D weight and no logit soft-capping."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not softcap
+            and tuple(head.weight.shape) == (head.out_features, head.in_features))
 
 
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -214,10 +272,12 @@ def harmful_terms(
             logits = torch.tanh(logits.float() / softcap) * softcap
         return _ce_rows(logits, targets)
 
-    lens_terms = [
-        checkpoint(lens_ce, state[:, :-1][keep_target], use_reentrant=False)
-        for state in states
-    ]
+    if targets.numel() and fusable_head(head, softcap):
+        lens_terms = [FusedLensCE.apply(norm(state[:, :-1][keep_target]), head.weight, targets,
+                                        LENS_CHUNK) for state in states]
+    else:
+        lens_terms = [checkpoint(lens_ce, state[:, :-1][keep_target], use_reentrant=False)
+                      for state in states]
     return torch.stack(noise_terms).mean(), torch.stack(lens_terms).mean()
 
 
