@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hftlab.cli import main
-from hftlab.compare import compare_rows, compare_table
+from hftlab.compare import collect_runs, compare_rows, compare_table
 from hftlab.config import ConfigError
 
 
@@ -28,6 +28,31 @@ def test_attack_eval_variants_become_compare_columns(tmp_path) -> None:
     lisa = rows["defense=lisa"][f"{metric}.vs_sft"]
     assert lisa["diff"] == -35.0 and lisa["test"].startswith("two-proportion")
     assert metric in compare_table(tmp_path).splitlines()[0]
+
+
+def test_counts_are_not_tested_as_percentages_of_prompts(tmp_path) -> None:
+    """A row count (the guardrail's harmful rows dropped) has no two-proportion test: with one
+    seed on a side its difference is left out; with two or more a side, Welch applies."""
+    runs = (("sft", 0, 30.0, 0), ("guardrail", 0, 20.0, 15), ("guardrail", 1, 22.0, 17),
+            ("sft", 1, 34.0, 0))
+    for defense, seed, hs, dropped in runs:
+        run = tmp_path / f"{defense}-{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"defense: {defense}\nseed: {seed}\n")
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": seed,
+            "data_defense_report": {"harmful_dropped": dropped}}))
+    metrics = ("harmful_score", "data_defense_report.harmful_dropped")
+    one_seed = compare_rows([r for r in collect_runs(tmp_path) if r.seed == 0 or
+                             r.path.name.startswith("guardrail")], metrics=metrics)
+    guard = {r["name"]: r for r in one_seed}["defense=guardrail"]
+    assert guard["harmful_score.vs_sft"]["test"].startswith("two-proportion")
+    assert guard["data_defense_report.harmful_dropped"]["mean"] == 16.0
+    assert guard["data_defense_report.harmful_dropped.vs_sft"] is None
+    both = {r["name"]: r for r in compare_rows(tmp_path, metrics=metrics)}["defense=guardrail"]
+    diff = both["data_defense_report.harmful_dropped.vs_sft"]
+    assert diff["diff"] == 16.0 and diff["test"] == "welch"
 
 
 def test_baseline_can_be_any_varying_setting(tmp_path) -> None:

@@ -102,6 +102,17 @@ def export_records(source: Path, out: Path) -> list[Path]:
     return written
 
 
+# metrics.json values that are percentages of the evaluation prompts (any model: base.,
+# aligned., attack_eval.<variant>.); everything else (counts, losses, drift) is not
+PERCENTAGE_METRICS = {"harmful_score", "finetune_accuracy", "harmful_score_without_task_labels"}
+
+
+def is_percentage(metric: str) -> bool:
+    """Whether ``metric`` is a percentage of evaluation prompts (so a run with one seed can
+    still be tested with the two-proportion test)."""
+    return metric.rsplit(".", 1)[-1] in PERCENTAGE_METRICS
+
+
 def metric_value(metrics: dict[str, Any], name: str) -> Any:
     """A metrics.json value by name: a top-level key (``aligned.harmful_score``) or a dotted
     path into a nested block (``attack_eval.triggered.harmful_score``); None when absent."""
@@ -138,6 +149,10 @@ class Cell:
         return summarize(values) if values else None
 
     def n_prompts(self, metric: str) -> int:
+        """The prompts a percentage metric was measured on in one run; 0 for any other metric
+        (a count, a loss, a drift), which has no two-proportion test."""
+        if not is_percentage(metric):
+            return 0
         if metric.startswith("attack_eval."):  # a variant carries its own sample size
             variant = metric.split(".")[1]
             return int(metric_value(self.runs[0].metrics, f"attack_eval.{variant}.n") or 0)
@@ -223,8 +238,12 @@ def baseline_of(cell: Cell, cells: list[Cell], key: str, value: Any) -> Cell | N
 
 
 def difference(cell: Cell, base: Cell, metric: str) -> Difference | None:
+    """The cell's difference to its baseline: Welch with two or more seeds on each side, else
+    the two-proportion test, which only a percentage of prompts has (None otherwise)."""
     a, b = cell.values(metric), base.values(metric)
     if not a or not b:
+        return None
+    if (len(a) < 2 or len(b) < 2) and not (cell.n_prompts(metric) and base.n_prompts(metric)):
         return None
     return compare(a, b, cell.n_prompts(metric), base.n_prompts(metric))
 
