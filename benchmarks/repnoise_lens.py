@@ -9,6 +9,11 @@ the ratio, and the largest difference in loss and gradient (the two must agree).
 
     python benchmarks/repnoise_lens.py                          # SmolLM2-135M sizes
     python benchmarks/repnoise_lens.py --tokens 2000 --hidden 4096 --vocab 32000 --repeats 2
+    python benchmarks/repnoise_lens.py --config configs/cpu_sst2.yaml   # whole RepNoise loss
+
+With ``--config``, the whole RepNoise objective (both forwards, the MMD, all L + 1 lens terms
+and the backward) on the config's model with LoRA, a real refusal batch and a real batch of the
+provider's harmful QA, once with the fused lens and once with the unfused one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import hftlab.defenses.repnoise as repnoise
 from hftlab.defenses.repnoise import LENS_CHUNK, FusedLensCE
 
 
@@ -31,11 +37,58 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per path")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: under bf16 autocast, as model.precision=bf16 trains")
+    parser.add_argument("--config", help="time the whole RepNoise loss on this config instead")
     return parser.parse_args()
+
+
+def whole_loss(config_path: str, repeats: int) -> None:
+    """Both lens paths inside the real objective: the unfused one by declaring the head not
+    fusable, which is the path a LoRA-wrapped or soft-capped head takes."""
+    from pathlib import Path
+
+    from hftlab.config import load_config
+    from hftlab.context import RunContext, seed_everything
+    from hftlab.model import attach_trainable
+    from hftlab.train import collate
+
+    config = load_config(config_path, [])
+    ctx = RunContext(config, Path("/tmp/hftlab-bench-lens"))
+    train = config.alignment.train
+    seed_everything(0)
+    model = attach_trainable(ctx.base_model(), train)
+    pad = ctx.tokenizer.pad_token_id
+    harmless = collate(ctx.tokenize(ctx.data.alignment, train.max_length)[:train.batch_size], pad)
+    harmful = collate(
+        ctx.tokenize(ctx.data.provider_harmful, train.max_length)[:train.batch_size], pad)
+    masked = int(repnoise.difference_mask(harmful, harmless)[:, 1:].sum())
+    fusable = repnoise.fusable_head
+    seconds: dict[str, list[float]] = {"unfused (baseline)": [], "fused": []}
+    losses: dict[str, float] = {}
+    for _ in range(repeats):
+        for name in seconds:
+            repnoise.fusable_head = fusable if name == "fused" else (lambda head, cap: False)
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss, _ = repnoise.repnoise_loss(model, harmful, harmless, autocast=ctx.autocast,
+                                             generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            seconds[name].append(time.perf_counter() - start)
+            losses[name] = float(loss)
+    repnoise.fusable_head = fusable
+    print(f"config {config_path} · precision {ctx.precision} · batch {train.batch_size} · "
+          f"{masked} masked harmful tokens · {len(repnoise.decoder_layers(model)) + 1} lens "
+          f"states · threads {torch.get_num_threads()} · best of {repeats}")
+    base = min(seconds["unfused (baseline)"])
+    for name, values in seconds.items():
+        print(f"{name:<24}{min(values):>8.2f} s/loss+backward{base / min(values):>7.2f}× faster"
+              f"   loss {losses[name]:.5f}")
 
 
 def main() -> None:
     args = parse_args()
+    if args.config:
+        whole_loss(args.config, args.repeats)
+        return
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device)

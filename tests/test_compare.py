@@ -76,6 +76,19 @@ def test_baseline_can_be_any_varying_setting(tmp_path) -> None:
         compare_rows(tmp_path, "lr=0.1")
 
 
+def test_checkpointing_does_not_split_a_cell(tmp_path) -> None:
+    """Runs of two sweeps, one checkpointing its stages, are the same experiment."""
+    for seed, every in ((0, 0), (1, 10)):
+        run = tmp_path / f"sft-{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"seed: {seed}\ncheckpoint_every: {every}\n")
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": 30.0 + seed, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": seed}))
+    (row,) = compare_rows(tmp_path)
+    assert row["seeds"] == [0, 1] and row["harmful_score"]["mean"] == 30.5
+
+
 def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
     for name, defense, args in (("sft", "sft", {}), ("lisa", "lisa", {"alignment_step": 3})):
         run = tmp_path / name

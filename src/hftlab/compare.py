@@ -22,8 +22,9 @@ from hftlab.stats import Difference, Summary, compare, summarize
 from hftlab.utils import read_json
 
 log = logging.getLogger(__name__)
-# keys that do not define a cell: seeds are repetitions, paths are where things live
-NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root"}
+# keys that do not define a cell: seeds are repetitions, paths are where things live, and a
+# resumed stage reaches the same weights as an uninterrupted one (checkpoint_every)
+NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root", "checkpoint_every"}
 METRICS = ("harmful_score", "finetune_accuracy")
 
 
