@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per path")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: under bf16 autocast, as model.precision=bf16 trains")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="scale the head's weight: 30 spreads the logits as RepNoise's "
+                        "ascent leaves them late in alignment (many probabilities < e^-80)")
     parser.add_argument("--config", help="time the whole RepNoise loss on this config instead")
     return parser.parse_args()
 
@@ -93,6 +96,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device)
     head.requires_grad_(False)
+    with torch.no_grad():
+        head.weight.mul_(args.logit_scale)
     norm = torch.nn.LayerNorm(args.hidden, device=device)
     targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
     states = torch.randn(args.tokens, args.hidden, device=device)
@@ -121,7 +126,8 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
             results[name] = (loss.detach(), rows.grad)
 
-    print(f"N {args.tokens} · H {args.hidden} · V {args.vocab} · {args.dtype} · {device} · "
+    print(f"N {args.tokens} · H {args.hidden} · V {args.vocab} · {args.dtype} · logit scale "
+          f"{args.logit_scale:g} · {device} · "
           f"threads {torch.get_num_threads()} · best of {args.repeats}")
     base = min(seconds["checkpoint (baseline)"])
     for name, values in seconds.items():

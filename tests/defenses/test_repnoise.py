@@ -23,6 +23,7 @@ from defense_helpers import (
 from hftlab.config import ConfigError, load_config
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.repnoise import (
+    UNDERFLOW_LOG_PROB,
     FusedLensCE,
     difference_mask,
     fusable_head,
@@ -342,6 +343,23 @@ def test_fused_lens_ce_matches_autograd_of_cross_entropy(chunk) -> None:
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(got_rows, want_rows, atol=1e-6)
     assert torch.allclose(got_weight, want_weight, atol=1e-6)
+
+
+def test_fused_lens_ce_with_spread_logits_drops_only_underflowing_probabilities() -> None:
+    """Logits spread as RepNoise's ascent leaves them (many probabilities below e^-80): the
+    loss is exact and the gradient matches autograd's to float32 resolution."""
+    g = torch.Generator().manual_seed(6)
+    rows = (torch.randn(5, 4, generator=g) * 60).requires_grad_(True)
+    weight = torch.randn(40, 4, generator=g)
+    targets = torch.randint(0, 40, (5,), generator=g)
+    log_probs = torch.log_softmax(rows.detach() @ weight.T, -1)
+    assert (log_probs < UNDERFLOW_LOG_PROB).sum() > 20  # the case the cut-off exists for
+    want = F.cross_entropy(rows @ weight.T, targets)
+    (want_grad,) = torch.autograd.grad(want, rows)
+    got = FusedLensCE.apply(rows, weight, targets, 2)
+    (got_grad,) = torch.autograd.grad(got, rows)
+    assert torch.allclose(got, want, rtol=1e-6)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_fused_lens_ce_frozen_weight_and_bf16_autocast() -> None:
