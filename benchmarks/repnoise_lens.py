@@ -67,17 +67,20 @@ def whole_loss(config_path: str, repeats: int) -> None:
     fusable = repnoise.fusable_head
     seconds: dict[str, list[float]] = {"unfused (baseline)": [], "fused": []}
     losses: dict[str, float] = {}
-    for _ in range(repeats):
-        for name in seconds:
-            repnoise.fusable_head = fusable if name == "fused" else (lambda head, cap: False)
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            loss, _ = repnoise.repnoise_loss(model, harmful, harmless, autocast=ctx.autocast,
-                                             generator=torch.Generator().manual_seed(0))
-            loss.backward()
-            seconds[name].append(time.perf_counter() - start)
-            losses[name] = float(loss)
-    repnoise.fusable_head = fusable
+    try:
+        for _ in range(repeats):
+            for name in seconds:
+                repnoise.fusable_head = fusable if name == "fused" else (lambda head, cap: False)
+                model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                loss, _ = repnoise.repnoise_loss(model, harmful, harmless,
+                                                 autocast=ctx.autocast,
+                                                 generator=torch.Generator().manual_seed(0))
+                loss.backward()
+                seconds[name].append(time.perf_counter() - start)
+                losses[name] = float(loss)
+    finally:
+        repnoise.fusable_head = fusable
     print(f"config {config_path} · precision {ctx.precision} · batch {train.batch_size} · "
           f"{masked} masked harmful tokens · {len(repnoise.decoder_layers(model)) + 1} lens "
           f"states · threads {torch.get_num_threads()} · best of {repeats}")
@@ -90,6 +93,13 @@ def whole_loss(config_path: str, repeats: int) -> None:
 def main() -> None:
     args = parse_args()
     if args.config:
+        synthetic = {"--tokens": 1000, "--hidden": 576, "--vocab": 49152, "--dtype": "fp32",
+                     "--logit-scale": 1.0}
+        ignored = [flag for flag, default in synthetic.items()
+                   if getattr(args, flag[2:].replace("-", "_")) != default]
+        if ignored:
+            raise SystemExit(f"{', '.join(ignored)}: only for the synthetic benchmark; with "
+                             "--config the model, data and precision come from the config")
         whole_loss(args.config, args.repeats)
         return
     torch.manual_seed(0)
