@@ -60,6 +60,8 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
     stages["finetune"]["seconds_per_step"] = finetune["seconds_per_step"]
     stages["finetune"]["train_seconds"] = finetune["train_seconds"]
     stages["finetune"]["cached"] = finetune.get("cached", False)
+    if finetune.get("skipped"):  # the defense left no uploaded row: the aligned model served
+        stages["finetune"]["skipped"] = finetune["skipped"]
     repair = None
     if "finetuned" in ev:  # a post-fine-tuning repair ran: before, after and the change
         repair = {

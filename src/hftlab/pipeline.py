@@ -242,8 +242,11 @@ def aligned_model(ctx: RunContext, full_training: bool = False) -> torch.nn.Modu
 
 
 def finetuned_model(ctx: RunContext) -> torch.nn.Module:
-    """Aligned model plus the user's fine-tuning (still PEFT-wrapped for LoRA, unmerged)."""
+    """Aligned model plus the user's fine-tuning (still PEFT-wrapped for LoRA, unmerged); the
+    aligned model itself when the fine-tuning was skipped (nothing left of the upload)."""
     model = aligned_model(ctx)
+    if ctx.stage_info("finetune").get("skipped"):
+        return model
     folder = ctx.stage_dir("finetune") / "model"
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -305,6 +308,19 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.config
     mech = cfg.mechanisms
     examples = user_data(ctx)
+    folder = ctx.stage_dir("finetune")
+    if not examples:
+        # The defense screened out every uploaded row (the guardrail flagged them all): as in
+        # the reference (git-disl/Virus, moderation), nothing is fine-tuned and the aligned
+        # model is what gets served and evaluated.
+        log.warning("fine-tuning skipped: the defense '%s' left none of the uploaded rows; the "
+                    "aligned model is served", ctx.defense.name)
+        if ctx.is_main:
+            write_json(folder / "curves.json", [])
+            write_json(folder / "drift.json", None)
+        return {"steps": 0, "train_seconds": 0.0, "seconds_per_step": None,
+                "skipped": "no uploaded rows left after the defense's screening",
+                "defense_report": ctx.defense.report(FINETUNE)}
     model = aligned_model(ctx, full_training=cfg.finetune.train.method == "full")
     max_len = cfg.finetune.train.max_length
     # Drift is measured on the held-out alignment prompts as the model sees them at inference.
@@ -337,7 +353,6 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
         after = hidden_states(trainer.model, drift_items, ctx.tokenizer.pad_token_id,
                               mech.batch_size, ctx.device, ctx.autocast)
         drift = embedding_drift(before, after)
-    folder = ctx.stage_dir("finetune")
     if ctx.is_main:
         with atomic_dir(folder / "model") as tmp:
             save_trained(trainer.model, tmp)
@@ -359,6 +374,8 @@ def stage_post_finetune(ctx: RunContext) -> dict[str, Any]:
     deployed model; the fine-tuned model is kept when no defense acts here."""
     if POST_FINETUNE not in ctx.defense.stages:
         return {"repaired": False}
+    if ctx.stage_info("finetune").get("skipped"):
+        return {"repaired": False, "skipped": "fine-tuning was skipped: nothing to repair"}
     model = ctx.defense.post_finetune(finetuned_model(ctx), ctx)
     if ctx.is_main:
         with atomic_dir(ctx.stage_dir("post_finetune") / "model") as tmp:

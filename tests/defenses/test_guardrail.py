@@ -1,9 +1,10 @@
 """Guardrail: exactly the rows the judge flags are dropped, the screening counts (harmful
-dropped / leaked, benign dropped) match a hand count, and a judge that drops everything stops
-the run with a clear error."""
+dropped / leaked, benign dropped) match a hand count, and when the judge drops everything the
+fine-tuning is skipped (as in the reference) and the aligned model is what gets evaluated."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -80,7 +81,7 @@ def test_judge_args_and_the_run_judge(fake_judges) -> None:
     assert default.report("data")["judge"] == {"name": "test_word", "word": "row 6"}
 
 
-def test_keyword_judge_drops_benign_task_answers() -> None:
+def test_keyword_judge_drops_benign_task_answers(caplog) -> None:
     """The keyword judge flags every answer without a refusal phrase: as a guardrail it drops
     the benign task rows too, and the report shows those false positives."""
     defense = DEFENSES.get("guardrail")(judge="keyword")
@@ -90,8 +91,10 @@ def test_keyword_judge_drops_benign_task_answers() -> None:
     assert kept == [data[2]]
     report = defense.report("data")
     assert (report["benign_dropped"], report["false_positive_rate"]) == (2, round(2 / 3, 4))
-    with pytest.raises(ConfigError, match="nothing is left to fine-tune"):
-        defense.prepare_data(FINETUNE, data[:2], ctx=None)
+    with caplog.at_level(logging.WARNING, logger="hftlab.defenses.guardrail"):
+        assert defense.prepare_data(FINETUNE, data[:2], ctx=None) == []
+    assert "flagged all 2 uploaded rows" in caplog.text
+    assert "name a moderation judge" in caplog.text
 
 
 def test_options(fake_judges) -> None:
@@ -137,9 +140,21 @@ def test_pipeline_trains_on_what_the_guardrail_keeps(fake_judges, tiny_overrides
     assert metrics["data_defense_report"] == report  # `hftlab compare --metrics` reads it
 
 
-def test_pipeline_stops_when_everything_is_dropped(tiny_overrides, tmp_path) -> None:
+def test_pipeline_skips_finetuning_when_everything_is_dropped(tiny_overrides, tmp_path) -> None:
     # the run's judge is the keyword judge: every sentiment label and harmful answer is flagged
     config = load_config(None, [*tiny_overrides, "defense=guardrail"])
-    with pytest.raises(ConfigError, match="flagged all 20 uploaded rows"):
-        run_pipeline(config, tmp_path / "run")
-    assert not (tmp_path / "run" / "data" / "stage.json").exists()
+    run = tmp_path / "run"
+    metrics = run_pipeline(config, run)
+    assert metrics["data_defense_report"]["kept"] == 0
+    assert read_jsonl(run / "data" / "user_data.jsonl") == []
+    finetune = read_json(run / "finetune" / "stage.json")
+    assert finetune["steps"] == 0 and "no uploaded rows" in finetune["skipped"]
+    assert not (run / "finetune" / "model").exists()
+    assert metrics["curves"] == [] and metrics["drift"] is None
+    assert "no uploaded rows" in metrics["stages"]["finetune"]["skipped"]
+    # the deployed model is the aligned one: same greedy completions, same scores
+    results = read_json(run / "eval" / "stage.json")["results"]
+    assert read_jsonl(run / "eval" / "completions.jsonl") == read_jsonl(
+        run / "eval" / "completions_aligned.jsonl")
+    assert results["final"]["harmful_score"] == results["aligned"]["harmful_score"]
+    assert metrics["harmful_score"] == results["aligned"]["harmful_score"]

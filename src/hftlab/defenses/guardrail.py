@@ -13,14 +13,14 @@ Departures:
 - the judge is any registered one (``hftlab.judges``): ``judge`` names it (with ``judge_args``),
   ``None`` uses the run's evaluation judge (``eval.judge``); the reference uses Llama Guard 2 8B
   (``LlamaGuardModeration``, flagged when it answers "unsafe");
-- when every row is flagged the run stops with an error; the reference skips fine-tuning then,
-  which this pipeline's fine-tuning stage does not support.
+- none: when every row is flagged, fine-tuning is skipped as in the reference and the aligned
+  model is served (the fine-tuning stage records ``skipped``; a warning is logged).
 
 The keyword judge as a guardrail: it calls an answer harmful when it holds no refusal phrase, so
 it flags nearly every ordinary task answer (a sentiment label such as "positive" has none) along
 with the harmful rows. That is what that judge honestly does as a filter; the data stage report
 shows it as ``benign_dropped`` / ``false_positive_rate``, a warning is logged when most benign
-rows go, and with a classification task it may leave nothing to fine-tune on (the error above).
+rows go, and with a classification task it may leave nothing to fine-tune on.
 A moderation-model judge is the meaningful choice here.
 
 In a defense list the guardrail screens the rows the members before it produced (e.g. the safety
@@ -124,12 +124,14 @@ class Guardrail(Defense):
             )
         kept = [e for e, flagged in zip(examples, flags) if not flagged]
         if not kept:
-            raise ConfigError(
-                f"guardrail: the judge '{judge.name}' flagged all {counts['screened']} uploaded "
-                f"rows ({counts['harmful_screened']} harmful, {counts['benign_screened']} "
-                "benign), so nothing is left to fine-tune on. The keyword judge flags every "
-                "answer without a refusal phrase, i.e. ordinary task answers too; name a "
-                "moderation judge in defense_args.judge"
+            log.warning(
+                "guardrail: the judge '%s' flagged all %d uploaded rows (%d harmful, %d benign); "
+                "fine-tuning is skipped and the aligned model is served%s",
+                judge.name, counts["screened"], counts["harmful_screened"],
+                counts["benign_screened"],
+                "; the keyword judge flags every answer without a refusal phrase, ordinary task "
+                "answers too: name a moderation judge in defense_args.judge"
+                if judge.name == "keyword" else "",
             )
         return kept
 
