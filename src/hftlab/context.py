@@ -192,6 +192,10 @@ class RunContext:
         runs that differ only after it (a post-fine-tuning repair, the evaluation) share it."""
         cfg = self.config
         data = self.data
+        if not data.user:
+            # nothing left to train on (the guardrail dropped every row): the stage serves the
+            # aligned model, whatever the seed or settings, so such runs share it and its eval
+            return stable_hash({"alignment": self.alignment_key(), "skipped": "empty upload"})[:16]
         key: dict[str, Any] = {
             "alignment": self.alignment_key(),
             "user": data_fingerprint(data.user),

@@ -142,7 +142,7 @@ def test_pipeline_trains_on_what_the_guardrail_keeps(fake_judges, tiny_overrides
 
 def test_pipeline_skips_finetuning_when_everything_is_dropped(tiny_overrides, tmp_path) -> None:
     # the run's judge is the keyword judge: every sentiment label and harmful answer is flagged
-    config = load_config(None, [*tiny_overrides, "defense=guardrail"])
+    config = load_config(None, [*tiny_overrides, "defense=guardrail", "alignment.seed=0"])
     run = tmp_path / "run"
     metrics = run_pipeline(config, run)
     assert metrics["data_defense_report"]["kept"] == 0
@@ -158,3 +158,12 @@ def test_pipeline_skips_finetuning_when_everything_is_dropped(tiny_overrides, tm
         run / "eval" / "completions_aligned.jsonl")
     assert results["final"]["harmful_score"] == results["aligned"]["harmful_score"]
     assert metrics["harmful_score"] == results["aligned"]["harmful_score"]
+    # another seed and other fine-tuning settings: nothing is trained either, so the second run
+    # shares the first one's (empty) fine-tuning stage and its evaluation
+    again = load_config(None, [*tiny_overrides, "defense=guardrail", "alignment.seed=0",
+                               "seed=1",
+                               "finetune.train.lr=0.5"])
+    second = run_pipeline(again, tmp_path / "again")
+    assert read_json(tmp_path / "again" / "finetune" / "stage.json")["cached"]
+    assert read_json(tmp_path / "again" / "eval" / "stage.json")["results"]["final"]["cached"]
+    assert second["harmful_score"] == metrics["harmful_score"]
