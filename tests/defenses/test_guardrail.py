@@ -161,8 +161,7 @@ def test_pipeline_skips_finetuning_when_everything_is_dropped(tiny_overrides, tm
     # another seed and other fine-tuning settings: nothing is trained either, so the second run
     # shares the first one's (empty) fine-tuning stage and its evaluation
     again = load_config(None, [*tiny_overrides, "defense=guardrail", "alignment.seed=0",
-                               "seed=1",
-                               "finetune.train.lr=0.5"])
+                               "seed=1", "finetune.train.lr=0.5"])
     second = run_pipeline(again, tmp_path / "again")
     assert read_json(tmp_path / "again" / "finetune" / "stage.json")["cached"]
     assert read_json(tmp_path / "again" / "eval" / "stage.json")["results"]["final"]["cached"]
