@@ -12,9 +12,10 @@ Departures:
 
 - the judge is any registered one (``hftlab.judges``): ``judge`` names it (with ``judge_args``),
   ``None`` uses the run's evaluation judge (``eval.judge``); the reference uses Llama Guard 2 8B
-  (``LlamaGuardModeration``, flagged when it answers "unsafe");
-- none: when every row is flagged, fine-tuning is skipped as in the reference and the aligned
-  model is served (the fine-tuning stage records ``skipped``; a warning is logged).
+  (``LlamaGuardModeration``, flagged when it answers "unsafe").
+
+When every row is flagged, fine-tuning is skipped as in the reference and the aligned model is
+served (the fine-tuning stage records ``skipped``; a warning is logged).
 
 The keyword judge as a guardrail: it calls an answer harmful when it holds no refusal phrase, so
 it flags nearly every ordinary task answer (a sentiment label such as "positive" has none) along
