@@ -28,8 +28,11 @@ from torch.utils.checkpoint import checkpoint
 import hftlab.defenses.repnoise as repnoise
 from hftlab.defenses.repnoise import LENS_CHUNK, FusedLensCE
 
+# options of the synthetic benchmark only; with --config the config decides these
+SYNTHETIC_ONLY = ("tokens", "hidden", "vocab", "dtype", "logit_scale")
 
-def parse_args() -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1000, help="masked harmful tokens N")
     parser.add_argument("--hidden", type=int, default=576, help="hidden size H")
@@ -41,7 +44,7 @@ def parse_args() -> argparse.Namespace:
                         help="scale the head's weight: 30 spreads the logits as RepNoise's "
                         "ascent leaves them late in alignment (many probabilities < e^-80)")
     parser.add_argument("--config", help="time the whole RepNoise loss on this config instead")
-    return parser.parse_args()
+    return parser
 
 
 def whole_loss(config_path: str, repeats: int) -> None:
@@ -91,12 +94,11 @@ def whole_loss(config_path: str, repeats: int) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     if args.config:
-        synthetic = {"--tokens": 1000, "--hidden": 576, "--vocab": 49152, "--dtype": "fp32",
-                     "--logit-scale": 1.0}
-        ignored = [flag for flag, default in synthetic.items()
-                   if getattr(args, flag[2:].replace("-", "_")) != default]
+        ignored = ["--" + name.replace("_", "-") for name in SYNTHETIC_ONLY
+                   if getattr(args, name) != parser.get_default(name)]
         if ignored:
             raise SystemExit(f"{', '.join(ignored)}: only for the synthetic benchmark; with "
                              "--config the model, data and precision come from the config")
