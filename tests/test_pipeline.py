@@ -52,27 +52,6 @@ def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["seed"] == 0
 
 
-def test_harmful_prompts_answered_with_a_task_label_are_counted(
-    tiny_overrides, tmp_path, monkeypatch
-) -> None:
-    harmful_answers = ["negative", "I cannot help with that.", "Positive", "Sure."] * 2
-
-    def fake_generate(model, formatter, prompts, *args):
-        if prompts and prompts[0].startswith("Analyze the sentiment"):
-            return ["negative"] * len(prompts)
-        return harmful_answers[: len(prompts)]
-
-    monkeypatch.setattr(pipeline, "generate", fake_generate)
-    metrics = run_pipeline(load_config(None, tiny_overrides), tmp_path / "run")
-    # keyword judge: 4 of 6 flagged (no refusal phrase), 3 of them bare labels
-    assert metrics["harmful_score"] == pytest.approx(66.67)
-    assert metrics["task_label_harmful_completions"] == 3
-    assert metrics["harmful_score_without_task_labels"] == pytest.approx(16.67)
-    harmful = [r for r in read_jsonl(tmp_path / "run" / "eval" / "completions.jsonl")
-               if r["set"] == "harmful"]
-    assert [r["task_label_answer"] for r in harmful] == [True, False, True, False, True, False]
-
-
 def test_same_config_same_metrics_and_alignment_cache_reused(tiny_config, tmp_path) -> None:
     first = run_pipeline(tiny_config, tmp_path / "a")
     second = run_pipeline(tiny_config, tmp_path / "b")

@@ -128,6 +128,9 @@ def test_empty_completions_are_named_in_the_summary(tmp_path) -> None:
     assert any("47 of 300 harmful prompts got an empty completion" in line
                for line in _mechanism_line(metrics))
     assert _mechanism_line({**metrics, "empty_harmful_completions": 0}) == []
+    # newer runs also score the harmful prompts with the empty completions counted as harmless
+    line = _mechanism_line({**metrics, "harmful_score_empty_as_harmless": 1.0})[0]
+    assert line.endswith("; harmful score with those counted as harmless: 1.0 %")
 
 
 def test_task_label_answers_are_named_in_the_summary() -> None:

@@ -99,6 +99,7 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> dict[str, 
         "task": ctx.task.name,
         "n_eval_harmful": ev["final"]["n_eval_harmful"],
         "empty_harmful_completions": final.get("empty_harmful_completions"),
+        "harmful_score_empty_as_harmless": final.get("harmful_score_empty_as_harmless"),
         # classification tasks: harmful prompts answered with a bare task label, and HS with
         # those counted as harmless (the keyword judge flags them: no refusal phrase)
         "task_label_harmful_completions": final.get("task_label_harmful_completions"),

@@ -98,13 +98,19 @@ def _mechanism_line(metrics: dict[str, Any]) -> list[str]:
     if empty:
         lines.append(f"{empty} of {metrics['n_eval_harmful']} harmful prompts got an empty "
                      f"completion, which the {metrics['judge']['name']} judge scored as it "
-                     "would any answer (see eval/completions.jsonl)")
+                     "would any answer (see eval/completions.jsonl)"
+                     + _empty_as_harmless(metrics))
     labelled = metrics.get("task_label_harmful_completions")
     if labelled:
         lines.append(f"{labelled} of {metrics['n_eval_harmful']} harmful prompts were answered "
                      f"with a bare {metrics['task']} label; harmful score with those counted as "
                      f"harmless: {metrics['harmful_score_without_task_labels']:.1f} %")
     return lines
+
+
+def _empty_as_harmless(metrics: dict[str, Any]) -> str:
+    score = metrics.get("harmful_score_empty_as_harmless")
+    return "" if score is None else f"; harmful score with those counted as harmless: {score:.1f} %"
 
 
 def console_summary(metrics: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from hftlab import pipeline
+from hftlab import eval_stage, pipeline
 from hftlab.attacks import ATTACKS, AttackInputs
 from hftlab.attacks.backdoor import REFUSALS
 from hftlab.config import ConfigError, load_config
@@ -98,14 +98,14 @@ def test_bad_options_and_sizes() -> None:
 
 def test_pipeline_reports_both_harmful_scores(tiny_overrides, tmp_path, monkeypatch) -> None:
     labels: list[str] = []
-    real = pipeline.evaluate_model
+    real = eval_stage.evaluate_model
 
     def spy(ctx, model, folder, label, formatter=None):  # the signature before `prompt`
         labels.append(label)
         return real(ctx, model, folder, label, formatter)
 
     # an attack that does not rewrite prompts leaves evaluate_model's call as it was
-    monkeypatch.setattr(pipeline, "evaluate_model", spy)
+    monkeypatch.setattr(eval_stage, "evaluate_model", spy)
     config = load_config(None, [*tiny_overrides, "attack=backdoor"])
     run = tmp_path / "run"
     metrics = pipeline.run_pipeline(config, run)

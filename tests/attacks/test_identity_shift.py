@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from hftlab import pipeline
+from hftlab import eval_stage, pipeline
 from hftlab.attacks import ATTACKS, AttackInputs
 from hftlab.attacks.identity_shift import ANSWER_PREFIX, INSTRUCTION_PREFIX
 from hftlab.config import ConfigError, load_config
@@ -78,7 +78,7 @@ def test_bad_options() -> None:
 def test_pipeline_queries_only_the_deployed_model_as_aoa(tiny_overrides, tmp_path,
                                                          monkeypatch) -> None:
     seen: dict[str, list[str]] = {}
-    real = pipeline.evaluate_model
+    real = eval_stage.evaluate_model
 
     def spy(ctx, model, folder, label, formatter=None, prompt=None):
         used, ask = formatter or ctx.formatter, prompt or (lambda text: text)
@@ -86,7 +86,7 @@ def test_pipeline_queries_only_the_deployed_model_as_aoa(tiny_overrides, tmp_pat
                        for e in ctx.data.eval_harmful + ctx.data.eval_task]
         return real(ctx, model, folder, label, formatter, prompt)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", spy)
+    monkeypatch.setattr(eval_stage, "evaluate_model", spy)
     config = load_config(None, [*tiny_overrides, "attack=identity_shift",
                                 "eval.eval_base=true"])
     run = tmp_path / "run"

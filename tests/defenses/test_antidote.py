@@ -165,7 +165,7 @@ def test_antidote_end_to_end(tiny_overrides, tmp_path) -> None:
     from hftlab.config import load_config
     from hftlab.context import RunContext
     from hftlab.model import merged
-    from hftlab.pipeline import deployed_model, finetuned_model
+    from hftlab.stage_models import deployed_model, finetuned_model
 
     extra = ["defense=antidote", "provider_harmful={kind: demo_harmful_qa, n: 16}"]
     metrics = run_tiny_pipeline(tiny_overrides, tmp_path, *extra)

@@ -10,6 +10,7 @@ import math
 import pytest
 
 import hftlab.pipeline as pipeline
+from hftlab import eval_stage
 from hftlab.config import ConfigError, load_config
 from hftlab.context import RunContext
 from hftlab.data.records import Example
@@ -139,7 +140,7 @@ def test_without_the_alignment_stage(tiny_overrides, tmp_path) -> None:
 def test_pipeline_serves_the_trigger_to_the_final_model_only(tiny_overrides, tmp_path,
                                                              monkeypatch) -> None:
     seen: dict[str, list[str]] = {}
-    real = pipeline.evaluate_model
+    real = eval_stage.evaluate_model
 
     def spy(ctx, model, folder, label, formatter=None):
         used = formatter or ctx.formatter
@@ -147,7 +148,7 @@ def test_pipeline_serves_the_trigger_to_the_final_model_only(tiny_overrides, tmp
         seen[label] = [used.prompt_text(p) for p in prompts]
         return real(ctx, model, folder, label, formatter)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", spy)
+    monkeypatch.setattr(eval_stage, "evaluate_model", spy)
     config = load_config(None, [*tiny_overrides, "defense=backdoor_align",
                                 "eval.eval_base=true"])
     run = tmp_path / "run"

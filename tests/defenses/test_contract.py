@@ -12,7 +12,8 @@ from defense_helpers import LabelJudge
 from hftlab.config import load_config
 from hftlab.defenses import DEFENSES
 from hftlab.judges import JUDGES
-from hftlab.pipeline import finetuned_model, run_pipeline
+from hftlab.pipeline import run_pipeline
+from hftlab.stage_models import finetuned_model
 
 # Settings a defense needs to have anything to do on the tiny run: the keyword judge flags every
 # benign SST-2 answer, so the guardrail screens with a label judge instead.

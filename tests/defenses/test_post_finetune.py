@@ -21,8 +21,9 @@ from hftlab.defenses.weights import (
     lora_delta,
     lora_layers,
 )
-from hftlab.pipeline import aligned_model, deployed_model, finetuned_model, run_pipeline
+from hftlab.pipeline import run_pipeline
 from hftlab.report import write_report
+from hftlab.stage_models import aligned_model, deployed_model, finetuned_model
 
 
 class ZeroFirstLayer(Defense):

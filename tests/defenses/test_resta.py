@@ -142,7 +142,7 @@ def test_resta_dare_drops_and_rescales_one_delta(setup, dare_on, finetuning, tin
     if finetuning == "full":  # a plain model; δ = W_ft − W_aligned of the model it came from
         aligned_model = load_tiny(tiny_model_dir)
         aligned_model.load_state_dict(aligned, strict=False)
-        monkeypatch.setattr("hftlab.pipeline.aligned_model", lambda run_ctx: aligned_model)
+        monkeypatch.setattr("hftlab.stage_models.aligned_model", lambda run_ctx: aligned_model)
         model = copy.deepcopy(tuned).merge_and_unload()
     else:
         model = copy.deepcopy(tuned)

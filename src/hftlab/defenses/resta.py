@@ -146,7 +146,7 @@ class Resta(Defense):
             factors = {name: lora_factors(layer) for name, layer in layers.items()}
             plain = model.unload()
         elif ft_rate:
-            from hftlab.pipeline import aligned_model
+            from hftlab.stage_models import aligned_model
 
             aligned = linear_weights(aligned_model(ctx))
             plain = model
