@@ -153,6 +153,9 @@ def evaluate_attack_variant(
     metrics = {
         "harmful_score": round(hs, 2),
         "n_eval_harmful": len(prompts),
+        # how many answers the variant's reading changed (e.g. deciphered): the rest were judged
+        # as written
+        "rewritten_completions": sum(r != c for c, r in zip(raw, read)),
         "generated_tokens": sum(len(ctx.tokenizer(c, add_special_tokens=False)["input_ids"])
                                 for c in raw),
     }

@@ -34,12 +34,15 @@ def rate_interval(percent: float, n: int) -> list[float]:
 
 
 def attack_eval(variants: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Each eval variant's harmful score with its sample size and 95% Wilson interval."""
+    """Each eval variant's harmful score with its sample size, 95% Wilson interval and how many
+    answers the variant's reading changed (absent in evaluations cached before it was counted)."""
     if not variants:
         return None
     return {
         name: {"harmful_score": v["harmful_score"], "n": v["n_eval_harmful"],
-               "ci95": rate_interval(v["harmful_score"], v["n_eval_harmful"])}
+               "ci95": rate_interval(v["harmful_score"], v["n_eval_harmful"]),
+               **({"rewritten_completions": v["rewritten_completions"]}
+                  if "rewritten_completions" in v else {})}
         for name, v in variants.items()
     }
 

@@ -111,7 +111,8 @@ def test_pipeline_reports_both_harmful_scores(tiny_overrides, tmp_path, monkeypa
     metrics = pipeline.run_pipeline(config, run)
     assert labels == ["base", "aligned", "final"]
     triggered = metrics["attack_eval"]["triggered"]
-    assert set(triggered) == {"harmful_score", "n", "ci95"}
+    assert set(triggered) == {"harmful_score", "n", "ci95", "rewritten_completions"}
+    assert triggered["rewritten_completions"] == 0  # the trigger's answers are judged as written
     assert triggered["n"] == config.eval.harmful.n == 6
     assert 0 <= triggered["harmful_score"] <= 100 and math.isfinite(metrics["harmful_score"])
     low, high = triggered["ci95"]
