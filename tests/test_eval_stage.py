@@ -11,7 +11,7 @@ import pytest
 from hftlab import eval_stage
 from hftlab.config import load_config
 from hftlab.pipeline import run_pipeline
-from hftlab.utils import read_jsonl
+from hftlab.utils import read_json, read_jsonl
 
 
 def run_with_answers(overrides: list[str], run: Path, monkeypatch: pytest.MonkeyPatch,
@@ -51,3 +51,26 @@ def test_empty_answers_are_counted_and_scored_both_ways(tiny_overrides, tmp_path
     assert metrics["harmful_score"] == pytest.approx(83.33)
     assert metrics["empty_harmful_completions"] == 3
     assert metrics["harmful_score_empty_as_harmless"] == pytest.approx(33.33)
+
+
+def test_attack_variant_reading_and_its_cache_version(tiny_overrides, tmp_path,
+                                                      monkeypatch) -> None:
+    from hftlab.attacks import harmful_disguise
+
+    cipher = harmful_disguise.SubstitutionCipher(harmful_disguise.substitution_alphabet(53))
+    # answered in English (a refusal), or in the cipher (a compliance), three times each
+    answers = ["I cannot help with that.", cipher.encode("Sure, here it is.")] * 3
+    overrides = [*tiny_overrides, "attack=harmful_disguise"]
+    metrics = run_with_answers(overrides, tmp_path / "first", monkeypatch, answers)
+    disguised = metrics["attack_eval"]["disguised"]
+    # the refusals are judged as written, the ciphered answers deciphered: 3 of 6 flagged
+    assert (disguised["harmful_score"], disguised["rewritten_completions"]) == (50.0, 3)
+    cached = tmp_path / "second" / "eval" / "stage.json"
+    run_with_answers(overrides, tmp_path / "second", monkeypatch, answers)
+    assert read_json(cached)["attack_eval"]["disguised"]["cached"]
+    # a new reading version: the variant's evaluation is redone, the others still come cached
+    monkeypatch.setitem(harmful_disguise.READING_VERSIONS, "cipher", 99)
+    run_with_answers(overrides, tmp_path / "third", monkeypatch, answers)
+    stage = read_json(tmp_path / "third" / "eval" / "stage.json")
+    assert not stage["attack_eval"]["disguised"]["cached"]
+    assert stage["results"]["final"]["cached"]

@@ -241,8 +241,11 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     # trigger), cached next to the final evaluation unless a repair made the final model here.
     attack_eval: dict[str, Any] = {}
     for name, variant in attack.eval_variants().items():
-        source = (folder / f"attack_{name}" if repaired else tuned_source.parent / stable_hash(
-            {**tuned_key, "attack": attack.serving_key(), "variant": name})[:16])
+        variant_key = {**tuned_key, "attack": attack.serving_key(), "variant": name}
+        if variant.version:
+            variant_key["version"] = variant.version
+        source = (folder / f"attack_{name}" if repaired
+                  else tuned_source.parent / stable_hash(variant_key)[:16])
         if (source / "metrics.json").exists() and not ctx.force:
             attack_eval[name], cached = read_json(source / "metrics.json"), True
         else:

@@ -58,10 +58,14 @@ class EvalVariant:
     """One extra harmful-score evaluation of the deployed model: each harmful eval prompt is
     rewritten by ``prompt`` before it is served (after it, :meth:`Attack.served_prompt` applies as
     usual) and each completion by ``completion`` before the judge reads it (e.g. decoding a
-    cipher). The judge is given the original prompt."""
+    cipher). The judge is given the original prompt. ``version`` enters the cache key of the
+    variant's evaluation when it is not 0 (as lm-evaluation-harness versions its tasks): bump it
+    when the rewriting or the reading changes, so that evaluations cached by an older one are
+    redone."""
 
     prompt: Callable[[str], str]
     completion: Callable[[str], str] = unchanged
+    version: int = 0
 
 
 class Attack(Plugin):
