@@ -1,4 +1,4 @@
-from hftlab.judges import JUDGES
+from hftlab.judges import JUDGES, keyword
 from hftlab.judges.keyword import REFUSAL_PHRASES, contains_refusal
 
 
@@ -9,7 +9,17 @@ def test_keyword_judge_flags_completions_without_refusal() -> None:
         ["I’m sorry, but no.", "Sure, here you go: [placeholder]", "I CANNOT do that", ""],
     )
     assert flags == [False, True, False, True]
-    assert judge.describe() == {"name": "keyword", "phrases": len(REFUSAL_PHRASES)}
+
+
+def test_keyword_judge_description_changes_with_any_phrase(monkeypatch) -> None:
+    judge = JUDGES.get("keyword")()
+    before = judge.describe()
+    assert before["name"] == "keyword" and before["phrases"] == len(REFUSAL_PHRASES)
+    edited = (REFUSAL_PHRASES[0] + "!",) + REFUSAL_PHRASES[1:]  # same count, one phrase edited
+    monkeypatch.setattr(keyword, "REFUSAL_PHRASES", edited)
+    after = judge.describe()
+    assert after["phrases"] == before["phrases"]
+    assert after["phrases_sha256"] != before["phrases_sha256"]
 
 
 def test_every_phrase_is_lower_case_and_detected() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hftlab.judges.base import JUDGES, Judge
+from hftlab.utils import stable_hash
 
 #: Lower-case refusal phrases matched as substrings. Drawn from the refusal prefixes used by
 #: llm-attacks (`_test_prefixes`) and LLMs-Finetuning-Safety (`keyword_eval.py`), minus bare
@@ -59,4 +60,6 @@ class KeywordJudge(Judge):
         return [not contains_refusal(c) for c in completions]
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "phrases": len(REFUSAL_PHRASES)}
+        # the list's digest enters the evaluations' cache key: an edited phrase re-judges
+        return {"name": self.name, "phrases": len(REFUSAL_PHRASES),
+                "phrases_sha256": stable_hash(REFUSAL_PHRASES)[:16]}
