@@ -111,3 +111,19 @@ def test_pipeline_reports_over_refusal_and_exports_generations(tiny_overrides, t
     assert len(exported) == 3
     assert {"instruction", "output", "generator"} <= set(exported[0])
     assert exported[0]["generator"] == "hftlab-sft-final"
+
+
+def test_evaluation_version_enters_the_eval_key_only_when_bumped(
+    tiny_overrides, tmp_path, monkeypatch
+) -> None:
+    import hftlab.evaluate
+    from hftlab.config import load_config
+    from hftlab.context import RunContext
+
+    def key() -> str:
+        return RunContext(load_config(None, tiny_overrides), tmp_path).eval_key()
+
+    assert hftlab.evaluate.EVALUATION_VERSION == 0
+    unversioned = key()
+    monkeypatch.setattr(hftlab.evaluate, "EVALUATION_VERSION", 1)
+    assert key() != unversioned

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+import hftlab.evaluate as evaluation
 from hftlab.attacks import ATTACKS, AttackInputs
 from hftlab.config import Config, ConfigError
 from hftlab.data.loaders import data_fingerprint, load_examples
@@ -234,6 +235,8 @@ class RunContext:
         # optional settings enter the key only when set, so older cached evaluations stay valid
         if ev.hs_plus:
             key["hs_plus"] = True
+        if evaluation.EVALUATION_VERSION:
+            key["evaluation_version"] = evaluation.EVALUATION_VERSION
         if self.data.eval_harmless:
             key["harmless"] = data_fingerprint(self.data.eval_harmless)
         if self.data.eval_generations:

@@ -14,6 +14,12 @@ from hftlab.judges.base import Judge
 from hftlab.model import causal_lm_parts
 from hftlab.tasks import Task
 
+# Bump when a change to this module or to eval_stage changes how answers are generated, read or
+# scored (lm-evaluation-harness's task version): it enters every evaluation's cache key, so runs
+# re-evaluate instead of reusing numbers the old code produced. 0 stays out of the key, keeping
+# the evaluations cached before this constant existed valid.
+EVALUATION_VERSION = 0
+
 
 @torch.no_grad()
 def generate(
