@@ -13,6 +13,7 @@ import pytest
 from defense_helpers import LabelJudge
 
 from hftlab.config import ConfigError, load_config
+from hftlab.context import RunContext
 from hftlab.data.records import Example
 from hftlab.defenses import DEFENSES, FINETUNE
 from hftlab.judges import JUDGES, Judge
@@ -166,3 +167,18 @@ def test_pipeline_skips_finetuning_when_everything_is_dropped(tiny_overrides, tm
     assert read_json(tmp_path / "again" / "finetune" / "stage.json")["cached"]
     assert read_json(tmp_path / "again" / "eval" / "stage.json")["results"]["final"]["cached"]
     assert second["harmful_score"] == metrics["harmful_score"]
+
+
+def test_a_guardrail_that_drops_nothing_shares_the_sft_finetuning(
+    fake_judges, tiny_overrides, tmp_path
+) -> None:
+    """Its only effect is the screened upload, which the fine-tuning key fingerprints: dropping
+    nothing gives sft's key (the run reuses that stage), dropping rows gives another."""
+
+    def finetune_key(*overrides: str) -> str:
+        config = load_config(None, [*tiny_overrides, *overrides])
+        return RunContext(config, tmp_path / "run").finetune_key()
+
+    sft = finetune_key()
+    assert finetune_key("defense=guardrail", "defense_args={judge: test_word}") == sft
+    assert finetune_key("defense=guardrail", "defense_args={judge: test_label}") != sft

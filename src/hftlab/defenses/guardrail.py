@@ -17,6 +17,11 @@ Departures:
 When every row is flagged, fine-tuning is skipped as in the reference and the aligned model is
 served (the fine-tuning stage records ``skipped``; a warning is logged).
 
+The screening acts on the upload alone, and the fine-tuning stage's cache key fingerprints the
+upload after screening, so the guardrail adds nothing else to that key: when it drops no row,
+its run trains exactly what ``sft`` trains on the same seed and shares that stage and its
+evaluation instead of repeating them.
+
 The keyword judge as a guardrail: it calls an answer harmful when it holds no refusal phrase, so
 it flags nearly every ordinary task answer (a sentiment label such as "positive" has none) along
 with the harmful rows. That is what that judge honestly does as a filter; the data stage report
@@ -138,3 +143,7 @@ class Guardrail(Defense):
 
     def report(self, stage: str) -> dict[str, Any]:
         return dict(self._report) if stage == "data" else {}
+
+    def cache_key(self, stage: str) -> dict[str, Any] | None:
+        # its whole effect is the screened upload, which the fine-tuning key already holds
+        return None
