@@ -123,7 +123,7 @@ def test_evaluation_version_enters_the_eval_key_only_when_bumped(
     def key() -> str:
         return RunContext(load_config(None, tiny_overrides), tmp_path).eval_key()
 
-    assert hftlab.evaluate.EVALUATION_VERSION == 0
+    monkeypatch.setattr(hftlab.evaluate, "EVALUATION_VERSION", 0)
     unversioned = key()
     monkeypatch.setattr(hftlab.evaluate, "EVALUATION_VERSION", 1)
     assert key() != unversioned
