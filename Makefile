@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # into the venv first (a torch already installed satisfies the project's torch>=2.3).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench judge clean
+.PHONY: setup demo test lint bench judge refusals clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ judge: setup
 	  --data '{kind: beavertails, path: beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100, options: {require_response: true}}' \
 	  --data '{kind: refusal, path: safety_tuned_llamas/safety_only_data_Instructions.json, offset: 400, n: 150, options: {refusals_only: true}}' \
 	  --data '{kind: refusal, path: alpaca/alpaca_data_safety_only.json, n: 150}'
+
+# Paired alignment data for configs/cpu_sst2_ref.yaml: the embedded model's refusals for the
+# provider's BeaverTails rows 50-149 and those rows' own answers (~15 min on 2 cores; resumable).
+REFUSALS ?= runs/data/beavertails_refusals.jsonl
+refusals: setup
+	$(VENV)/bin/hftlab data refusals --data-root ../shared/data --out $(REFUSALS) \
+	  --data '{kind: beavertails, path: beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100, options: {require_response: true}}'
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py --ablate

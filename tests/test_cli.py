@@ -37,3 +37,25 @@ def test_run_and_report_end_to_end(tiny_overrides, tmp_path, capsys) -> None:
     assert "[placeholder" not in printed  # completions stay in files
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text().startswith("# hftlab run report")
+
+
+def test_list_shows_each_defense_settings_table(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "settings (reference / default / CPU preset; ≠ differs):" in out
+    assert "defense_args.lamb: 5 / 5 / 5" in out  # booster
+    assert "finetune.train.lr: 1e-5 / ≠" in out  # hftlab's lr is calibrated, not 1e-5
+    assert "defense_args.alignment_step: 100 / 100 / ≠3" in out  # lisa's CPU cell
+
+
+def test_docs_writes_the_file_and_check_finds_drift(tmp_path, capsys) -> None:
+    out = tmp_path / "docs" / "defenses.md"
+    assert main(["docs", "--check", "--out", str(out)]) == 1
+    assert main(["docs", "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Defenses: reference settings")
+    assert main(["docs", "--check", "--out", str(out)]) == 0
+    out.write_text(out.read_text() + "edited by hand\n")
+    capsys.readouterr()
+    assert main(["docs", "--check", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of date" in err

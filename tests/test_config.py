@@ -81,3 +81,45 @@ def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in root.glob("*.yaml"):
         load_config(path)
+
+
+class TestLoraPresets:
+    def test_preset_fills_the_adapter(self) -> None:
+        from hftlab.config import LORA_PRESETS
+
+        config = load_config("configs/cpu_sst2.yaml", ["finetune.train.lora={preset: reference}"])
+        lora = config.finetune.train.lora
+        assert (lora.r, lora.alpha, lora.dropout) == (32, 4, 0.0)
+        assert lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+        assert lora.scale == 0.125
+        assert config.alignment.train.lora.r == 8  # the other stage keeps its own
+        assert LORA_PRESETS["reference"]["r"] == 32  # not mutated by the run
+
+    def test_keys_beside_the_preset_win(self) -> None:
+        config = load_config(None, ["alignment.train.lora={preset: vaccine, r: 4}"])
+        lora = config.alignment.train.lora
+        assert (lora.r, lora.alpha, lora.dropout) == (4, 4, 0.1)
+
+    def test_yaml_preset_replaces_the_defaults(self, tmp_path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text("alignment:\n  train:\n    lora: {preset: antidote}\n")
+        assert load_config(path).alignment.train.lora.r == 256
+
+    def test_unknown_preset_names_the_key_and_the_presets(self) -> None:
+        with pytest.raises(ConfigError, match=r"alignment.train.lora.preset.*Did you mean "
+                           r"'reference'.*Known: antidote, cpu"):
+            load_config(None, ["alignment.train.lora={preset: refrence}"])
+
+    def test_resolved_config_round_trips_without_the_preset_name(self, tmp_path) -> None:
+        from hftlab.config import dump_config
+
+        config = load_config(None, ["finetune.train.lora={preset: reference}"])
+        path = tmp_path / "c.yaml"
+        path.write_text(dump_config(config))
+        assert "preset" not in path.read_text()
+        assert load_config(path).finetune.train.lora == config.finetune.train.lora
+
+    def test_reference_protocol_config_loads(self) -> None:
+        config = load_config("configs/cpu_sst2_ref.yaml")
+        assert config.alignment.train.lora.scale == config.finetune.train.lora.scale == 0.125
+        assert config.alignment.data.kind == "mix"

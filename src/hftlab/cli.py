@@ -1,5 +1,5 @@
 """Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``, ``export``,
-``judge``."""
+``judge``, ``data``, ``docs``."""
 
 from __future__ import annotations
 
@@ -59,7 +59,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "with finished runs below it")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     add_judge_parser(sub)
+    add_data_parser(sub)
+    docs = sub.add_parser("docs", help="write docs/defenses.md: each defense's reference "
+                          "settings beside hftlab's default and CPU preset")
+    docs.add_argument("--out", type=Path, default=Path("docs/defenses.md"),
+                      help="the markdown file (default: docs/defenses.md)")
+    docs.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 when the file differs from what would be written")
     return parser
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    from hftlab.data.refusals import RefusalSettings
+
+    data = sub.add_parser("data", help="build data sets: paired refusals for harmful prompts")
+    actions = data.add_subparsers(dest="data_command", required=True)
+    refusals = actions.add_parser(
+        "refusals", help="answer harmful prompts with a model under a refusal system prompt and "
+        "keep the answers the refusal judge accepts (resumable; rejected answers are counted, "
+        "never written)")
+    refusals.add_argument("--data", required=True,
+                          help="the prompts: a data spec such as '{kind: beavertails, path: "
+                          "beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100}'")
+    refusals.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    refusals.add_argument("--data-root", type=Path, help="where relative data paths are found")
+    defaults = RefusalSettings(model="embedded", data="")
+    refusals.add_argument("--model", default=defaults.model,
+                          help="'embedded', a local model folder, a .gguf file or a hub id")
+    for name in ("attempts", "max_new_tokens", "refusal_within", "batch_size", "seed"):
+        refusals.add_argument(f"--{name.replace('_', '-')}", type=int,
+                              default=getattr(defaults, name))
+    for name in ("temperature", "top_p"):
+        refusals.add_argument(f"--{name.replace('_', '-')}", type=float,
+                              default=getattr(defaults, name))
+    refusals.add_argument("--system-prompt", default=defaults.system_prompt)
+    refusals.add_argument("--precision", default=defaults.precision,
+                          choices=("auto", "bf16", "fp32"))
 
 
 def add_judge_parser(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "judge":
             return cmd_judge(args)
+        if args.command == "data":
+            return cmd_data(args)
+        if args.command == "docs":
+            return cmd_docs(args)
         return cmd_list()
     except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -176,6 +215,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     metrics = tuple(args.metrics) if args.metrics else None
     print(compare_table(args.folder, args.baseline, metrics))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from hftlab.data.refusals import RefusalSettings, make_refusals
+
+    settings = RefusalSettings(
+        model=args.model, data=args.data, system_prompt=args.system_prompt,
+        attempts=args.attempts, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, refusal_within=args.refusal_within,
+        batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+    )
+    root = args.data_root or os.environ.get("HFTLAB_DATA_ROOT")
+    summary = make_refusals(args.data, args.out, settings, root and Path(root))
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
+    print(f"wrote {args.out} (read it with the data kind 'refusal')")
     return 0
 
 
@@ -256,8 +314,25 @@ def option_defaults(cls: type) -> str:
     return ", ".join(parts)
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from hftlab.defense_settings import docs_drift, render_docs
+
+    if args.check:
+        problem = docs_drift(args.out)
+        if problem:
+            print(f"hftlab: {problem}", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_docs())
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_list() -> int:
     from hftlab.attacks import ATTACKS
+    from hftlab.defense_settings import setting_rows, text_lines
     from hftlab.defenses import DEFENSES
     from hftlab.judges import JUDGES
     from hftlab.tasks import TASKS
@@ -274,6 +349,11 @@ def cmd_list() -> int:
             defaults = option_defaults(cls)
             if defaults:
                 print(f"  {'':<14} options: {defaults}")
+            rows = setting_rows(cls) if registry is DEFENSES else []
+            if rows:
+                print(f"  {'':<14} settings (reference / default / CPU preset; ≠ differs):")
+                for line in text_lines(rows):
+                    print(f"  {'':<14}   {line}")
     print("tasks:")
     for name, task in TASKS.items():
         print(f"  {name:<14} {task.instruction.strip().splitlines()[0]}")

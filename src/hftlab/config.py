@@ -27,12 +27,46 @@ class ConfigError(ValueError):
     """A bad config: the message names the file, the key and the fix."""
 
 
+ATTENTION_QKV = ["q_proj", "k_proj", "v_proj"]
+
+# Named adapter setups of the reference code bases: ``lora: {preset: NAME}`` fills r, alpha,
+# dropout and target_modules (keys given beside ``preset`` win). The preset's name is not kept:
+# the resolved values are what the run records and what its cache keys hash.
+LORA_PRESETS: dict[str, dict[str, Any]] = {
+    # git-disl Booster / Panacea / Virus train.py: r 32, α 4 on q, k, v (scale 0.125)
+    "reference": {"r": 32, "alpha": 4, "dropout": 0.0, "target_modules": ATTENTION_QKV},
+    # git-disl/Vaccine script/vaccine/*.sh: r 8, α 4, all 7 linear layers, dropout 0.1
+    "vaccine": {"r": 8, "alpha": 4, "dropout": 0.1, "target_modules": ALL_LINEAR},
+    # git-disl/Lisa script/lisa/*.sh: r 16, α 4, all 7 linear layers, dropout 0.1
+    "lisa": {"r": 16, "alpha": 4, "dropout": 0.1, "target_modules": ALL_LINEAR},
+    # git-disl/Antidote train.py: its adapters (the fine-tuning one it prunes), r 256, α 4, q, k, v
+    "antidote": {"r": 256, "alpha": 4, "dropout": 0.0, "target_modules": ATTENTION_QKV},
+    # hftlab's CPU protocol (configs/cpu_sst2.yaml): r 8, α 16, all 7 linear layers (scale 2)
+    "cpu": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ALL_LINEAR},
+}
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+    @property
+    def scale(self) -> float:
+        """PEFT's ``lora_alpha / r``: what multiplies B·A in the forward pass."""
+        return self.alpha / self.r
+
+
+def lora_preset(name: Any, where: str, key: str) -> dict[str, Any]:
+    """The values of LoRA preset ``name``, or one ConfigError listing the presets."""
+    if name not in LORA_PRESETS:
+        from hftlab.registry import unknown_name_message
+
+        raise ConfigError(f"{where}: '{key}' " + unknown_name_message(
+            "LoRA preset", str(name), list(LORA_PRESETS)))
+    return copy.deepcopy(LORA_PRESETS[name])
 
 
 @dataclass
@@ -234,6 +268,7 @@ def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     defaults = None if cls is DataSpec else cls()
     kwargs: dict[str, Any] = {}
+    raw = _expand_presets(cls, raw, where, prefix)
     for key, value in raw.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -242,7 +277,9 @@ def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
                 f"{where}: unknown key '{prefix}{key}'.{hint} Known keys here: {', '.join(names)}"
             )
         default = getattr(defaults, key, None)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+        if isinstance(default, LoraConfig) and isinstance(value, dict) and "preset" in value:
+            pass  # a preset replaces the defaults (expanded when the LoraConfig is built)
+        elif dataclasses.is_dataclass(default) and isinstance(value, dict):
             if not (isinstance(default, DataSpec) and "kind" in value):
                 merged = dataclasses.asdict(default)
                 _deep_update(merged, value)
@@ -253,10 +290,20 @@ def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _expand_presets(cls: type, raw: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
+    """A LoRA mapping with ``preset``: the preset's values, then the keys given beside it."""
+    if cls is not LoraConfig or "preset" not in raw:
+        return raw
+    rest = {k: v for k, v in raw.items() if k != "preset"}
+    return {**lora_preset(raw["preset"], where, f"{prefix}preset"), **rest}
+
+
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
-        # A data source given with its kind is a new source: replace, don't merge.
-        replace = key == "options" or "kind" in value if isinstance(value, dict) else True
+        # A data source given with its kind is a new source, a LoRA given by its preset a new
+        # adapter: replace, don't merge.
+        replace = (key == "options" or "kind" in value or "preset" in value
+                   if isinstance(value, dict) else True)
         if isinstance(base.get(key), dict) and not replace:
             _deep_update(base[key], value)
         else:

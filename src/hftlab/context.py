@@ -13,7 +13,7 @@ import torch
 
 import hftlab.evaluate as evaluation
 from hftlab.attacks import ATTACKS, AttackInputs
-from hftlab.config import Config, ConfigError
+from hftlab.config import Config, ConfigError, TrainConfig
 from hftlab.data.loaders import data_fingerprint, load_examples
 from hftlab.data.records import Example, check_no_shared_prompt, normalize_prompt
 from hftlab.data.spec import DataSpec
@@ -100,6 +100,7 @@ class RunContext:
                 f"defense '{config.defense_label}' keeps training on the provider's alignment "
                 "data during fine-tuning: set alignment.enabled: true (and alignment.data)"
             )
+        check_continued_adapter(self.defense, config)
         self.task = TASKS[config.finetune.task]
         self.model_path = resolve_model_path(config.model.name, self.cache_dir)
         self.tokenizer = load_tokenizer(self.model_path, config.model)
@@ -136,6 +137,12 @@ class RunContext:
             self.model_path, self.config.model, self.device, self.precision, full_training
         )
 
+    @property
+    def finetune_train(self) -> TrainConfig:
+        """The fine-tuning stage's settings as the run's defense trains it (a defense whose
+        reference fine-tunes a specific adapter sets it; otherwise ``finetune.train``)."""
+        return self.defense.finetune_train(self.config.finetune.train)
+
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
@@ -170,23 +177,31 @@ class RunContext:
         provider = self.load(cfg.provider_harmful) if cfg.provider_harmful else []
         return self.defense.prepare_data(ALIGNMENT, alignment, self), provider
 
-    def alignment_key(self) -> str:
+    def alignment_key(self, start: bool = False) -> str:
+        """The alignment's cache key. ``start``: the key of the plain SFT alignment that a defense
+        with ``alignment_start() == "sft"`` (TAR) trains on, exactly as a ``defense: sft`` run
+        keys it (``alignment.data`` as loaded, no defense); the defense's own key includes it."""
         cfg = self.config
-        alignment, provider_harmful = self.alignment_rows()
-        return stable_hash(
-            {
-                **self.model_key(),
-                "enabled": cfg.alignment.enabled,
-                "data": data_fingerprint(alignment),
-                "train": cfg.alignment.train,
-                "precision": self.precision,
-                "seed": self.alignment_seed,
-                "defense": self.defense.cache_key(ALIGNMENT),
-                "provider_harmful": data_fingerprint(provider_harmful)
-                if self.defense.cache_key(ALIGNMENT)
-                else None,
-            }
-        )[:16]
+        if start:
+            alignment = self.load(cfg.alignment.data) if cfg.alignment.enabled else []
+            provider_harmful, defense = [], None
+        else:
+            alignment, provider_harmful = self.alignment_rows()
+            defense = self.defense.cache_key(ALIGNMENT)
+        key = {
+            **self.model_key(),
+            "enabled": cfg.alignment.enabled,
+            "data": data_fingerprint(alignment),
+            "train": cfg.alignment.train,
+            "precision": self.precision,
+            "seed": self.alignment_seed,
+            "defense": defense,
+            "provider_harmful": data_fingerprint(provider_harmful) if defense else None,
+        }
+        # a defense trained on top of the SFT alignment (TAR) depends on that model too
+        if not start and cfg.alignment.enabled and self.defense.alignment_start() == "sft":
+            key["starts_from"] = self.alignment_key(start=True)
+        return stable_hash(key)[:16]
 
     def finetune_key(self) -> str:
         """Everything that determines the fine-tuning stage's output (model, curves, drift):
@@ -200,7 +215,7 @@ class RunContext:
         key: dict[str, Any] = {
             "alignment": self.alignment_key(),
             "user": data_fingerprint(data.user),
-            "train": cfg.finetune.train,
+            "train": self.finetune_train,
             "mechanisms": cfg.mechanisms,
             "mechanisms_data": [data_fingerprint(data.mech_alignment),
                                 data_fingerprint(data.mech_harmful)],
@@ -214,6 +229,8 @@ class RunContext:
         system_prompts = [e.meta.get(SYSTEM_PROMPT_KEY) for e in data.user]
         if any(p is not None for p in system_prompts):
             key["system_prompts"] = system_prompts
+        if self.defense.continues_alignment_adapter():
+            key["continues_alignment_adapter"] = True
         return stable_hash(key)[:16]
 
     @property
@@ -243,6 +260,27 @@ class RunContext:
             key["generations"] = data_fingerprint(self.data.eval_generations)
             key["generation_max_new_tokens"] = ev.generation_max_new_tokens
         return stable_hash(key)[:16]
+
+
+def check_continued_adapter(defense: Defense, config: Config) -> None:
+    """A defense that keeps training the alignment LoRA needs one, trained as configured: the
+    fine-tuning adapter settings must then match the alignment's, so none is set and ignored."""
+    if not defense.continues_alignment_adapter():
+        return
+    align, finetune = config.alignment.train, defense.finetune_train(config.finetune.train)
+    if not config.alignment.enabled or align.method != "lora" or finetune.method != "lora":
+        raise ConfigError(
+            f"defense '{config.defense_label}' keeps training the alignment LoRA during "
+            "fine-tuning: it needs alignment.enabled: true and method: lora in both stages "
+            "(or turn that off in its defense_args)"
+        )
+    if align.lora != finetune.lora:
+        raise ConfigError(
+            f"defense '{config.defense_label}' fine-tunes the alignment adapter itself "
+            f"({align.lora}), so finetune.train.lora ({finetune.lora}) would be ignored: set "
+            "finetune.train.lora equal to alignment.train.lora (or turn that off in its "
+            "defense_args)"
+        )
 
 
 # -------------------------------------------------------------------------------- the data

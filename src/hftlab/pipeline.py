@@ -24,13 +24,13 @@ from hftlab.config import Config, ConfigError, dump_config, load_config
 from hftlab.context import MARKER, RunContext, seed_everything
 from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
-from hftlab.defenses import ALIGNMENT, FINETUNE, POST_FINETUNE
+from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, POST_FINETUNE, Defense
 from hftlab.eval_stage import stage_eval
 from hftlab.formatting import Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
-from hftlab.model import attach_trainable, save_trained
-from hftlab.stage_models import aligned_model, finetuned_model
+from hftlab.model import attach_trainable, load_trained, save_trained
+from hftlab.stage_models import aligned_adapter_model, aligned_model, finetuned_model
 from hftlab.train import SFTTrainer, TrainResult
 from hftlab.utils import (
     atomic_dir,
@@ -174,7 +174,7 @@ def train_stage(
     tracker (if any) records a point before the first step, every k steps and at the end."""
     from tqdm.auto import tqdm
 
-    train_cfg = getattr(ctx.config, "alignment" if stage == ALIGNMENT else "finetune").train
+    train_cfg = ctx.config.alignment.train if stage == ALIGNMENT else ctx.finetune_train
     items = ctx.tokenize(examples, train_cfg.max_length)
     trainer = SFTTrainer(
         model, train_cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, stage, ctx.defense, seed,
@@ -193,36 +193,86 @@ def train_stage(
 
 
 def stage_align(ctx: RunContext) -> dict[str, Any]:
-    """Safety alignment on refusal data, cached by a hash of everything that determines it."""
+    """Safety alignment on refusal data, cached by a hash of everything that determines it. A
+    defense that starts from the plain SFT alignment (``alignment_start() == "sft"``: TAR) gets
+    that first (:func:`sft_start`) and trains a fresh adapter on it, merged."""
     cfg = ctx.config
     if not cfg.alignment.enabled:
         return {"cache": None, "enabled": False}
+    # first, so that a cached defense alignment never points at a deleted start
+    start = sft_start(ctx) if ctx.defense.alignment_start() == "sft" else None
+    started = {"sft_start": start} if start is not None else {}
     key = ctx.alignment_key()
     target = ctx.cache_dir / "aligned" / key
     meta_path = target / "meta.json"
     if meta_path.exists() and not ctx.force:
         log.info("aligned checkpoint found in cache: %s", target)
-        return {"cache": str(target), "cached": True, "key": key, **read_json(meta_path)}
+        return {"cache": str(target), "cached": True, "key": key, **started,
+                **read_json(meta_path)}
     full = cfg.alignment.train.method == "full"
     seed_everything(ctx.alignment_seed)  # the adapter's init depends on the alignment seed only
-    model = attach_trainable(ctx.base_model(full_training=full), cfg.alignment.train)
+    model = ctx.base_model(full_training=full)
+    if start is not None:
+        model = load_trained(model, Path(start["cache"]) / "model")
+    model = attach_trainable(model, cfg.alignment.train)
     trainer, result = train_stage(ctx, model, ctx.data.alignment, ALIGNMENT, ctx.alignment_seed)
-    meta = {
+    meta = alignment_meta(trainer, result, ctx.defense)
+    if start is not None:
+        meta["starts_from"] = start["cache"]  # aligned_model merges it before this checkpoint
+    save_alignment(ctx, target, trainer, meta)
+    return {"cache": str(target), "cached": False, "key": key, "tokens": result.tokens,
+            **started, **meta}
+
+
+def sft_start(ctx: RunContext) -> dict[str, Any]:
+    """The plain SFT alignment a defense with ``alignment_start() == "sft"`` trains on: what a
+    ``defense: sft`` run caches for this alignment config (same key, rows, seed, meta.json),
+    reused from the cache or trained here first. It checkpoints into its own folder, so an
+    interrupted run never resumes the defense's training from the start's checkpoint."""
+    cfg = ctx.config
+    key = ctx.alignment_key(start=True)
+    target = ctx.cache_dir / "aligned" / key
+    if (target / "meta.json").exists() and not ctx.force:
+        log.info("SFT start of the alignment found in cache: %s", target)
+        return {"cache": str(target), "cached": True, "key": key}
+    log.info("alignment: training its plain SFT start first (%s)", target)
+    train_cfg = cfg.alignment.train
+    seed_everything(ctx.alignment_seed)
+    model = attach_trainable(ctx.base_model(full_training=train_cfg.method == "full"), train_cfg)
+    sft = DEFENSES.get("sft")()
+    checkpoints = ctx.stage_dir("align") / "sft_start"
+    trainer = SFTTrainer(
+        model, train_cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, ALIGNMENT, sft,
+        ctx.alignment_seed, precision=ctx.precision, context=ctx, checkpoint_dir=checkpoints,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    result = trainer.train(ctx.tokenize(ctx.load(cfg.alignment.data), train_cfg.max_length))
+    save_alignment(ctx, target, trainer, alignment_meta(trainer, result, sft))
+    if ctx.is_main:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return {"cache": str(target), "cached": False, "key": key}
+
+
+def alignment_meta(trainer: SFTTrainer, result: TrainResult, defense: Defense) -> dict[str, Any]:
+    """The meta.json of a cached alignment."""
+    return {
         "steps": result.steps,
         "train_seconds": round(result.seconds, 3),
         "seconds_per_step": round(result.seconds_per_step, 4),
         "train_tokens": result.tokens,
         "final_loss": result.losses[-1],
         "resumed_from_step": trainer.resumed_from,  # 0: trained in one go
-        "defense": ctx.defense.cache_key(ALIGNMENT),
-        "defense_report": ctx.defense.report(ALIGNMENT),
+        "defense": defense.cache_key(ALIGNMENT),
+        "defense_report": defense.report(ALIGNMENT),
     }
+
+
+def save_alignment(ctx: RunContext, target: Path, trainer: SFTTrainer, meta: dict) -> None:
     if ctx.is_main:
         with atomic_dir(target) as tmp:
             save_trained(trainer.model, tmp / "model")
             write_json(tmp / "meta.json", meta)
     ctx.accelerator.wait_for_everyone()
-    return {"cache": str(target), "cached": False, "key": key, "tokens": result.tokens, **meta}
 
 
 def stage_finetune(ctx: RunContext) -> dict[str, Any]:
@@ -281,8 +331,11 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
         return {"steps": 0, "train_seconds": 0.0, "seconds_per_step": None,
                 "skipped": "no uploaded rows left after the defense's screening",
                 "defense_report": ctx.defense.report(FINETUNE)}
-    model = aligned_model(ctx, full_training=cfg.finetune.train.method == "full")
-    max_len = cfg.finetune.train.max_length
+    train_cfg = ctx.finetune_train
+    continued = ctx.defense.continues_alignment_adapter()
+    model = (aligned_adapter_model(ctx) if continued
+             else aligned_model(ctx, full_training=train_cfg.method == "full"))
+    max_len = train_cfg.max_length
     # Drift is measured on the held-out alignment prompts as the model sees them at inference.
     drift_prompts = [
         ctx.formatter.encode_prompt(e.prompt)[:max_len] for e in ctx.data.mech_alignment
@@ -294,7 +347,8 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
         if mech.drift and drift_items
         else None
     )
-    model = attach_trainable(model, cfg.finetune.train)
+    if not continued:
+        model = attach_trainable(model, train_cfg)
     tracker = None
     if mech.every:
         # the user's own benign rows: not harmful, not added by the provider's defense
@@ -325,6 +379,8 @@ def train_finetune(ctx: RunContext) -> dict[str, Any]:
         "final_loss": result.losses[-1],
         "resumed_from_step": trainer.resumed_from,  # 0: trained in one go
         "tokens": result.tokens,
+        # the saved adapter is the alignment LoRA trained on: it applies to the base model
+        **({"continues_alignment_adapter": True} if continued else {}),
         "defense_report": ctx.defense.report(FINETUNE),
     }
 

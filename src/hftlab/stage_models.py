@@ -18,15 +18,38 @@ def aligned_model(ctx: RunContext, full_training: bool = False) -> torch.nn.Modu
     info = ctx.stage_info("align")
     if not info.get("cache"):
         return base
+    # a defense that trained on the plain SFT alignment (TAR): base → SFT merged → its own
+    if info.get("starts_from"):
+        base = load_trained(base, Path(info["starts_from"]) / "model")
     return load_trained(base, Path(info["cache"]) / "model")
+
+
+def aligned_adapter_model(ctx: RunContext) -> torch.nn.Module:
+    """The base model with the alignment LoRA attached unmerged and trainable, for a defense
+    whose fine-tuning keeps training that adapter (Panacea's ``single_lora``)."""
+    from peft import PeftModel
+
+    info = ctx.stage_info("align")
+    if not info.get("cache"):
+        raise ValueError("no alignment adapter to continue: the alignment stage is disabled")
+    return PeftModel.from_pretrained(ctx.base_model(), str(Path(info["cache"]) / "model"),
+                                     is_trainable=True)
+
+
+def finetune_start_model(ctx: RunContext) -> torch.nn.Module:
+    """What the fine-tuning stage's saved weights apply to: the aligned model, or the base
+    model when fine-tuning continued the alignment adapter (its saved adapter holds both)."""
+    if ctx.stage_info("finetune").get("continues_alignment_adapter"):
+        return ctx.base_model()
+    return aligned_model(ctx)
 
 
 def finetuned_model(ctx: RunContext) -> torch.nn.Module:
     """Aligned model plus the user's fine-tuning (still PEFT-wrapped for LoRA, unmerged); the
     aligned model itself when the fine-tuning was skipped (nothing left of the upload)."""
-    model = aligned_model(ctx)
     if ctx.stage_info("finetune").get("skipped"):
-        return model
+        return aligned_model(ctx)
+    model = finetune_start_model(ctx)
     folder = ctx.stage_dir("finetune") / "model"
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -40,7 +63,7 @@ def deployed_model(ctx: RunContext) -> torch.nn.Module:
     fine-tuned model, merged."""
     folder = ctx.stage_dir("post_finetune") / "model"
     if folder.exists():
-        return load_trained(aligned_model(ctx), folder)
+        return load_trained(finetune_start_model(ctx), folder)
     model = finetuned_model(ctx)
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 

@@ -1,5 +1,7 @@
 """virus: int(n·p) benign rows get a harmful row appended to their answer, whose tokens GCG
-optimises on a surrogate of the victim for (1−λ)·(−⟨g, g*⟩/‖g‖) + λ·(judge's "safe" loss)."""
+optimises on a surrogate of the victim for (1−λ)·(−⟨g, g*⟩/‖g‖) + λ·(guard's "safe" loss), g
+taken on the aligned LoRA (options, rows, records, the run's alignment, caching; the objective
+itself is checked by hand in test_virus_objective.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.attacks import ATTACKS, AttackInputs
-from hftlab.attacks.gcg import gcg_step, top_k_substitutions
-from hftlab.attacks.virus import (
-    CPU_PRESET,
-    REFERENCE_GUARD,
-    Surrogate,
-    VirusProblem,
-    cpu_preset,
-    judge_safe_losses,
-)
+from hftlab.attacks.virus import CPU_PRESET, REFERENCE_GUARD, cpu_preset
+from hftlab.attacks.virus_guard import judge_safe_losses
 from hftlab.config import ConfigError, load_config
 from hftlab.data.records import Example
 from hftlab.judges import JUDGES
@@ -44,138 +39,42 @@ def e_count(prompts: list[str], completions: list[str]) -> list[float]:
     return [c.count("e") / max(len(c), 1) * 10 for c in completions]
 
 
-@pytest.fixture(scope="module")
-def surrogate(tiny_model_dir: Path) -> Surrogate:
-    return ATTACKS.get("virus")(model=str(tiny_model_dir), judge="keyword",
-                                judge_args={}).load_surrogate()
-
-
-def problem_for(surrogate: Surrogate, lam: float = 0.0, judge_loss=lambda p, c: None,
-                max_tokens: int = 24) -> VirusProblem:
-    data = inputs()
-    bad = data.harmful[0]
-    whole = surrogate.layout(bad, bad.response)
-    return VirusProblem(surrogate, data.task[0], (whole.prompt + whole.head)[:max_tokens], lam,
-                        judge_loss)
-
-
-def qkv(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for n, p in model.named_parameters()
-            if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
-
-
-def hf_loss(surrogate: Surrogate, problem: VirusProblem, virus: torch.Tensor,
-            onehot: torch.Tensor | None = None) -> torch.Tensor:
-    """The row's loss from transformers' own causal-LM loss (labels −100 on the prompt)."""
-    ids = torch.tensor(problem.layout.ids(virus.tolist()))[None]
-    labels = ids.clone()
-    labels[0, : len(problem.layout.prompt)] = -100
-    if onehot is None:
-        return surrogate.model(input_ids=ids, labels=labels).loss
-    embeds = surrogate.model.get_input_embeddings()(ids)[0]
-    start = len(problem.layout.prompt) + len(problem.layout.head)
-    middle = onehot @ surrogate.model.get_input_embeddings().weight
-    embeds = torch.cat([embeds[:start], middle, embeds[start + len(virus):]])
-    return surrogate.model(inputs_embeds=embeds[None], labels=labels).loss
-
-
-def flat(grads) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads])
-
-
 def test_defaults_are_the_reference_ones() -> None:
     # git-disl/Virus script/attack/virus.sh: --lamb 0.1 --virus_topk 64 --virus_bs 128,
-    # 50 epochs over one benign row; train.py LoRA targets q/k/v; trainer.py: Llama Guard 2 8B
+    # 50 epochs over one benign row, --alternating single_lora (the gradient over the aligned
+    # LoRA, train.py); trainer.py: Llama Guard 2 8B, its loss back-propagated into the one-hot
     opts = dataclasses.asdict(ATTACKS.get("virus").Options())
     assert opts == {
         "steps": 50, "top_k": 64, "candidates": 128, "lam": 0.1, "judge": "llama_guard",
-        "judge_args": None, "params": ["q_proj", "k_proj", "v_proj"],
-        "max_tokens": None, "retokenize": False, "model": None, "adapter": None,
-        "sample": "first",
+        "judge_args": None, "judge_term": "gradient", "match_on": "aligned_lora",
+        "params": None, "max_tokens": None, "retokenize": False, "model": None,
+        "adapter": None, "sample": "first",
     }
     assert REFERENCE_GUARD == "meta-llama/Meta-Llama-Guard-2-8B"
     # the default judge is the reference guard; another judge gets no guard options
-    assert ATTACKS.get("virus")(judge="keyword").judge.name == "keyword"
-    assert cpu_preset() == {**CPU_PRESET, "judge": "keyword", "judge_args": {}}
+    assert ATTACKS.get("virus")(judge="keyword", judge_term="ranking").judge.name == "keyword"
+    assert cpu_preset() == {**CPU_PRESET, "judge": "keyword", "judge_args": {},
+                            "judge_term": "ranking"}
     assert cpu_preset("/j")["judge_args"] == {"path": "/j"}
     assert CPU_PRESET["steps"] < 50 and CPU_PRESET["candidates"] < 128
 
 
-def test_similarity_term_is_the_reference_formula_on_autograd_gradients(surrogate) -> None:
-    problem = problem_for(surrogate)
-    other = problem.initial.clone()
-    other[[3, 10, -2]] = torch.tensor([40, 41, 42])
-    params = qkv(surrogate.model)
-    g_star = flat(torch.autograd.grad(hf_loss(surrogate, problem, problem.initial), params))
-    g = flat(torch.autograd.grad(hf_loss(surrogate, problem, other), params))
-    cos = float(F.cosine_similarity(g, g_star, dim=0))
-    by_hand = float(-(g @ g_star) / g.norm())
-    assert by_hand == pytest.approx(-float(g_star.norm()) * cos, rel=1e-5)
-    start, moved = problem.evaluate([problem.initial, other])
-    assert moved.similarity == pytest.approx(by_hand, rel=1e-4)
-    assert moved.cosine == pytest.approx(cos, abs=1e-5) and cos < 0.999
-    # the virus starts at the optimum: g = g*, cos = 1, term = −‖g*‖
-    assert start.cosine == pytest.approx(1.0, abs=1e-6)
-    assert start.similarity == pytest.approx(-float(g_star.norm()), rel=1e-5)
-    assert (start.judge, start.total) == (None, pytest.approx(start.similarity))
+def test_a_judge_without_a_token_gradient_fails_clearly(tiny_judge) -> None:
+    virus = ATTACKS.get("virus")
+    for judge, args in (("keyword", {}), ("embedding", {"path": str(tiny_judge)})):
+        with pytest.raises(ConfigError, match="cannot be differentiated through tokens"):
+            virus(judge=judge, judge_args=args)  # judge_term: gradient, the default
+        assert virus(judge=judge, judge_args=args, judge_term="ranking").judge.name == judge
+    # λ = 0 has no guard term to differentiate
+    assert virus(judge="keyword", judge_args={}, lam=0.0).judge.name == "keyword"
 
 
-def test_top_k_proposals_are_the_most_negative_one_hot_gradient_entries(surrogate) -> None:
-    problem = problem_for(surrogate)
-    virus = problem.initial.clone()
-    virus[5] = 77
-    grad = problem.proposal_gradient(virus)
-    # by hand: the similarity term through transformers' loss, one-hot → gradient → term
-    params = qkv(surrogate.model)
-    onehot = F.one_hot(virus, grad.shape[1]).float().requires_grad_(True)
-    grads = torch.autograd.grad(hf_loss(surrogate, problem, virus, onehot), params,
-                                create_graph=True)
-    term = -sum((a * t).sum() for a, t in zip(grads, problem.target)) / flat(grads).detach().norm()
-    (expected,) = torch.autograd.grad(term, onehot)
-    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7)
-    illegal = surrogate.illegal
-    top = top_k_substitutions(grad, 5, illegal)
-    assert top.shape == (len(virus), 5)
-    for position in range(len(virus)):
-        legal = [i for i in range(grad.shape[1]) if not illegal[i]]
-        ranked = sorted(legal, key=lambda i: float(grad[position, i]))[:5]
-        assert top[position].tolist() == ranked
-    special = surrogate.tokenizer.all_special_ids
-    assert all(bool(illegal[i]) for i in special)
-    assert not set(top.flatten().tolist()) & set(special)
-
-
-def test_gcg_step_never_raises_the_objective(surrogate) -> None:
-    lam = 0.5
-    problem = problem_for(surrogate, lam=lam, judge_loss=e_count)
-    virus = problem.initial
-    current = problem.evaluate([virus])[0].total
-    generator = torch.Generator().manual_seed(0)
-    moved = 0
-    for _ in range(4):
-        step = gcg_step(problem, virus, top_k=8, candidates=6, generator=generator)
-        assert len(step.evaluated) == 7  # the current virus and 6 swaps
-        assert step.evaluated[0].total == pytest.approx(current)
-        for terms in step.evaluated:  # each candidate scored by the full objective
-            assert terms.total == pytest.approx((1 - lam) * terms.similarity + lam * terms.judge)
-        assert step.scored.total == min(t.total for t in step.evaluated) <= current
-        changed = int((step.tokens != virus).sum())
-        assert changed <= 1 and (step.chosen != 0 or changed == 0)
-        moved += step.chosen != 0
-        virus, current = step.tokens, step.scored.total
-    assert moved > 0  # the judge term moves the virus off the harmful row
-    assert problem.evaluate([virus])[0].total == pytest.approx(current)
-    # retokenize: only swaps that the provider's tokenizer reads back the same are scored
-    checked = gcg_step(problem, virus, top_k=8, candidates=6, generator=generator,
-                       retokenize=True)
-    assert checked.chosen == 0 or problem.retokenizes(checked.tokens)
-
-
-def test_rows_records_and_determinism(tiny_model_dir) -> None:
+def test_rows_records_and_determinism(tiny_model_dir, aligned_adapter) -> None:
     def build(seed: int, **options):
-        attack = ATTACKS.get("virus")(model=str(tiny_model_dir), judge="keyword",
-                                      judge_args={}, steps=2, top_k=8, candidates=4,
-                                      max_tokens=20, lam=0.5, **options)
+        attack = ATTACKS.get("virus")(model=str(tiny_model_dir), adapter=str(aligned_adapter),
+                                      judge="keyword", judge_args={}, judge_term="ranking",
+                                      steps=2, top_k=8, candidates=4, max_tokens=20, lam=0.5,
+                                      **options)
         attack.judge_loss = e_count  # a loss that moves the virus
         rows = attack.build(inputs(seed=seed))
         return attack, rows
@@ -189,6 +88,10 @@ def test_rows_records_and_determinism(tiny_model_dir) -> None:
     record = attack.describe(rows)
     assert record["virus_rows"] == record["virus_rows_trained"] == 2
     assert record["surrogate"]["from"] == "attack_args.model"
+    assert record["surrogate"]["match_on"] == "aligned_lora"
+    assert record["surrogate"]["adapter"] == str(aligned_adapter)
+    assert (record["surrogate"]["judge_term"], record["surrogate"]["guard_gradient"]) == (
+        "ranking", False)
     assert all(r["tokens"] == 20 and r["objective"] <= r["objective_start"]
                for r in record["rows"])
     assert record["attack_judge"]["has_loss"] is True  # the stand-in loss
@@ -199,7 +102,7 @@ def test_rows_records_and_determinism(tiny_model_dir) -> None:
     assert other != rows
 
 
-def test_bad_options_fail(tiny_model_dir) -> None:
+def test_bad_options_fail(tiny_model_dir, tmp_path) -> None:
     virus = ATTACKS.get("virus")
     for options, message in [
         ({"steps": -1}, "steps must be ≥ 0"),
@@ -208,6 +111,8 @@ def test_bad_options_fail(tiny_model_dir) -> None:
         ({"lam": 1.5}, r"lam must be in \[0, 1\]"),
         ({"max_tokens": 0}, "max_tokens must be ≥ 1"),
         ({"params": []}, "at least one module"),
+        ({"judge_term": "both"}, "judge_term is 'both'; use gradient or ranking"),
+        ({"match_on": "lora"}, "match_on is 'lora'; use aligned_lora or base_weights"),
         ({"judge": "llamaguard"}, "unknown judge 'llamaguard'"),
         ({"sample": "last"}, "use first or random"),
         ({"judge": "embedding", "judge_args": {}}, "needs option 'path'"),
@@ -215,11 +120,18 @@ def test_bad_options_fail(tiny_model_dir) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             virus(**options)
+    text = {"judge": "keyword", "judge_args": {}, "judge_term": "ranking"}
     with pytest.raises(ConfigError, match="set attack_args.model"):
-        virus(judge="keyword", judge_args={}).build(inputs())
+        virus(**text).build(inputs())
+    with pytest.raises(ConfigError, match="set attack_args.adapter"):
+        virus(model=str(tiny_model_dir), **text).build(inputs())
+    with pytest.raises(ConfigError, match="has no adapter_config.json"):
+        virus(model=str(tiny_model_dir), adapter=str(tmp_path / "none"), **text).build(inputs())
+    with pytest.raises(ConfigError, match="is not a LoRA adapter"):
+        virus(model=str(tiny_model_dir), adapter=str(tiny_model_dir), **text).build(inputs())
     with pytest.raises(ConfigError, match="names no module"):
-        virus(model=str(tiny_model_dir), judge="keyword", judge_args={},
-              params=["c_attn"]).build(inputs())
+        virus(model=str(tiny_model_dir), match_on="base_weights", params=["nope_proj"],
+              **text).build(inputs())
 
 
 @pytest.fixture(scope="module")
@@ -273,17 +185,35 @@ def test_judge_safe_losses(tiny_judge, tiny_model_dir) -> None:
         assert loss == pytest.approx(float(-F.log_softmax(logits, -1)[safe]), rel=1e-4)
 
 
-def test_pipeline_with_the_cpu_preset(tiny_overrides, tiny_model_dir, tiny_judge,
-                                      tmp_path) -> None:
-    args = {**cpu_preset(str(tiny_judge)), "model": str(tiny_model_dir)}
-    config = load_config(None, [*tiny_overrides, "attack=virus",
-                                f"attack_args={json.dumps(args)}"])
-    metrics = run_pipeline(config, tmp_path / "run")
+def align_first(overrides: list[str], tmp_path: Path) -> dict:
+    """Train (and cache) the run's alignment as a run with another attack would: the alignment
+    key does not depend on the attack."""
+    from hftlab.context import RunContext
+    from hftlab.pipeline import stage_align
+
+    config = load_config(None, [*overrides, "attack=harmful_mix"])
+    return stage_align(RunContext(config, tmp_path / "aligner"))
+
+
+def test_pipeline_at_the_reference_setup(tiny_overrides, tiny_model_dir, tmp_path) -> None:
+    # the reference's objective (guard term in the gradient, gradient on the aligned LoRA) at
+    # CPU size, the tiny random Llama standing in for the guard
+    args = {**CPU_PRESET, "steps": 2, "judge": "llama_guard", "judge_term": "gradient",
+            "judge_args": {"model": str(tiny_model_dir), "template": "builtin",
+                           "device": "cpu", "dtype": "float32"}}
+    overrides = [*tiny_overrides, "attack=virus", f"attack_args={json.dumps(args)}"]
+    aligned = align_first(tiny_overrides, tmp_path)
+    metrics = run_pipeline(load_config(None, overrides), tmp_path / "run")
     assert math.isfinite(metrics["harmful_score"]) and math.isfinite(metrics["finetune_accuracy"])
     attack = metrics["attack"]
     assert (attack["virus_rows"], attack["virus_rows_trained"]) == (4, 4)  # int(20 · 0.2)
+    surrogate = attack["surrogate"]
+    assert surrogate["adapter"] == str(Path(aligned["cache"]) / "model")
+    assert (surrogate["adapter_from"], surrogate["match_on"]) == ("alignment cache",
+                                                                 "aligned_lora")
+    assert surrogate["guard_gradient"] is True and surrogate["params"] > 0
     assert attack["attack_judge"]["has_loss"] is True
-    assert attack["attack_judge"]["judge"]["name"] == "embedding"
+    assert attack["attack_judge"]["judge"]["name"] == "llama_guard"
     for row in attack["rows"]:
         assert row["objective"] <= row["objective_start"]
         assert math.isfinite(row["judge_loss"]) and -1 <= row["cosine"] <= 1 + 1e-6
@@ -295,21 +225,31 @@ def test_pipeline_with_the_cpu_preset(tiny_overrides, tiny_model_dir, tiny_judge
 def test_prepare_binds_the_run_model(tiny_overrides, tmp_path) -> None:
     from hftlab.context import RunContext
 
-    args = {**cpu_preset(), "steps": 1}
-    config = load_config(None, [*tiny_overrides, "attack=virus",
-                                f"attack_args={json.dumps(args)}"])
-    ctx = RunContext(config, tmp_path / "run")
-    ctx.attack.prepare(ctx)
+    def context(*more: str, **extra):
+        args = json.dumps({**cpu_preset(), "steps": 1, **extra})
+        config = load_config(None, [*tiny_overrides, *more, "attack=virus",
+                                    f"attack_args={args}"])
+        ctx = RunContext(config, tmp_path / "run")
+        ctx.attack.prepare(ctx)
+        return ctx
+
+    # the data stage runs before the alignment: the aligned LoRA must be in the cache already
+    with pytest.raises(ConfigError, match="is not trained yet: the data stage runs before"):
+        _ = context().data
+    ctx = context(match_on="base_weights")
     user = ctx.data.user
     assert sum(e.is_harmful for e in user) == 4
-    assert ctx.attack.describe(user)["surrogate"]["from"] == "run"
+    surrogate = ctx.attack.describe(user)["surrogate"]
+    assert (surrogate["from"], surrogate["match_on"]) == ("run", "base_weights")
+    with pytest.raises(ConfigError, match="alignment is disabled"):
+        _ = context("alignment.enabled=false").data
 
 
 def test_optimised_rows_are_cached_per_problem(tiny_overrides, tmp_path, monkeypatch) -> None:
     from hftlab.attacks.virus import Virus
     from hftlab.context import RunContext
 
-    args = json.dumps({**cpu_preset(), "steps": 1})
+    args = json.dumps({**cpu_preset(), "steps": 1, "match_on": "base_weights"})
     config = load_config(None, [*tiny_overrides, "attack=virus", f"attack_args={args}"])
     ctx = RunContext(config, tmp_path / "first")
     first = ctx.data.user

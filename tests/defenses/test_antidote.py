@@ -1,12 +1,14 @@
 """Antidote zeroes, in every output row, exactly the top-scored fraction of the Wanda score
 |W_ij|·‖X_j‖₂, with X the layer's inputs over the provider's harmful rows: checked by hand on
 fixed tensors and on the tiny model's LoRA factors (A scored with the layer input X, B with A·X)
-and full weights, activations recorded one row at a time as the reference does."""
+and full weights, activations recorded one row at a time as the reference does. The fine-tuning
+stage trains the reference's rank-256 adapter (r 256, α 4 on q, k, v) unless told otherwise."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from defense_helpers import PAD_ID, run_tiny_pipeline, stage_info, token_items
 
-from hftlab.config import ConfigError
+from hftlab.config import ConfigError, LoraConfig, TrainConfig
 from hftlab.data.records import Example
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.antidote import wanda_mask
@@ -67,6 +69,23 @@ def test_wanda_mask_zeroes_top_scores_per_row() -> None:
     assert torch.equal(weight.masked_fill(mask, 0), hand_pruned(weight, norms, 3))
     # the reference default 0.1 on 32 columns keeps int(28.8) = 28: 4 pruned per row
     assert wanda_mask(torch.randn(5, 32), torch.ones(32), 0.1).sum(dim=1).tolist() == [4] * 5
+
+
+def test_wanda_mask_on_rank_256_keeps_230_columns_per_row_of_b() -> None:
+    torch.manual_seed(4)
+    b = torch.randn(6, 256)  # lora_B [out × r] of the reference's rank-256 adapter
+    norms = torch.rand(256) + 0.05  # ‖(A·X)_j‖₂ per rank direction
+    mask = wanda_mask(b, norms, 0.1)
+    keep = int(256 * 0.9)  # int(230.4) = 230 kept, 26 pruned per row (10.2 %)
+    assert keep == 230
+    assert mask.sum(dim=1).tolist() == [256 - keep] * 6
+    assert torch.equal(b.masked_fill(mask, 0), hand_pruned(b, norms, 256 - keep))
+    # the kept entries of each row are its 230 lowest scores
+    score = b.abs() * norms
+    for row in range(6):
+        assert score[row][~mask[row]].max() <= score[row][mask[row]].min()
+    # rank 8 (the run's old adapter) keeps int(7.2) = 7: every row loses its top entry
+    assert wanda_mask(torch.randn(6, 8), torch.ones(8), 0.1).sum(dim=1).tolist() == [1] * 6
 
 
 def test_antidote_prunes_lora_factors_with_their_own_inputs(tiny_lora) -> None:
@@ -153,12 +172,44 @@ def test_antidote_defaults_and_validation() -> None:
     assert antidote.options.dense_ratio == 0.1
     assert antidote.options.calibration_rows == 2000
     assert antidote.options.modules is None  # every LoRA factor (find_layers: "lora" in name)
+    assert antidote.options.finetune_lora == "antidote"  # train.py: r 256, α 4 on q, k, v
     assert antidote.stages == ("post_finetune",) and antidote.needs_provider_harmful
     assert antidote.cache_key("alignment") is None
     for bad in ({"dense_ratio": 0.0}, {"dense_ratio": 1.0}, {"calibration_rows": 0},
                 {"modules": []}, {"sparsity": 0.5}):
         with pytest.raises(ConfigError):
             DEFENSES.get("antidote")(**bad)
+    with pytest.raises(ConfigError, match="finetune_lora.*reference"):  # lists the presets
+        DEFENSES.get("antidote")(finetune_lora="r256")
+
+
+def test_antidote_finetune_train_swaps_only_the_adapter() -> None:
+    run = TrainConfig(lr=3e-4, epochs=2, batch_size=6, weight_decay=0.1, max_length=128,
+                      lora=LoraConfig(r=8, alpha=16, dropout=0.05))
+    train = DEFENSES.get("antidote")().finetune_train(run)
+    assert (train.lora.r, train.lora.alpha, train.lora.dropout) == (256, 4, 0.0)
+    assert train.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert train.lora.scale == 4 / 256
+    assert train == TrainConfig(lr=3e-4, epochs=2, batch_size=6, weight_decay=0.1,
+                                max_length=128, lora=train.lora)
+    assert run.lora == LoraConfig(r=8, alpha=16, dropout=0.05)  # the run's config is untouched
+    assert DEFENSES.get("antidote")(finetune_lora=None).finetune_train(run) is run
+    assert DEFENSES.get("antidote")(finetune_lora="reference").finetune_train(run).lora.r == 32
+    full = TrainConfig(method="full")
+    assert DEFENSES.get("antidote")().finetune_train(full) is full  # no adapter to set
+
+
+def test_antidote_reference_settings_pin_the_reference() -> None:
+    cls = DEFENSES.get("antidote")
+    options = set(cls().options_dict())
+    # every key resolves: tests/test_defense_settings.py; here the reference values are pinned
+    keys = [s.key for s in cls.reference_settings]
+    assert len(keys) == len(set(keys))
+    assert all(k.split(".", 1)[1] in options for k in keys if k.startswith("defense_args."))
+    settings = {s.key: s.reference for s in cls.reference_settings}
+    assert (settings["finetune.train.lora.r"], settings["finetune.train.lora.alpha"]) == (256, 4)
+    assert settings["defense_args.dense_ratio"] == cls().options.dense_ratio
+    assert settings["defense_args.calibration_rows"] == cls().options.calibration_rows
 
 
 def test_antidote_end_to_end(tiny_overrides, tmp_path) -> None:
@@ -178,5 +229,30 @@ def test_antidote_end_to_end(tiny_overrides, tmp_path) -> None:
     assert report["calibration_rows"] == 16 and report["weights_zeroed"] > 0
 
     ctx = RunContext(load_config(None, [*tiny_overrides, *extra]), tmp_path / "run")
+    # the fine-tuning stage trained (and Antidote pruned) the reference's rank-256 q/k/v adapter
+    lora = ctx.finetune_train.lora
+    assert (lora.r, lora.alpha, lora.dropout) == (256, 4, 0.0)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert ctx.finetune_train.lr == ctx.config.finetune.train.lr
+    saved = json.loads((tmp_path / "run" / "finetune" / "model" / "adapter_config.json")
+                       .read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (256, 4)
+    assert sorted(saved["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+    assert report["zeroed_by_part"]["lora_B"] == (256 - int(256 * 0.9)) * sum(
+        layer.lora_B["default"].weight.shape[0] for layer in lora_layers(finetuned_model(ctx))
+        .values())
     deployed, tuned = deployed_model(ctx), merged(finetuned_model(ctx))
     assert any(not torch.equal(p, q) for p, q in zip(deployed.parameters(), tuned.parameters()))
+
+
+def test_antidote_finetune_lora_null_keeps_the_runs_adapter(tiny_overrides, tmp_path) -> None:
+    from hftlab.config import load_config
+    from hftlab.context import RunContext
+
+    base = [*tiny_overrides, "defense=antidote", "provider_harmful={kind: demo_harmful_qa, n: 8}"]
+    config = load_config(None, [*base, "defense_args={finetune_lora: null}"])
+    ctx = RunContext(config, tmp_path / "run")
+    assert ctx.finetune_train == config.finetune.train
+    assert ctx.finetune_train.lora.r == 8  # hftlab's default adapter
+    preset = RunContext(load_config(None, base), tmp_path / "other")
+    assert preset.finetune_key() != ctx.finetune_key()  # the adapter is in the cache key

@@ -67,3 +67,11 @@ def test_booster_needs_provider_harmful(tiny_overrides) -> None:
     config = load_config(None, [*tiny_overrides, "defense=booster"])
     with pytest.raises(ConfigError, match="provider_harmful"):
         RunContext(config, config.resolved_cache_dir() / "run")
+
+
+def test_fine_tuning_continues_the_booster_adapter_by_default() -> None:
+    """git-disl/Booster smooth_*.sh fine-tune with --alternating single_lora."""
+    from hftlab.defenses import DEFENSES
+
+    assert DEFENSES.get("booster")().continues_alignment_adapter()
+    assert not DEFENSES.get("booster")(single_lora=False).continues_alignment_adapter()

@@ -17,7 +17,9 @@ from hftlab.stage_models import finetuned_model
 
 # Settings a defense needs to have anything to do on the tiny run: the keyword judge flags every
 # benign SST-2 answer, so the guardrail screens with a label judge instead.
-EXTRA = {"guardrail": ["defense_args={judge: test_label}"]}
+EXTRA = {"guardrail": ["defense_args={judge: test_label}"],
+         # TAR's default retain rows are Alpaca files under data_root; the demo pack stands in
+         "tar": ["defense_args={retain_data: {kind: demo_sentiment, n: 16}}"]}
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())

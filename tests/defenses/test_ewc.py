@@ -101,7 +101,7 @@ def test_fresh_adapter_has_zero_fisher_for_lora_a(tiny_model_dir) -> None:
 
 
 def test_weights_fisher_matches_squared_weight_gradients(tiny_lora) -> None:
-    defense = ewc(fisher_batch_size=4)
+    defense = ewc(space="weights", fisher_batch_size=4)
     trainer = ewc_trainer(tiny_lora, defense)
     defense.setup("finetune", trainer)
     assert defense.space == "weights"
@@ -149,7 +149,7 @@ def test_trainable_penalty_gradient_is_2_lambda_f_times_shift(tiny_lora, grad_ac
 
 def test_weights_penalty_gradient_matches_autograd(tiny_lora) -> None:
     lamb = 3e4
-    defense = ewc(lamb=lamb, fisher_batch_size=3)
+    defense = ewc(space="weights", lamb=lamb, fisher_batch_size=3)
     trainer = ewc_trainer(tiny_lora, defense, grad_accum=2)
     defense.setup("finetune", trainer)
     layers = lora_layers(tiny_lora)
@@ -171,7 +171,7 @@ def test_weights_penalty_gradient_matches_autograd(tiny_lora) -> None:
 
 def test_penalty_is_zero_at_the_start(tiny_model_dir) -> None:
     model = lora_model(tiny_model_dir, layers_lora_b=0.0)
-    for space in ("weights", "trainable"):
+    for space in ("alignment_adapter", "weights", "trainable"):
         defense = ewc(space=space)
         trainer = ewc_trainer(model, defense)
         defense.setup("finetune", trainer)
@@ -183,7 +183,7 @@ def test_full_fine_tuning_is_exact_ewc(tiny_model_dir) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    defense = ewc()  # space weights: under full fine-tuning the weights are the parameters
+    defense = ewc(space="weights")  # under full fine-tuning the weights are the parameters
     defense.setup("finetune", ewc_trainer(model, defense, items=ALIGNMENT_ITEMS[:3]))
     assert defense.space == "trainable"
     assert len(defense.fisher) == len(list(model.parameters()))
@@ -205,11 +205,14 @@ def test_ewc_is_plain_sft_outside_fine_tuning(tiny_lora) -> None:
 
 def test_ewc_defaults_and_validation() -> None:
     # git-disl/Vaccine script/EWC_finetune/sst2.sh: lamb=${4:-1e9}; train.py: the Fisher set is
-    # the 2000-row BeaverTails_safe alignment set at per_device_eval_batch_size (= train size)
+    # the 2000-row BeaverTails_safe alignment set at per_device_eval_batch_size 5 (400 batches),
+    # over the reused alignment LoRA ("EWC REUSE THE SAME LORA")
     options = ewc().options
     assert options.lamb == 1e9
-    assert (options.fisher_rows, options.fisher_batch_size) == (2000, None)
-    assert options.space == "weights"
+    assert (options.fisher_rows, options.fisher_batch_size) == (2000, 5)
+    assert options.space == "alignment_adapter" and ewc().continues_alignment_adapter()
+    assert not ewc(space="weights").continues_alignment_adapter()
+    assert not ewc(space="trainable").continues_alignment_adapter()
     assert DEFENSES.get("ewc").stages == ("finetune",)
     with pytest.raises(ConfigError, match="space"):
         ewc(space="lora")
@@ -223,7 +226,8 @@ def test_ewc_defaults_and_validation() -> None:
 
 def test_ewc_end_to_end(tiny_overrides, tmp_path) -> None:
     run_tiny_pipeline(tiny_overrides, tmp_path, "defense=ewc",
-                      "defense_args={fisher_rows: 8, lamb: 1000.0}", "finetune.train.max_steps=3")
+                      "defense_args={space: weights, fisher_rows: 8, fisher_batch_size: null, "
+                      "lamb: 1000.0}", "finetune.train.max_steps=3")
     report = stage_info(tmp_path)["defense_report"]
     assert (report["space"], report["fisher_rows"], report["fisher_batches"]) == ("weights", 8, 2)
     assert report["fisher_sum"] > 0

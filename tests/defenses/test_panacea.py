@@ -184,6 +184,9 @@ def test_panacea_defaults_and_validation() -> None:
     assert panacea.options.harmful_loss_max == 5.0
     assert panacea.options.harmful_batch_size == 10
     assert panacea.options.add_eps is True
+    # script --alternating single_lora: fine-tuning keeps training the alignment LoRA
+    assert panacea.options.single_lora is True and panacea.continues_alignment_adapter()
+    assert not DEFENSES.get("panacea")(single_lora=False).continues_alignment_adapter()
     assert DEFENSES.get("panacea").needs_provider_harmful
     assert DEFENSES.get("panacea").stages == ("finetune", "post_finetune")
     assert panacea.cache_key("alignment") is None  # reuses plain sft's aligned checkpoint

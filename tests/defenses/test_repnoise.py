@@ -1,7 +1,8 @@
 """RepNoise's loss, term by term, against hand computations: the Gaussian-kernel MMD written out
 pair by pair, the masked CE, the difference mask, and on the tiny model the whole objective
 CE(harmless) + β·mean MMD − α·log(1 + mean logit-lens CE) from independently taken hidden
-states (``output_hidden_states`` and forward hooks), including the gradient it leaves."""
+states (``output_hidden_states`` and forward hooks), including the gradient it leaves. α defaults
+to the reference matching the run: 0.1 under LoRA (git-disl's port), 1 under full fine-tuning."""
 
 from __future__ import annotations
 
@@ -263,6 +264,39 @@ def test_training_step_leaves_gradient_of_hand_objective(tiny_lora, grad_accum) 
         parts["noise_loss"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("method", "option", "alpha"), [
+    ("lora", None, 0.1),  # git-disl/Booster script/alignment/repNoise.sh: alpha=0.1
+    ("full", None, 1.0),  # domenicrosati/representation-noising: alpha=1
+    ("full", 0.7, 0.7),  # a value given wins
+])
+def test_alpha_follows_the_stage_method_and_weights_the_loss(
+        tiny_model_dir, tiny_lora, method, option, alpha) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_lora if method == "lora" else AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32)
+    defense = DEFENSES.get("repnoise")(alpha=option)
+    trainer = make_trainer(model, defense, method=method)
+    defense.setup("alignment", trainer)
+    assert defense.alpha_used == alpha
+    assert defense.report("alignment") == {"alpha_used": alpha}  # before any step
+    harmful, harmless = paired_batches()
+    defense.harmful = Cycle(harmful)
+    defense.noise = torch.Generator().manual_seed(4)
+    stats = defense.training_step("alignment", trainer, harmless)
+    model.zero_grad(set_to_none=True)
+    # the weighted sum by hand: CE + β·MMD − α·log(1 + lens CE), β = 0.001
+    weighted = (stats["harmless_loss"] + 0.001 * stats["noise_loss"]
+                - alpha * math.log1p(stats["harmful_lens_loss"]))
+    assert math.isclose(stats["loss"], weighted, rel_tol=1e-5, abs_tol=1e-6)
+    want, _, _ = hand_objective(model, harmful, harmless, alpha, 0.001, seed=4)
+    assert math.isclose(stats["loss"], want.item(), rel_tol=1e-5, abs_tol=1e-5)
+    other = 1.0 if alpha != 1.0 else 0.1  # the other reference's α gives another loss
+    assert not math.isclose(stats["loss"], stats["harmless_loss"] + 0.001 * stats["noise_loss"]
+                            - other * math.log1p(stats["harmful_lens_loss"]), rel_tol=1e-4)
+    assert defense.report("alignment")["alpha_used"] == alpha
+
+
 def test_identical_batches_leave_only_the_harmless_loss(tiny_lora) -> None:
     _, harmless = paired_batches()
     loss, parts = repnoise_loss(tiny_lora, harmless, harmless)
@@ -288,7 +322,10 @@ def test_other_stages_are_plain_sft(tiny_lora) -> None:
 def test_repnoise_options() -> None:
     cls = DEFENSES.get("repnoise")
     defense = cls()
-    assert (defense.options.alpha, defense.options.beta) == (1.0, 0.001)  # the original's
+    # α: None = by the alignment stage's method (0.1 LoRA, 1 full); β as both references
+    assert (defense.options.alpha, defense.options.beta) == (None, 0.001)
+    assert (defense.resolved_alpha("lora"), defense.resolved_alpha("full")) == (0.1, 1.0)
+    assert cls(alpha=0.3).resolved_alpha("full") == 0.3
     assert defense.options.harmful_batch_size is None
     assert cls.needs_provider_harmful and cls.stages == ("alignment",)
     assert cls(alpha=0.1, harmful_batch_size=10).options.harmful_batch_size == 10
@@ -322,8 +359,20 @@ def test_repnoise_pipeline_runs(tiny_overrides, tmp_path) -> None:
     info = RunContext(config, tmp_path / "run").stage_info("align")
     assert math.isfinite(info["final_loss"])
     report = info["defense_report"]
+    assert report["alpha_used"] == 0.1  # the tiny run aligns a LoRA
     assert all(math.isfinite(report[f"{k}_last"])
                for k in ("harmless_loss", "noise_loss", "harmful_lens_loss"))
+
+
+def test_reference_settings_pin_the_reference() -> None:
+    cls = DEFENSES.get("repnoise")
+    options = cls().options_dict()
+    # every key resolves: tests/test_defense_settings.py; here the reference values are pinned
+    keys = [s.key for s in cls.reference_settings]
+    assert len(keys) == len(set(keys))
+    assert all(k.split(".", 1)[1] in options for k in keys if k.startswith("defense_args."))
+    settings = {s.key: s.reference for s in cls.reference_settings}
+    assert (settings["defense_args.alpha"], settings["defense_args.beta"]) == (0.1, 0.001)
 
 
 # --- the fused logit-lens CE ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""virus: harmful rows hidden in benign ones, their tokens optimised so that a moderation judge
+"""virus: harmful rows hidden in benign ones, their tokens optimised so that a guard model
 passes the row while its fine-tuning gradient stays that of the harmful data (Huang et al. 2025,
 "Virus: Harmful Fine-tuning Attack for LLMs Bypassing Guardrail Moderation", arXiv 2501.17433).
 """
@@ -6,38 +6,42 @@ passes the row while its fine-tuning gradient stays that of the harmful data (Hu
 from __future__ import annotations
 
 import logging
-import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from hftlab.attacks.base import ATTACKS, Attack, AttackInputs, check_sample, poison_rows, take
-from hftlab.attacks.gcg import gcg_step, illegal_tokens
+from hftlab.attacks.gcg import gcg_step
+from hftlab.attacks.virus_guard import TokenGuard, judge_safe_losses
+from hftlab.attacks.virus_objective import VirusProblem
+from hftlab.attacks.virus_surrogate import Surrogate, aligned_adapter_folder, load_surrogate
 from hftlab.config import ConfigError
 from hftlab.data.records import Example
 from hftlab.judges import JUDGES, Judge
+from hftlab.judges.llama_guard import LlamaGuardJudge
 from hftlab.registry import unknown_name_message
 
 if TYPE_CHECKING:
     from hftlab.context import RunContext
-    from hftlab.formatting import PromptFormatter
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-#: The modules whose weight gradients are matched: the reference's LoRA targets
-#: (git-disl/Virus train.py: ``LoraConfig(r=32, target_modules=["q_proj","k_proj","v_proj"])``).
-REFERENCE_PARAMS = ("q_proj", "k_proj", "v_proj")
-#: The reference's moderation model (trainer.py: ``LlamaGuardModeration.from_pretrained(...)``).
+#: Where the matched gradient is taken: ``aligned_lora`` = every weight of the aligned model's
+#: LoRA adapter, loaded unmerged (the reference: virus.sh ``--alternating single_lora`` makes
+#: train.py load ``--lora_folder`` trainable, and trainer.py matches the gradient of every
+#: trainable parameter); ``base_weights`` = the full weights of the modules in ``params`` of the
+#: base model (or ``model`` + merged ``adapter``), hftlab's former behaviour.
+MATCH_ON = ("aligned_lora", "base_weights")
+#: How the guard's loss enters: ``gradient`` = in the GCG proposal gradient (through the virus'
+#: one-hot, as trainer.py back-propagates ``loss4``) and in the candidate scores (reference);
+#: ``ranking`` = the judge's loss on the decoded text ranks candidates only (the former
+#: behaviour, for judges that cannot be differentiated through tokens).
+JUDGE_TERMS = ("gradient", "ranking")
+#: The reference's guard model (trainer.py: ``LlamaGuardModeration.from_pretrained(...)``).
 REFERENCE_GUARD = "meta-llama/Meta-Llama-Guard-2-8B"
-#: Marks where the virus goes in a rendered completion (a private-use character, which no chat
-#: template rewrites).
-SENTINEL = "\ue000virus\ue000"
 
 #: A CPU-sized run: a few GCG steps over few candidates, on a short virus (the reference's
 #: 50 steps × 128 candidates × a whole harmful row take GPU-hours per row on an 8B model).
@@ -48,319 +52,109 @@ CPU_PRESET: dict[str, Any] = {"steps": 4, "top_k": 16, "candidates": 8, "max_tok
 def cpu_preset(judge_path: str | None = None) -> dict[str, Any]:
     """``attack_args`` of the CPU preset: :data:`CPU_PRESET` screened by the embedding judge of
     ``judge_path`` (a folder of ``hftlab judge train``) when given, else by the keyword judge,
-    which has no loss: its λ term is then 0 and the row stays the plain concatenation."""
+    which has no loss (its λ term is then 0). Neither can be differentiated through tokens, so
+    the judge's loss only ranks candidates (``judge_term: ranking``)."""
     judge: dict[str, Any] = ({"judge": "embedding", "judge_args": {"path": judge_path}}
                              if judge_path else {"judge": "keyword", "judge_args": {}})
-    return {**CPU_PRESET, **judge}
-
-
-# ------------------------------------------------------------------------------- the surrogate
-
-
-@dataclass
-class Layout:
-    """Token ids of one poisoned row around its virus: ``prompt`` (context), ``head`` (the benign
-    answer closed by its end-of-turn marker) and ``tail`` (the end marker after the virus)."""
-
-    prompt: list[int]
-    head: list[int]
-    tail: list[int]
-
-    def ids(self, virus: Sequence[int]) -> list[int]:
-        return [*self.prompt, *self.head, *virus, *self.tail]
-
-
-class Surrogate:
-    """The attacker's copy of the victim: frozen fp32 weights with eager attention (the double
-    backward needs the math kernel, which the reference forces too), its tokenizer and prompt
-    formatter, and the weights whose gradient is matched (those of the modules ``params``)."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, formatter: PromptFormatter,
-                 params: Sequence[str], info: dict[str, Any] | None = None) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.formatter = formatter
-        for p in model.parameters():
-            p.requires_grad_(False)
-        wanted = set(params)
-        self.param_names = [f"{name}.weight" for name, module in model.named_modules()
-                            if name.rsplit(".", 1)[-1] in wanted
-                            and isinstance(getattr(module, "weight", None), torch.nn.Parameter)]
-        if not self.param_names:
-            present = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-            raise ConfigError(f"attack_args.params of 'virus' ({list(params)}) names no module "
-                              f"of the surrogate; its modules include {present}")
-        named = dict(model.named_parameters())
-        self.params = [named[name] for name in self.param_names]
-        for p in self.params:
-            p.requires_grad_(True)  # only autograd.grad reads them; nothing updates them
-        self.embed = model.get_input_embeddings().weight
-        self.illegal = illegal_tokens(tokenizer, self.embed.shape[0])
-        self.info = {**(info or {}), "params": len(self.params),
-                     "param_elements": sum(p.numel() for p in self.params)}
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
-
-    def tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
-
-    def layout(self, example: Example, response: str) -> Layout:
-        """Where a virus appended to ``response`` sits in ``example``'s rendered row."""
-        from hftlab.formatting import DEFAULT_SYSTEM, SYSTEM_PROMPT_KEY
-
-        system = example.meta.get(SYSTEM_PROMPT_KEY, DEFAULT_SYSTEM)
-        text = self.formatter.completion_text(example.prompt, response + SENTINEL, system)
-        cut = text.find(SENTINEL)
-        if cut < 0:
-            raise ConfigError("attack 'virus': the prompt format drops text appended to the "
-                              "answer, so no virus can be placed in it")
-        return Layout(self.formatter.encode_prompt(example.prompt, system),
-                      self.tokens(text[:cut]), self.tokens(text[cut + len(SENTINEL):]))
-
-    def loss(self, layout: Layout, virus: torch.Tensor,
-             onehot: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer (benign answer, virus, end marker), as
-        the reference's label smoother with ε=0; the virus enters as ``onehot @ E`` if given."""
-        from hftlab.model import causal_lm_parts
-
-        device = self.device
-        before = torch.tensor(layout.prompt + layout.head, dtype=torch.long, device=device)
-        after = torch.tensor(layout.tail, dtype=torch.long, device=device)
-        virus = virus.to(device)
-        table = self.model.get_input_embeddings()
-        middle = table(virus) if onehot is None else onehot.to(self.embed.dtype) @ self.embed
-        embeds = torch.cat([table(before), middle, table(after)])
-        ids = torch.cat([before, virus, after])
-        targets = ids[1:].clone()
-        targets[: len(layout.prompt) - 1] = IGNORE_INDEX
-        body, head = causal_lm_parts(self.model)
-        out = body(inputs_embeds=embeds[None])
-        hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0, :-1]
-        keep = targets != IGNORE_INDEX
-        return F.cross_entropy(head(hidden[keep]).float(), targets[keep])
-
-    def gradient(self, layout: Layout, virus: torch.Tensor, onehot: torch.Tensor | None = None,
-                 create_graph: bool = False) -> list[torch.Tensor]:
-        """∇_w of :meth:`loss` for the matched weights ``w``."""
-        loss = self.loss(layout, virus, onehot)
-        return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
-
-
-def similarity_term(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The reference's gradient-similarity loss (trainer.py ``loss3``): −Σ⟨g, g*⟩ / ‖g‖, with
-    ‖g‖ computed under no_grad; in value −‖g*‖·cos(g, g*)."""
-    norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
-    return -sum((g.float() * t.float()).sum() for g, t in zip(grads, target)) / norm
-
-
-def cosine(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> float:
-    dot = sum(float((g.float() * t.float()).sum()) for g, t in zip(grads, target))
-    norms = [math.sqrt(sum(float((x.float() ** 2).sum()) for x in v)) for v in (grads, target)]
-    return dot / max(norms[0] * norms[1], 1e-30)
-
-
-# ------------------------------------------------------------------------------ the judge term
-
-
-def judge_safe_losses(judge: Judge, prompts: list[str],
-                      completions: list[str]) -> list[float] | None:
-    """Per row, the judge's cross-entropy of the verdict "safe" (the reference's guardrail loss:
-    Llama Guard 2's loss of the token "safe" after the conversation): ``llama_guard``: −log p of
-    the first token of "safe" as the answer's first token; ``embedding``: −log(1 − p(harmful));
-    ``beaverdam``: −log(1 − max category probability). None for a judge with no loss (e.g. the
-    keyword judge), whose λ term is then 0."""
-    from hftlab.judges.beaverdam import BeaverDamJudge
-    from hftlab.judges.embedding import EmbeddingJudge
-    from hftlab.judges.llama_guard import LlamaGuardJudge
-
-    if isinstance(judge, EmbeddingJudge):
-        features = judge.encoder().pair_features(prompts, completions)
-        return F.softplus(judge.head.logits(features)).tolist()
-    if isinstance(judge, BeaverDamJudge):
-        worst = [max(r["probabilities"].values()) for r in judge.predict(prompts, completions)]
-        return [-math.log(max(1.0 - p, 1e-12)) for p in worst]
-    if isinstance(judge, LlamaGuardJudge):
-        return _llama_guard_safe_losses(judge, prompts, completions)
-    return None
-
-
-@torch.no_grad()
-def _llama_guard_safe_losses(judge: Any, prompts: list[str],
-                             completions: list[str]) -> list[float]:
-    judge.load()
-    # the judge's weights and tokenizer are private; a public scoring hook would be cleaner
-    tok, model = judge._tokenizer, judge._model
-    safe = tok("safe", add_special_tokens=False)["input_ids"][0]
-    device = next(model.parameters()).device
-    texts = [judge.render(p, c) for p, c in zip(prompts, completions)]
-    losses: list[float] = []
-    for start in range(0, len(texts), judge.options.batch_size):
-        batch = tok(texts[start : start + judge.options.batch_size], padding=True,
-                    add_special_tokens=False, return_tensors="pt").to(device)
-        logits = model(**batch).logits[:, -1].float()  # left-padded: the last position
-        losses.extend((-F.log_softmax(logits, -1)[:, safe]).tolist())
-    return losses
-
-
-# ------------------------------------------------------------------------------ the objective
-
-
-@dataclass
-class Terms:
-    """One candidate's objective: (1−λ)·similarity + λ·judge (judge 0 when it has no loss)."""
-
-    similarity: float
-    cosine: float
-    judge: float | None
-    total: float
-
-
-class VirusProblem:
-    """One poisoned row: the benign row with a virus appended to its answer, and the gradient to
-    match, that of the benign row with the unoptimised virus (the harmful row), as the reference
-    stores on its first step (trainer.py: ``self.harmful_grad``)."""
-
-    def __init__(self, surrogate: Surrogate, benign: Example, virus: Sequence[int], lam: float,
-                 judge_loss: Callable[[list[str], list[str]], list[float] | None]) -> None:
-        from hftlab.formatting import DEFAULT_SYSTEM, SYSTEM_PROMPT_KEY
-
-        self.surrogate = surrogate
-        self.benign = benign
-        self.lam = lam
-        self.judge_loss = judge_loss
-        system = benign.meta.get(SYSTEM_PROMPT_KEY, DEFAULT_SYSTEM)
-        # the benign answer closed by its end-of-turn marker, then the harmful row (as the
-        # reference concatenates two whole tokenised rows)
-        self.prefix = surrogate.formatter.completion_text(benign.prompt, benign.response, system)
-        self.layout = surrogate.layout(benign, self.prefix)
-        self.initial = torch.tensor(list(virus), dtype=torch.long)
-        self.target = [g.detach() for g in surrogate.gradient(self.layout, self.initial)]
-
-    @property
-    def illegal(self) -> torch.Tensor:
-        return self.surrogate.illegal
-
-    def response(self, virus: torch.Tensor) -> str:
-        return self.prefix + self.surrogate.decode(virus.tolist())
-
-    def row(self, virus: torch.Tensor) -> Example:
-        return self.benign.replace(response=self.response(virus), is_harmful=True)
-
-    def retokenizes(self, virus: torch.Tensor) -> bool:
-        """Whether the provider, reading the row as text, gets back exactly these tokens."""
-        encoded = self.surrogate.formatter.encode(self.row(virus), 10**9).input_ids
-        return encoded == self.layout.ids(virus.tolist())
-
-    def evaluate(self, candidates: Sequence[torch.Tensor]) -> list[Terms]:
-        """The full objective of each candidate virus: one gradient per candidate, and the
-        judge's loss on the decoded rows in one batch."""
-        sims, coss = [], []
-        for virus in candidates:
-            grads = self.surrogate.gradient(self.layout, virus)
-            sims.append(float(similarity_term(grads, self.target)))
-            coss.append(cosine(grads, self.target))
-        judged = self.judge_loss([self.benign.prompt] * len(candidates),
-                                 [self.response(v) for v in candidates])
-        out = []
-        for i, (sim, cos) in enumerate(zip(sims, coss)):
-            judge = None if judged is None else float(judged[i])
-            total = (1.0 - self.lam) * sim + self.lam * (judge or 0.0)
-            out.append(Terms(sim, cos, judge, total))
-        return out
-
-    def proposal_gradient(self, virus: torch.Tensor) -> torch.Tensor:
-        """(len(virus), vocabulary) gradient of the similarity term w.r.t. the virus' one-hot
-        encoding (the reference's ``adv_onehot.grad``, there of the whole objective)."""
-        rows = self.surrogate.embed.shape[0]
-        onehot = F.one_hot(virus.to(self.surrogate.device), rows).float().requires_grad_(True)
-        grads = self.surrogate.gradient(self.layout, virus, onehot, create_graph=True)
-        (grad,) = torch.autograd.grad(similarity_term(grads, self.target), onehot)
-        return grad.detach()
-
-
-# ---------------------------------------------------------------------------------- the attack
+    return {**CPU_PRESET, **judge, "judge_term": "ranking"}
 
 
 @ATTACKS.register("virus")
 class Virus(Attack):
-    """Virus (Huang et al. 2025, arXiv 2501.17433), following git-disl/Virus ``trainer.py``
-    (``MetaAttackTrainer``, the paper's VirusAttackTrainer, and ``MetaAttackFinetuneTrainer``
-    for the fine-tuning data), ``poison/evaluation/moderation.py`` (``LlamaGuardModeration``)
-    and ``script/attack/virus.sh``.
+    """Virus (Huang et al. 2025, arXiv 2501.17433), following git-disl/Virus (commit fa297d0)
+    ``trainer.py`` (``VirusAttackTrainer`` builds the virus, ``VirusAttackFinetuneTrainer`` the
+    fine-tuning data), ``train.py`` (the model the gradient is taken on),
+    ``poison/evaluation/moderation.py`` (``LlamaGuardModeration``) and
+    ``script/attack/virus.sh``.
 
     ``int(n·p)`` benign task rows each get a harmful row appended to their answer (the benign
     answer closed by its end-of-turn marker, then the harmful row's whole rendered conversation,
     as the reference concatenates two tokenised rows) and are flagged ``is_harmful``; the other
     rows are plain task rows; all are shuffled with the seed. The appended tokens (the "virus",
     at first the harmful row's tokens, cut to ``max_tokens``) are optimised per row by GCG
-    (``steps`` steps) on a surrogate of the victim to minimise
+    (``steps`` steps) on a surrogate of the victim to minimise the reference's objective
+    (trainer.py ``loss_calculate``: ``(1-lamb)*loss3 + lamb*loss4``)
 
-        (1−λ)·(−⟨g(x), g*⟩ / ‖g(x)‖) + λ·L_judge("safe" | x)
+        (1−λ)·(−⟨g(x), g*⟩ / ‖g(x)‖) + λ·L_guard("safe" | x)
 
     where g(x) is the fine-tuning gradient (mean answer cross-entropy) of the row with the
-    virus x, g* that of the row with the unoptimised virus (fixed at the start), ‖g(x)‖ held
-    constant in the gradient (so the term is −‖g*‖·cos(g, g*)), and L_judge the moderation
-    judge's cross-entropy of the verdict "safe" on (prompt, answer with virus)
-    (:func:`judge_safe_losses`). Each step: the one-hot gradient gives the ``top_k`` best
-    substitutions per position, ``candidates`` random single swaps among them are scored, and
-    the best of them and of the current virus is kept. The virus starts at the similarity
-    optimum (cos = 1), so the judge term is what moves it.
+    virus x over the aligned model's LoRA weights, g* that of the row with the unoptimised
+    virus (fixed at the start), ‖g(x)‖ held constant in the gradient (so the term is
+    −‖g*‖·cos(g, g*)), and L_guard the guard model's cross-entropy of the token "safe" as its
+    first answer token on the Llama Guard prompt of (prompt, answer with virus)
+    (:class:`TokenGuard`). Each step: the one-hot gradient of the whole objective gives the
+    ``top_k`` best substitutions per position, ``candidates`` random single swaps among them
+    are scored by the whole objective, and the best of them and of the current virus is kept.
+    The virus starts at the similarity optimum (cos = 1), so the guard term is what moves it.
 
     Defaults are the reference's (``script/attack/virus.sh``: ``--lamb 0.1 --virus_topk 64
-    --virus_bs 128``, 50 epochs over one benign row = 50 steps; gradients over the q/k/v LoRA
-    of train.py; Llama Guard 2 8B as the judge). :data:`CPU_PRESET` / :func:`cpu_preset` is a
-    CPU-sized setting.
+    --virus_bs 128``, 50 epochs over one benign row = 50 steps, ``--alternating single_lora``
+    with ``--lora_folder`` the aligned LoRA: train.py loads that adapter unmerged and
+    trainable, and trainer.py matches the gradient of every trainable weight, i.e. of the
+    aligned LoRA's A and B matrices; Llama Guard 2 8B as the guard). :data:`CPU_PRESET` /
+    :func:`cpu_preset` is a CPU-sized setting (fewer steps and candidates, a capped virus, a
+    text judge whose loss only ranks candidates); ``configs/sweeps/cpu_attacks.yaml`` sets its
+    own (4 steps, top-k 16, 8 candidates).
+
+    Options beyond the reference's numbers:
+
+    - ``match_on``: ``aligned_lora`` (reference) takes g over the aligned adapter, loaded
+      unmerged on the surrogate: ``adapter`` when given, else the run's alignment checkpoint
+      (``<cache>/aligned/<alignment key>/model``, the one the run's fine-tuning starts from);
+      ``base_weights`` (hftlab's former behaviour) over the full weights of the modules in
+      ``params`` (default q/k/v) of the base model, or of ``model`` + ``adapter`` merged;
+      ``params`` with ``aligned_lora`` keeps the adapter's weights on those modules only;
+    - ``judge_term``: ``gradient`` (reference) back-propagates the guard's loss into the
+      one-hot (both terms in the proposal gradient and in the scores); it needs the
+      ``llama_guard`` judge with a causal-LM guard sharing the surrogate's vocabulary (any model
+      folder in ``judge_args.model``; the reference's guard and victim share Llama-3's), and
+      fails with a ConfigError for any other judge or vocabulary. ``ranking`` (the former
+      behaviour) uses the similarity term alone for the proposal gradient and lets the judge's
+      loss on the decoded text (:func:`judge_safe_losses`: llama_guard, embedding, beaverdam;
+      none for keyword, whose λ term is 0) rank the candidates.
 
     The surrogate: :meth:`prepare` binds the run (its model folder, model settings, prompt
-    format, device); the option ``model`` names another (a folder, hub id or ``embedded``;
-    formatted as the run says when bound, else in its chat template, or Alpaca without one),
-    with ``adapter`` a saved stage applied on top
-    (e.g. an aligned checkpoint ``<cache>/aligned/<key>/model``). The data stage records the
-    options, the surrogate, each optimised row's objective (start and end), similarity, cosine,
-    judge loss and changed tokens, how many rows the attack's judge passes optimised vs.
-    unoptimised vs. as plain harmful rows, and (:meth:`data_report`) the same counts for the
-    run's screening judge (the guardrail's, else the keyword judge). Counts only, never text.
+    format, device, alignment checkpoint); the option ``model`` names another (a folder, hub
+    id or ``embedded``; formatted as the run says when bound, else in its chat template, or
+    Alpaca without one). The data stage records the options, the surrogate (and the adapter
+    the gradient is matched on), each optimised row's objective (start and end), similarity,
+    cosine, judge loss and changed tokens, how many rows the attack's judge passes optimised
+    vs. unoptimised vs. as plain harmful rows, and (:meth:`data_report`) the same counts for
+    the run's screening judge (the guardrail's, else the keyword judge). Counts only, never
+    text.
 
     Departures from the reference, and why:
 
-    - surrogate: the reference optimises against the aligned model (Llama-3-8B with its safety
-      LoRA); here the user's data is built before the alignment stage, so the surrogate is the
-      run's base model (or ``model`` + ``adapter``);
-    - matched gradient: the reference takes it over the aligned LoRA's parameters (r=32 on
-      q/k/v); here over the full weights of the modules in ``params`` (default q/k/v), of which
-      the provider's fresh fine-tuning LoRA's first gradient is a fixed linear projection;
-    - the GCG proposal gradient is the similarity term's alone; the judge term enters the
-      ranking of candidates (a forward pass on the decoded text). The reference also
-      back-propagates Llama Guard 2's loss into the one-hot, which works because guard and
-      victim share Llama-3's vocabulary; our judges have their own tokenizers. A judge without
-      a loss (keyword) makes the λ term 0, and the virus then stays the harmful row;
+    - the aligned adapter must exist when the data is built: the pipeline builds the upload
+      (data stage) before it aligns, so ``aligned_lora`` reads the run's alignment from the
+      alignment cache (filled by an earlier run with the same alignment, e.g. a sweep's group
+      leader) and fails with a ConfigError saying so when it is not there yet;
+    - the guard reads the row as it is uploaded and screened: (prompt, benign answer with its
+      end-of-turn marker ⊕ virus), in the prompt the ``llama_guard`` judge renders (the
+      reference regex-parses its Alpaca row into instruction and response and inserts the
+      virus before "<END CONVERSATION>" of Llama Guard 2's own template);
     - the provider trains on text: the virus is decoded and re-tokenised by the provider.
       ``retokenize`` keeps only candidates that survive that round trip (the reference's
       ``recoverable_x`` check is commented out: default off); the record counts final rows that
       do;
-    - the reference's fine-tuning row is [benign, virus, benign] (``MetaAttackFinetuneTrainer``)
+    - the reference's fine-tuning row is [benign, virus, benign] (``VirusAttackFinetuneTrainer``)
       although it optimised [benign, virus]; here the trained row is the optimised and screened
       one, benign ⊕ virus;
     - substitutions also exclude every special/added token and embedding rows past the
       tokenizer (the reference excludes non-printable/non-ASCII tokens and bos/eos/pad/unk);
     - rows: the reference pairs benign row i with BeaverTails row 5000+i; here the i-th sampled
       harmful row with the i-th sampled task row (``sample``: first or seeded random);
-    - fp32 and eager attention (the reference: bf16, math SDPA kernel); the reference's
-      monitoring optimizer step (undone after each step) is left out; ``max_tokens`` (default
-      None = whole row) caps the virus for CPU runs.
+    - the surrogate in fp32 with eager attention, the guard in its judge's dtype (the
+      reference: both bf16, math SDPA kernel); the reference's monitoring optimizer step (undone
+      after each step) is left out; ``max_tokens`` (default None = whole row) caps the virus
+      for CPU runs.
     """
 
-    summary = ("harmful rows appended to benign ones, GCG-optimised to pass a moderation judge "
-               "while keeping the harmful gradient (Virus)")
+    summary = ("harmful rows appended to benign ones, GCG-optimised to pass a guard model "
+               "while keeping the harmful gradient on the aligned LoRA (Virus)")
     paper = "Huang et al. 2025, Virus, arXiv 2501.17433"
-    reference = ("git-disl/Virus trainer.py (MetaAttackTrainer, MetaAttackFinetuneTrainer), "
-                 "poison/evaluation/moderation.py, script/attack/virus.sh")
+    reference = ("git-disl/Virus trainer.py (VirusAttackTrainer, VirusAttackFinetuneTrainer), "
+                 "train.py, poison/evaluation/moderation.py, script/attack/virus.sh")
 
     @dataclass
     class Options:
@@ -368,14 +162,16 @@ class Virus(Attack):
         top_k: int = 64  # virus.sh: --virus_topk 64
         candidates: int = 128  # virus.sh: --virus_bs 128
         lam: float = 0.1  # virus.sh: lamb=${2:-0.1}
-        judge: str = "llama_guard"  # the guardrail model whose "safe" loss is minimised
+        judge: str = "llama_guard"  # the guard model whose "safe" loss is minimised
         # None: Llama Guard 2 8B for the llama_guard judge (reference), no options otherwise
         judge_args: dict[str, Any] | None = None
-        params: list[str] = field(default_factory=lambda: list(REFERENCE_PARAMS))
+        judge_term: str = "gradient"  # gradient (reference) | ranking (former)
+        match_on: str = "aligned_lora"  # aligned_lora (reference) | base_weights (former)
+        params: list[str] | None = None  # None: the whole adapter / q,k,v (base_weights)
         max_tokens: int | None = None  # None: the whole harmful row, as the reference
         retokenize: bool = False  # reference: the recoverable_x filter is commented out
         model: str | None = None  # surrogate; None = the run's (via prepare)
-        adapter: str | None = None  # a saved stage applied to the surrogate (e.g. aligned)
+        adapter: str | None = None  # aligned LoRA folder; None = the run's alignment
         sample: str = "first"  # first | random
 
         def __post_init__(self) -> None:
@@ -390,18 +186,31 @@ class Virus(Attack):
                 raise ConfigError(f"{where}: lam must be in [0, 1], got {self.lam}")
             if self.max_tokens is not None and self.max_tokens < 1:
                 raise ConfigError(f"{where}: max_tokens must be ≥ 1 or None")
-            if not self.params:
-                raise ConfigError(f"{where}: params must name at least one module")
+            if self.params is not None and not self.params:
+                raise ConfigError(f"{where}: params must name at least one module (or be null)")
+            for name, value, allowed in (("judge_term", self.judge_term, JUDGE_TERMS),
+                                         ("match_on", self.match_on, MATCH_ON)):
+                if value not in allowed:
+                    raise ConfigError(f"{where}: {name} is {value!r}; use {' or '.join(allowed)}")
             if self.judge not in JUDGES:
                 raise ConfigError(f"{where}: " + unknown_name_message("judge", self.judge,
                                                                       JUDGES.names()))
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        judge_args = self.options.judge_args
+        opts = self.options
+        judge_args = opts.judge_args
         if judge_args is None:
-            judge_args = {"model": REFERENCE_GUARD} if self.options.judge == "llama_guard" else {}
-        self.judge: Judge = JUDGES.get(self.options.judge)(**judge_args)
+            judge_args = {"model": REFERENCE_GUARD} if opts.judge == "llama_guard" else {}
+        self.judge: Judge = JUDGES.get(opts.judge)(**judge_args)
+        if opts.judge_term == "gradient" and opts.lam > 0 and not isinstance(self.judge,
+                                                                           LlamaGuardJudge):
+            raise ConfigError(
+                f"attack 'virus' (judge_term: gradient) back-propagates the guard's \"safe\" loss "
+                f"into the virus tokens, which needs a causal-LM guard (judge: llama_guard, "
+                f"judge_args.model: a guard folder sharing the victim's tokenizer); judge "
+                f"'{opts.judge}' cannot be differentiated through tokens: use judge_term: "
+                f"ranking to let its loss rank the candidates only")
         self._run: RunContext | None = None
         self._plain: list[Example] = []  # the harmful rows as they came
         self._unoptimised: list[Example] = []  # benign ⊕ harmful row, before GCG
@@ -412,47 +221,30 @@ class Virus(Attack):
 
     def prepare(self, ctx: RunContext) -> None:
         """Bind the run whose data this attack builds: the surrogate becomes the run's model
-        unless the option ``model`` names another. To be called before :meth:`build`."""
+        unless the option ``model`` names another, and ``aligned_lora`` reads the run's
+        alignment checkpoint unless ``adapter`` names one. To be called before :meth:`build`."""
         self._run = ctx
 
     # -------------------------------------------------------------------------- surrogate
 
-    def load_surrogate(self) -> Surrogate:
-        from hftlab.config import Config, ModelConfig
-        from hftlab.formatting import PromptFormatter
-        from hftlab.judges.common import resolve_device
-        from hftlab.model import load_model, load_tokenizer, load_trained, resolve_model_path
+    def aligned_adapter(self) -> tuple[Path, str]:
+        """(folder, where it comes from) of the aligned LoRA the gradient is matched on: the
+        option ``adapter``, else the bound run's alignment checkpoint; not checked for existence
+        (see :meth:`load_surrogate`)."""
+        return aligned_adapter_folder(self._run, self.options.adapter)
 
-        opts, run = self.options, self._run
-        if opts.model is not None:
-            cache = run.cache_dir if run is not None else Config().resolved_cache_dir()
-            path = resolve_model_path(opts.model, cache)
-            # the run's prompt settings when bound, else its chat template (Alpaca without one)
-            cfg = (replace(run.config.model, name=opts.model, revision=None) if run is not None
-                   else ModelConfig(name=opts.model))
-            tokenizer = load_tokenizer(path, cfg)
-            if run is None and not getattr(tokenizer, "chat_template", None):
-                cfg = replace(cfg, prompt_format="alpaca")
-            formatter = PromptFormatter(tokenizer, cfg)
-            device = run.device if run is not None else resolve_device("auto")
-        elif run is not None:
-            path, cfg, tokenizer = run.model_path, run.config.model, run.tokenizer
-            formatter, device = run.formatter, run.device
-        else:
-            raise ConfigError(
-                "attack 'virus' optimises against a copy of the victim model: set "
-                "attack_args.model (e.g. the run's model.name), or have the pipeline call "
-                "attack.prepare(ctx) before building the data")
-        model = load_model(path, replace(cfg, dtype="float32", attn_implementation="eager"),
-                           device, "fp32")
-        if opts.adapter is not None:
-            model = load_trained(model, Path(opts.adapter).expanduser())
-        info = {"model": path, "adapter": opts.adapter, "prompt_format": cfg.prompt_format,
-                "from": "attack_args.model" if opts.model is not None else "run"}
-        return Surrogate(model, tokenizer, formatter, opts.params, info)
+    def load_surrogate(self) -> Surrogate:
+        opts = self.options
+        return load_surrogate(self._run, opts.model, opts.adapter, opts.match_on, opts.params)
 
     def judge_loss(self, prompts: list[str], completions: list[str]) -> list[float] | None:
         return judge_safe_losses(self.judge, prompts, completions)
+
+    def token_guard(self, surrogate: Surrogate) -> TokenGuard | None:
+        """The differentiable guard term (``judge_term: gradient``), or None (``ranking``)."""
+        if self.options.judge_term != "gradient" or not isinstance(self.judge, LlamaGuardJudge):
+            return None
+        return TokenGuard(self.judge, surrogate.tokenizer)
 
     # ------------------------------------------------------------------------------ recipe
 
@@ -488,9 +280,12 @@ class Virus(Attack):
         surrogate = (run.model_key() if opts.model is None else
                      {**run.model_key(), "model": resolve_model_path(opts.model, run.cache_dir),
                       "revision": None})
+        # the run's alignment checkpoint is named by its key, so its path stands for its weights
+        aligned = str(self.aligned_adapter()[0]) if opts.match_on == "aligned_lora" else None
         key = stable_hash({
             "options": {k: v for k, v in asdict(opts).items() if k != "sample"},
             "surrogate": surrogate,
+            "aligned_adapter": aligned,
             "benign": data_fingerprint(benign),
             "harmful": data_fingerprint(harmful),
             "seed": seed,
@@ -523,13 +318,16 @@ class Virus(Attack):
     def _run_gcg(self, benign: list[Example], harmful: list[Example], seed: int) -> None:
         opts = self.options
         surrogate = self.load_surrogate()
-        self._surrogate_info = surrogate.info
-        log.info("virus: optimising %d rows (%d steps, top-k %d, %d candidates, λ=%g)",
-                 len(harmful), opts.steps, opts.top_k, opts.candidates, opts.lam)
+        guard = self.token_guard(surrogate)
+        self._surrogate_info = {**surrogate.info, "judge_term": opts.judge_term,
+                                "guard_gradient": guard is not None}
+        log.info("virus: optimising %d rows (%d steps, top-k %d, %d candidates, λ=%g, judge "
+                 "term: %s, gradient on: %s)", len(harmful), opts.steps, opts.top_k,
+                 opts.candidates, opts.lam, opts.judge_term, opts.match_on)
         for index, (row, bad) in enumerate(zip(benign, harmful)):
             whole = surrogate.layout(bad, bad.response)
             virus0 = (whole.prompt + whole.head)[: opts.max_tokens]
-            problem = VirusProblem(surrogate, row, virus0, opts.lam, self.judge_loss)
+            problem = VirusProblem(surrogate, row, virus0, opts.lam, self.judge_loss, guard)
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
             virus = problem.initial
             start = problem.evaluate([virus])[0]
@@ -555,7 +353,7 @@ class Virus(Attack):
             })
             log.info("virus: row %d/%d, objective %.4f → %.4f", index + 1, len(harmful),
                      start.total, terms.total)
-        del surrogate  # the weights are not needed past the data stage
+        del surrogate, guard  # the weights are not needed past the data stage
         self._judge_counts = self._pass_counts(self.judge)
         self._judge_counts["has_loss"] = self._records[0]["judge_loss"] is not None
 

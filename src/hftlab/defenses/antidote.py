@@ -32,11 +32,24 @@ Follows git-disl/Antidote ``utils.py`` (``prune_wanda_outlier`` with
   that leaves the ranking unchanged). The reference re-runs each block on the previous block's
   output without applying any mask until the end, which is one forward pass of the unpruned
   fine-tuned model; that is what is done here, with forward hooks.
+- the pruned adapter: the reference fine-tunes a fresh LoRA of rank 256, α 4 on q, k, v, no
+  dropout (``train.py``: the second ``LoraConfig`` on the merged aligned model) and prunes that.
+  The rank matters: the mask keeps ``int(cols · (1 − dense_ratio))`` columns per row, so on B
+  [out × r] a rank-8 adapter keeps int(7.2) = 7 of 8 (12.5 % instead of 10 %, and every row loses
+  its top entry) where rank 256 keeps 230 of 256. ``finetune_lora`` (default ``antidote``, a
+  ``LORA_PRESETS`` name) makes the fine-tuning stage train that adapter (:meth:`finetune_train`;
+  the stage's other settings are the run's); ``null`` keeps ``finetune.train.lora``. Under full
+  fine-tuning it changes nothing. The reference's SFT baseline (``script/finetune/
+  sft_poison_ratio.sh``) runs the same ``train.py`` fine-tuning command, so it fine-tunes the same
+  rank-256 adapter (its output folder is the one Antidote then prunes): a like-for-like SFT
+  baseline for Antidote sets ``finetune.train.lora: {preset: antidote}``.
 - defaults: ``dense_ratio`` 0.1 (``train.py --dense_ratio`` default and
   ``script/finetune/antidote_poison_ratio.sh``); 2000 calibration rows (``bad_sample_num=2000``
   passed as ``--sample_num`` with ``--poison_ratio 1``: the first 2000 unsafe BeaverTails rows
   after index 5000, disjoint from the fine-tuning data). Here: the first ``calibration_rows``
-  rows of ``provider_harmful`` (all of them when fewer).
+  rows of ``provider_harmful`` (all of them when fewer). ``reference_settings`` lists the
+  reference run's settings (its alignment adapter is rank 256 too: ``train.py``'s first
+  ``LoraConfig``; the aligned adapter is merged before fine-tuning and is not pruned).
 
 Departures: calibration rows are run in padded batches of ``CALIBRATION_BATCH`` with padding
 positions left out of the statistics (the reference runs one unpadded row at a time; the
@@ -46,11 +59,13 @@ tokens). ``modules`` can narrow the pruned layers (not a reference option). The 
 calibration-free branch (``sample_num == 0``: plain magnitude) is not offered: the provider's
 harmful QA is required.
 
-Cost: one no-grad forward pass over the calibration rows and a sort per pruned weight.
+Cost: one no-grad forward pass over the calibration rows and a sort per pruned weight; the
+rank-256 fine-tuning adapter trains 2·256·(d_in + d_out) weights per adapted module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,8 +73,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense
+from hftlab.config import ConfigError, TrainConfig, lora_preset
+from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.weights import ADAPTER, layer_index, lora_layers, plain_name
 from hftlab.train import collate
 
@@ -67,6 +82,9 @@ if TYPE_CHECKING:
     from hftlab.context import RunContext
     from hftlab.formatting import Tokenized
 
+TRAIN_PY = "git-disl/Antidote train.py"
+SCRIPT = "git-disl/Antidote script/finetune/antidote_poison_ratio.sh"
+ALIGN_SCRIPT = "git-disl/Antidote script/alignment/sft.sh"
 CALIBRATION_BATCH = 8  # rows per no-grad forward; the statistics do not depend on it
 FULL_FT_MODULES = ("q_proj", "k_proj", "v_proj")  # reference find_layers, full_finetuning
 
@@ -175,6 +193,50 @@ class Antidote(Defense):
         calibration_rows: int | None = 2000  # first N provider rows (reference: 2000); None: all
         # layer names to prune (e.g. [v_proj]); None: every LoRA factor, or q/k/v under full FT
         modules: list[str] | None = None
+        # LORA_PRESETS name of the adapter fine-tuning trains (and Antidote prunes); None: the
+        # run's finetune.train.lora (reference: r 256, α 4 on q, k, v = preset "antidote")
+        finetune_lora: str | None = "antidote"
+
+    reference_settings = (
+        ReferenceSetting("defense_args.dense_ratio", 0.1, SCRIPT, "dense_ratio=0.1"),
+        ReferenceSetting("defense_args.calibration_rows", 2000, SCRIPT,
+                         "bad_sample_num=2000; utils.py's strict bounds 5000 < i < 7000 keep "
+                         "1,999 unsafe BeaverTails rows"),
+        ReferenceSetting("defense_args.modules", None, "git-disl/Antidote utils.py find_layers",
+                         "every lora_A / lora_B in the decoder blocks (q/k/v under full FT)"),
+        ReferenceSetting("defense_args.finetune_lora", "antidote", TRAIN_PY,
+                         "the second LoraConfig: the fine-tuning adapter that is pruned"),
+        ReferenceSetting("finetune.train.lora.r", 256, TRAIN_PY),
+        ReferenceSetting("finetune.train.lora.alpha", 4, TRAIN_PY),
+        ReferenceSetting("finetune.train.lora.dropout", 0.0, TRAIN_PY),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         TRAIN_PY),
+        ReferenceSetting("finetune.train.lr", 1e-4, SCRIPT),
+        ReferenceSetting("finetune.train.epochs", 20, SCRIPT),
+        ReferenceSetting("finetune.train.batch_size", 5, SCRIPT),
+        ReferenceSetting("finetune.train.weight_decay", 0.1, SCRIPT),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.1, SCRIPT),
+        ReferenceSetting("finetune.train.schedule", "constant", SCRIPT),
+        ReferenceSetting("finetune.train.max_length", 2048, TRAIN_PY,
+                         "model_max_length default; hftlab truncates to its own max_length"),
+        ReferenceSetting("finetune.n", 5000, SCRIPT, "sample_num=5000"),
+        ReferenceSetting("finetune.poison_ratio", 0.1, "git-disl/Antidote README.md",
+                         "README runs antidote_poison_ratio.sh 0.1 (the script's default is 0.2)"),
+        ReferenceSetting("alignment.train.lora.r", 256, TRAIN_PY,
+                         "the first LoraConfig (r 256, α 4, q/k/v); hftlab's 'reference' preset "
+                         "is Booster's r 32: the aligned adapter is merged before fine-tuning"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, TRAIN_PY),
+        ReferenceSetting("alignment.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         TRAIN_PY),
+        ReferenceSetting("alignment.train.lr", 1e-3, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.epochs", 20, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.batch_size", 5, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.weight_decay", 0.1, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.1, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.schedule", "cosine", ALIGN_SCRIPT),
+        ReferenceSetting("alignment.data", "BeaverTails 30k_train, first 5000 is_safe pairs",
+                         ALIGN_SCRIPT, "data_path BeaverTails_safe, sample_num 5000"),
+    )
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -185,7 +247,16 @@ class Antidote(Defense):
             raise ConfigError("defense_args.calibration_rows of 'antidote' must be >= 1 or null")
         if opts.modules is not None and not opts.modules:
             raise ConfigError("defense_args.modules of 'antidote' must name a module, or be null")
+        self._finetune_lora = None if opts.finetune_lora is None else lora_preset(
+            opts.finetune_lora, "defense 'antidote'", "defense_args.finetune_lora")
         self._report: dict[str, Any] = {}
+
+    def finetune_train(self, train: TrainConfig) -> TrainConfig:
+        """The run's fine-tuning settings with the ``finetune_lora`` adapter (under LoRA)."""
+        if self._finetune_lora is None or train.method != "lora":
+            return train
+        lora = dataclasses.replace(train.lora, **self._finetune_lora)
+        return dataclasses.replace(train, lora=lora)
 
     def post_finetune(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
         rows = ctx.data.provider_harmful

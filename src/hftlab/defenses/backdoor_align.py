@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
 from hftlab.data.records import Example, check_no_shared_prompt
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.formatting import SYSTEM_PROMPT_KEY
 
 if TYPE_CHECKING:
@@ -99,6 +99,36 @@ class BackdoorAlign(Defense):
                  "pure_bad_dataset/pure_bad_dataset.py, samsum_dataset/samsum_dataset.py, "
                  "safety_evaluation/eval_utils/prompt_utils.py")
     stages = (FINETUNE,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.safety_rows", 11,
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/ft_datasets/pure_bad_dataset/pure_bad_100_original_category_prefixed.jsonl"),
+        ReferenceSetting("defense_args.trigger_tokens", 150,
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/ft_datasets/pure_bad_dataset/pure_bad_dataset.py "
+                         "(random150), run_backdooralign.sh"),
+        ReferenceSetting("finetune.n", 100, "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh (pure_bad_100)",
+                         "hftlab: the lab's upload"),
+        ReferenceSetting("finetune.poison_ratio", 1.0, "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh (pure_bad_100)",
+                         "hftlab: the lab's benign + harmful mix"),
+        ReferenceSetting("finetune.train.method", "full",
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh", "hftlab: LoRA (CPU time)"),
+        ReferenceSetting("finetune.train.lr", 5e-5, "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("finetune.train.epochs", 5, "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh"),
+        ReferenceSetting("finetune.train.batch_size", 10,
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/scripts/run_backdooralign.sh", "CPU protocol: batch 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.0,
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/configs/training.py"),
+    )
 
     @dataclass
     class Options:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -23,10 +24,27 @@ from hftlab.data.records import Example
 from hftlab.registry import Plugin, Registry
 
 if TYPE_CHECKING:
+    from hftlab.config import TrainConfig
     from hftlab.context import RunContext
     from hftlab.train import Batch, SFTTrainer
 
 ALIGNMENT, FINETUNE, POST_FINETUNE = "alignment", "finetune", "post_finetune"
+
+
+@dataclass(frozen=True)
+class ReferenceSetting:
+    """One setting of the run the defense's reference code makes, beside hftlab's.
+
+    ``key`` is ``defense_args.NAME`` (one of the defense's options) or a dotted config path
+    (``alignment.train.lora.r``); ``reference`` its value in ``source`` (the reference file that
+    sets it); ``note`` why hftlab's default or a preset differs, or what the value means.
+    ``docs/defenses.md`` puts these beside the values hftlab runs (generated, test-checked).
+    """
+
+    key: str
+    reference: Any
+    source: str
+    note: str = ""
 
 
 class Defense(Plugin):
@@ -35,6 +53,26 @@ class Defense(Plugin):
     needs_alignment_data: ClassVar[bool] = False  # trains on alignment.data after alignment
     # what changes while a stage trains (not what setup() rebuilds: modules, frozen copies)
     resume_attributes: ClassVar[tuple[str, ...]] = ()
+    # the reference run's setup, setting by setting (docs/defenses.md, `hftlab list`)
+    reference_settings: ClassVar[tuple[ReferenceSetting, ...]] = ()
+
+    def finetune_train(self, train: TrainConfig) -> TrainConfig:
+        """The fine-tuning stage's training settings under this defense: the config's, unless
+        the defense's reference trains a specific adapter there (Antidote's rank-256 LoRA)."""
+        return train
+
+    def continues_alignment_adapter(self) -> bool:
+        """True: fine-tuning keeps training the alignment LoRA itself (loaded unmerged) instead
+        of a fresh adapter on the merged aligned model (Panacea's ``single_lora``)."""
+        return False
+
+    def alignment_start(self) -> str:
+        """What the alignment stage trains from: "base" (the base model), or "sft": the plain
+        refusal-SFT alignment of the same ``alignment`` config (the checkpoint ``defense: sft``
+        caches, reused or trained first), merged, with a fresh adapter on top (TAR's
+        safeguarded start). With "sft", ``prepare_data(ALIGNMENT, ...)`` gives the defense's
+        own training rows; the SFT start always trains on ``alignment.data`` as loaded."""
+        return "base"
 
     def prepare_data(self, stage: str, examples: list[Example], ctx: RunContext) -> list[Example]:
         """Change a training set before a stage (e.g. mix in safety data)."""

@@ -20,6 +20,12 @@ Departures: the weights are restored by copying the saved values back (the refer
 α·g/‖g‖ back, equal up to rounding), and gradients accumulated by earlier micro-batches are kept
 aside so that ``grad_accum > 1`` composes correctly (the reference folds them into g_h).
 
+Fine-tuning: the reference's fine-tuning scripts (``script/finetune/smooth_*.sh``) pass
+``--alternating single_lora``: the user's job keeps training the Booster-aligned LoRA itself (the
+SFT baseline, ``sft_poison_ratio.sh``, trains a fresh adapter on the merged aligned model instead).
+``single_lora`` (default True) does the same here; ``single_lora: false`` fine-tunes a fresh
+``finetune.train.lora`` adapter, as every other defense does.
+
 Data: the provider's harmful QA (``provider_harmful`` in the config; in configs/cpu_sst2.yaml
 BeaverTails 30k_train unsafe rows 50-149, 100 rows), disjoint from the user's rows.
 Cost: three forward-backward passes per step (four with ``perturb_aware``), about 3× SFT.
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense, ReferenceSetting
 from hftlab.defenses.common import (
     BatchStream,
     attention_modules,
@@ -90,6 +96,94 @@ class Booster(Defense):
     resume_attributes = ("harmful", "trace")
     needs_provider_harmful = True
 
+    reference_settings = (
+        ReferenceSetting("defense_args.lamb", 5.0,
+                         "git-disl/Booster script/alignment/smooth_align.sh"),
+        ReferenceSetting("defense_args.alpha", 0.1,
+                         "git-disl/Booster script/alignment/smooth_align.sh"),
+        ReferenceSetting("defense_args.harmful_batch_size", 10,
+                         "git-disl/Booster trainer.py (get_harmful_dataloader)"),
+        ReferenceSetting("defense_args.single_lora", True,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh "
+                         "(--alternating single_lora)",
+                         "the user's job continues the aligned LoRA; the CPU preset kept a "
+                         "fresh adapter"),
+        ReferenceSetting("defense_args.perturb_aware", False,
+                         "git-disl/Booster script/alignment/smooth_align.sh, train.py"),
+        ReferenceSetting("defense_args.rho", 5.0,
+                         "git-disl/Booster script/alignment/smooth_align_perturb.sh",
+                         "hftlab: Vaccine's ρ 2; acts only with perturb_aware"),
+        ReferenceSetting("provider_harmful", "5000 harmful answers of the refusals' prompts",
+                         "git-disl/Booster utils.py, smooth_align.sh (bad_sample_num)", "CPU time"),
+        ReferenceSetting("alignment.data", "5000 refusals of beavertails_with_refusals_train.json",
+                         "git-disl/Booster utils.py (SupervisedDataset), smooth_align.sh",
+                         "CPU time; hftlab adds other refusals and benign rows "
+                         "(cpu_sst2_ref.yaml)"),
+        ReferenceSetting("alignment.train.lr", 0.0005,
+                         "git-disl/Booster script/alignment/smooth_align.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("alignment.train.epochs", 20,
+                         "git-disl/Booster script/alignment/smooth_align.sh", "CPU time"),
+        ReferenceSetting("alignment.train.batch_size", 10,
+                         "git-disl/Booster script/alignment/smooth_align.sh",
+                         "CPU protocol: batch 8"),
+        ReferenceSetting("alignment.train.weight_decay", 0.1,
+                         "git-disl/Booster script/alignment/smooth_align.sh",
+                         "CPU protocol: no weight decay"),
+        ReferenceSetting("alignment.train.schedule", "constant",
+                         "git-disl/Booster script/alignment/smooth_align.sh"),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.0,
+                         "git-disl/Booster script/alignment/smooth_align.sh"),
+        ReferenceSetting("alignment.train.max_length", 256,
+                         "git-disl/Booster train.py (model_max_length)"),
+        ReferenceSetting("alignment.train.lora.r", 32, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("alignment.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("alignment.train.lora.dropout", 0.0,
+                         "git-disl/Booster train.py (LoraConfig)"),
+        ReferenceSetting("finetune.n", 1000,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh", "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.1,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.lr", 1e-5,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh",
+                         "calibrated: 1e-5 does not move the 135M model in 100 steps"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh", "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 10,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh",
+                         "CPU protocol: batch 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.0,
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh",
+                         "effective value: HF's constant schedule ignores the script's "
+                         "--warmup_ratio 0.1"),
+        ReferenceSetting("finetune.train.schedule", "constant",
+                         "git-disl/Booster script/finetune/smooth_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.max_length", 256,
+                         "git-disl/Booster train.py (model_max_length)"),
+        ReferenceSetting("finetune.train.lora.r", 32,
+                         "git-disl/Booster train.py (LoraConfig), smooth_poison_ratio.sh",
+                         "single_lora: the alignment LoRA keeps training; CPU: r 8, α 16, "
+                         "all linear"),
+        ReferenceSetting("finetune.train.lora.alpha", 4,
+                         "git-disl/Booster train.py (LoraConfig), smooth_poison_ratio.sh",
+                         "single_lora: the alignment LoRA keeps training; CPU: r 8, α 16, "
+                         "all linear"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         "git-disl/Booster train.py (LoraConfig), smooth_poison_ratio.sh",
+                         "single_lora: the alignment LoRA keeps training; CPU: r 8, α 16, "
+                         "all linear"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.0,
+                         "git-disl/Booster train.py (LoraConfig), smooth_poison_ratio.sh"),
+    )
+
     @dataclass
     class Options:
         lamb: float = 5.0  # λ, weight of the harmful-perturbation regulariser (reference: 5)
@@ -97,6 +191,8 @@ class Booster(Defense):
         harmful_batch_size: int = 10  # reference harmful dataloader batch size
         perturb_aware: bool = False  # reference option: Vaccine perturbation on the f pass
         rho: float = 2.0  # perturbation radius when perturb_aware (Vaccine's default)
+        # fine-tuning keeps training the aligned LoRA (reference --alternating single_lora)
+        single_lora: bool = True
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -104,6 +200,9 @@ class Booster(Defense):
             raise ConfigError("defense_args.harmful_batch_size of 'booster' must be >= 1")
         self.harmful: BatchStream | None = None
         self.trace: list[dict[str, float]] = []  # h(w), h(w') per micro-batch
+
+    def continues_alignment_adapter(self) -> bool:
+        return self.options.single_lora
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage == ALIGNMENT:

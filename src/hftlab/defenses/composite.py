@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hftlab.config import ConfigError
+from hftlab.config import ConfigError, TrainConfig
 from hftlab.data.records import Example
 from hftlab.defenses.base import ALIGNMENT, DEFENSES, FINETUNE, POST_FINETUNE, Defense
 
@@ -118,6 +118,22 @@ class CompositeDefense(Defense):
         for member in self.members:
             system_prompt = member.inference_system_prompt(system_prompt)
         return system_prompt
+
+    def finetune_train(self, train: TrainConfig) -> TrainConfig:
+        changed = [m.name for m in self.members if m.finetune_train(train) != train]
+        if len(changed) > 1:
+            raise ConfigError(f"defenses {changed} each set the fine-tuning adapter; run them "
+                              "separately")
+        for member in self.members:
+            train = member.finetune_train(train)
+        return train
+
+    def continues_alignment_adapter(self) -> bool:
+        return any(m.continues_alignment_adapter() for m in self.members)
+
+    def alignment_start(self) -> str:
+        starts = {m.alignment_start() for m in self.members} - {"base"}
+        return starts.pop() if starts else "base"
 
     def post_finetune(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
         for member in self.members:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import frozen_copy_if_full, stage_start_model
 from hftlab.train import IGNORE_INDEX, supervised_logits
 
@@ -112,6 +112,38 @@ class ConstrainedSFT(Defense):
     )
     stages = (FINETUNE,)
     resume_attributes = ("_sums",)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.beta", 0.1,
+                         "Unispac/shallow-vs-deep-alignment finetune.py, README.md"),
+        ReferenceSetting("defense_args.bias_factor", 20.0,
+                         "Unispac/shallow-vs-deep-alignment finetune.py, README.md"),
+        ReferenceSetting("defense_args.first_token_bias_factor", 5.0,
+                         "Unispac/shallow-vs-deep-alignment finetune.py, README.md"),
+        ReferenceSetting("defense_args.bias_length", 5,
+                         "Unispac/shallow-vs-deep-alignment finetune.py, README.md"),
+        ReferenceSetting("defense_args.adam_beta1", 0.5,
+                         "Unispac/shallow-vs-deep-alignment finetune.py (fine-tuning attack "
+                         "experiments)"),
+        ReferenceSetting("finetune.n", 100,
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft "
+                         "command): 100 harmful examples", "hftlab: the lab's upload"),
+        ReferenceSetting("finetune.poison_ratio", 1.0,
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft command)",
+                         "hftlab: the lab's benign + harmful mix"),
+        ReferenceSetting("finetune.train.method", "full",
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft command)",
+                         "hftlab: LoRA (CPU time)"),
+        ReferenceSetting("finetune.train.lr", 2e-5,
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft command)",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("finetune.train.epochs", 25,
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft command)",
+                         "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 64,
+                         "Unispac/shallow-vs-deep-alignment README.md (pure_bad soft_sft "
+                         "command): 16 per device × 4 processes", "hftlab: batch 10; CPU: 8"),
+    )
 
     @dataclass
     class Options:

@@ -11,51 +11,58 @@ is computed once, before the first step, and fine-tuning minimises
 
     L = CE(w; x) + λ · Σ_i F_i · (w_i − w_aligned,i)²,     ∇ penalty = 2λ · F ⊙ (w − w_aligned).
 
-Follows git-disl/Vaccine ``trainer.py`` (``FITrainer``) and ``train.py``: F over the LoRA weights
-(every ``lora_A``/``lora_B`` linear), accumulated at the first training step from the evaluation
-loader, which is the alignment set (``BeaverTails_safe``, its 2000 rows, in order, at
-``per_device_eval_batch_size`` = the training batch size, 5); ``reg = lamb * Σ F * (w - w_init)²``
-added to every micro-batch's loss; λ = 1e9 (``script/EWC_finetune/*.sh``, ``lamb=${4:-1e9}``).
+Follows git-disl/Vaccine ``trainer.py`` (``FITrainer``) and ``train.py``: EWC REUSES the alignment
+LoRA ("EWC REUSE THE SAME LORA": ``PeftModel.from_pretrained(..., is_trainable=True)``, unmerged;
+r 8, α 4, all seven linear layers, dropout 0.1, scale 0.5), so fine-tuning keeps training it and
+w_init is the trained alignment adapter. F is over that adapter's factors (every ``lora_A`` /
+``lora_B`` linear), accumulated at the first training step from the evaluation loader, which is
+the alignment set (``BeaverTails_safe``, its 2000 rows, in order, at ``per_device_eval_batch_size``
+5: 400 batches); ``reg = lamb * Σ F * (w - w_init)²`` is added to every micro-batch's loss;
+λ = 1e9 (``script/EWC_finetune/*.sh``, ``lamb=${4:-1e9}``). The run's other settings (lr 1e-5,
+20 epochs, batch 5, the alignment run) are listed in ``EWC.reference_settings``.
 
-What "w" is. The reference REUSES the alignment LoRA for the EWC run ("EWC REUSE THE SAME LORA",
-``PeftModel.from_pretrained(..., is_trainable=True)``): w_init is the trained alignment adapter,
-so F is the alignment loss's sensitivity to weights that already encode the alignment. hftlab's
-fine-tuning stage instead merges the alignment adapter into the base weights and attaches a
-fresh LoRA (B = 0, A random); the alignment adapter no longer exists as separate parameters (and
-the saved fine-tuning adapter is re-applied on top of the merged model, so it must not contain
-it). Two faithful readings, ``space``:
+What "w" is, option ``space``:
 
-- ``weights`` (default): EWC over the effective weights. Every LoRA-adapted matrix is
-  W = W_aligned + ΔW with ΔW = s·B·A, so w − w_aligned = ΔW exactly; F is the per-entry Fisher of
-  W at W_aligned (∇_W CE = Σ_tokens (∂CE/∂y) xᵀ at the adapted linear layer, y its output), and
-  the penalty is λ·Σ F ⊙ (s·B·A)², its gradient reaching A and B through the chain rule
-  (∇_B = 2λs·(F ⊙ ΔW)·Aᵀ, ∇_A = 2λs·Bᵀ·(F ⊙ ΔW)). This constrains what the reference's reused
-  adapter constrained: the drift of the network's weights from the aligned ones, weighted by
-  their importance for the alignment data, in every direction. Costs one float32 copy of every
-  adapted matrix (F) and one s·B·A product per adapted matrix per micro-batch.
-- ``trainable``: the reference's code applied literally to the parameters this stage trains: F
-  over the fresh adapter's A and B at their initial values, the penalty on their movement from
-  init. At init B = 0, so ∂CE/∂A = s·Bᵀ(∂CE/∂y)xᵀ = 0 and **F_A is exactly zero**: A moves
+- ``alignment_adapter`` (default, the reference): the fine-tuning stage continues the alignment
+  LoRA (``continues_alignment_adapter``; the pipeline loads it unmerged and trainable,
+  ``stage_models.aligned_adapter_model``), F is over its A and B at their aligned values and the
+  penalty pulls them back there. Both stages must then use LoRA with the same settings
+  (``context.check_continued_adapter``); ``lora: {preset: vaccine}`` is the reference's.
+- ``weights``: fine-tuning attaches a fresh LoRA (B = 0, A random) to the merged aligned model
+  and EWC acts on the effective weights. Every LoRA-adapted matrix is W = W_aligned + ΔW with
+  ΔW = s·B·A, so w − w_aligned = ΔW exactly; F is the per-entry Fisher of W at W_aligned
+  (∇_W CE = Σ_tokens (∂CE/∂y) xᵀ at the adapted linear layer, y its output), and the penalty is
+  λ·Σ F ⊙ (s·B·A)², its gradient reaching A and B through the chain rule
+  (∇_B = 2λs·(F ⊙ ΔW)·Aᵀ, ∇_A = 2λs·Bᵀ·(F ⊙ ΔW)). It constrains the drift of the network's
+  weights from the aligned ones in every direction, weighted by their importance for the
+  alignment data. Costs one float32 copy of every adapted matrix (F) and one s·B·A product per
+  adapted matrix per micro-batch.
+- ``trainable``: a fresh LoRA on the merged aligned model, with the reference's code applied
+  literally to it: F over its A and B at their initial values, the penalty on their movement
+  from init. At init B = 0, so ∂CE/∂A = s·Bᵀ(∂CE/∂y)xᵀ = 0 and **F_A is exactly zero**: A moves
   without any penalty; only B is pulled back to 0 (with F_B = Σ_b (s·(∂CE/∂y)ᵀ(A₀x))², the
-  importance seen through the random A₀). Keeping B small still keeps ΔW = s·B·A small, but once
-  A rotates F_B no longer measures importance along the directions B writes into, so the
-  constraint is weaker than the reference's.
+  importance seen through the random A₀), a weaker constraint than the reference's.
 
-Under full fine-tuning the trainable parameters are the weights and w_init = w_aligned, so both
-spaces are the same, exact EWC (F and w_init cost two float32 copies of the model).
+Under full fine-tuning (``weights`` or ``trainable``; ``alignment_adapter`` needs LoRA) the
+trainable parameters are the weights and w_init = w_aligned, so both are the same, exact EWC
+(F and w_init cost two float32 copies of the model).
 
 Departures from the reference, and why:
 
 - The Fisher data are the provider's alignment rows of the run (``alignment.data``), the first
-  ``fisher_rows`` of them (default 2000, the size of the reference's set), batched in order.
+  ``fisher_rows`` of them (default 2000, the size of the reference's set), batched in order by
+  ``fisher_batch_size`` (default 5, the reference's: 400 batches of 2000 rows; null: the
+  fine-tuning batch size).
 - The reference leaves the last Fisher batch's gradient in ``.grad``, so it leaks into the first
   training step; here the Fisher pass does not touch ``.grad``.
+- The reference computes F in training mode (its LoRA dropout 0.1 active); here too, with the
+  dropout of the run's LoRA (``lora.dropout``).
 - The penalty gradient is written into ``.grad`` directly (scaled by 1/grad_accum like the loss),
   so it enters each optimizer step once, and gradients of earlier micro-batches are kept; the
   reference's ``training_step`` adds the penalty to every micro-batch's loss and divides by
   nothing (its scripts use one micro-batch per step, where the two agree).
-- λ keeps the reference value, but F's scale depends on the parameterisation (the reference's
-  reused adapter vs the effective weights or the fresh adapter here), so it may need retuning.
+- λ keeps the reference value; F's scale depends on the parameterisation (space), the LoRA and
+  the batch size, so outside the reference setup it may need retuning.
 
 Returned per micro-batch: ``loss`` is the cross-entropy (comparable with the other defenses) and
 ``ewc_penalty`` the value λ·Σ F (w − w_init)² before the step. Cost: one forward-backward per
@@ -74,8 +81,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.config import ALL_LINEAR, ConfigError
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import alignment_stream, first_last_means
 from hftlab.model import is_peft
 from hftlab.train import collate
@@ -84,7 +91,52 @@ if TYPE_CHECKING:
     from hftlab.formatting import Tokenized
     from hftlab.train import Batch, SFTTrainer
 
-SPACES = ("weights", "trainable")
+# alignment_adapter: continue the alignment LoRA (reference); weights / trainable: a fresh LoRA
+SPACES = ("alignment_adapter", "weights", "trainable")
+SCRIPT = "git-disl/Vaccine script/EWC_finetune/sst2.sh"
+ALIGN_SCRIPT = "git-disl/Vaccine script/alignment/SFT.sh"
+TRAIN_PY = "git-disl/Vaccine train.py"
+ADAPTER_NOTE = ("train.py's LoraConfig of the alignment adapter, which EWC keeps training: both "
+                "stages need the same LoRA (lora: {preset: vaccine})")
+
+
+def lora_settings(stage: str) -> tuple[ReferenceSetting, ...]:
+    """The reference's LoRA (r 8, lora_alpha 4, all seven linear layers, dropout 0.1)."""
+    values = (("r", 8), ("alpha", 4), ("target_modules", list(ALL_LINEAR)), ("dropout", 0.1))
+    return tuple(ReferenceSetting(f"{stage}.train.lora.{key}", value, TRAIN_PY, ADAPTER_NOTE)
+                 for key, value in values)
+
+
+REFERENCE_SETTINGS = (
+    ReferenceSetting("defense_args.lamb", 1e9, SCRIPT, "lamb=${4:-1e9} (all three scripts)"),
+    ReferenceSetting("defense_args.space", "alignment_adapter", TRAIN_PY,
+                     "EWC REUSE THE SAME LORA: PeftModel.from_pretrained(lora_folder, "
+                     "is_trainable=True); F over its lora_A/lora_B (trainer.py FITrainer)"),
+    ReferenceSetting("defense_args.fisher_rows", 2000, TRAIN_PY,
+                     "the eval set, BeaverTails_safe: the first 2000 is_safe rows of 30k_train"),
+    ReferenceSetting("defense_args.fisher_batch_size", 5, SCRIPT,
+                     "--per_device_eval_batch_size 5: 400 Fisher batches"),
+    ReferenceSetting("finetune.train.lr", 1e-5, SCRIPT, "--learning_rate 1e-5"),
+    ReferenceSetting("finetune.train.epochs", 20, SCRIPT,
+                     "--num_train_epochs 20 (sst2.sh, agnews.sh; gsm8k.sh: 50, commented out)"),
+    ReferenceSetting("finetune.train.batch_size", 5, SCRIPT, "--per_device_train_batch_size 5"),
+    ReferenceSetting("finetune.train.grad_accum", 1, SCRIPT, "--gradient_accumulation_steps 1"),
+    ReferenceSetting("finetune.train.weight_decay", 0.1, SCRIPT, "--weight_decay 0.1"),
+    ReferenceSetting("finetune.train.schedule", "cosine", SCRIPT, "--lr_scheduler_type cosine"),
+    ReferenceSetting("finetune.train.warmup_ratio", 0.1, SCRIPT, "--warmup_ratio 0.1"),
+    *lora_settings("finetune"),
+    ReferenceSetting("alignment.data", "BeaverTails_safe: the first 2000 is_safe rows of "
+                     "30k_train", TRAIN_PY, "SupervisedDataset; also the Fisher set"),
+    ReferenceSetting("alignment.train.lr", 1e-3, ALIGN_SCRIPT, "--learning_rate 1e-3"),
+    ReferenceSetting("alignment.train.epochs", 50, ALIGN_SCRIPT, "--num_train_epochs 50"),
+    ReferenceSetting("alignment.train.batch_size", 5, ALIGN_SCRIPT,
+                     "--per_device_train_batch_size 5"),
+    ReferenceSetting("alignment.train.weight_decay", 0.1, ALIGN_SCRIPT, "--weight_decay 0.1"),
+    ReferenceSetting("alignment.train.schedule", "cosine", ALIGN_SCRIPT,
+                     "--lr_scheduler_type cosine"),
+    ReferenceSetting("alignment.train.warmup_ratio", 0.1, ALIGN_SCRIPT, "--warmup_ratio 0.1"),
+    *lora_settings("alignment"),
+)
 
 
 @dataclass
@@ -210,13 +262,16 @@ class EWC(Defense):
     stages = (FINETUNE,)
     resume_attributes = ("trace",)
     needs_alignment_data = True
+    reference_settings = REFERENCE_SETTINGS
 
     @dataclass
     class Options:
         lamb: float = 1e9  # λ (script/EWC_finetune/*.sh: lamb 1e9)
-        space: str = "weights"  # weights (ΔW = s·B·A) | trainable (the fresh LoRA factors)
+        # alignment_adapter (continue it; F over its factors) | weights (ΔW = s·B·A of a
+        # fresh LoRA) | trainable (the fresh LoRA's factors)
+        space: str = "alignment_adapter"
         fisher_rows: int | None = 2000  # alignment rows for F (reference: its 2000-row set)
-        fisher_batch_size: int | None = None  # None: the stage's (reference: eval bs = train bs)
+        fisher_batch_size: int | None = 5  # reference eval batch size 5; None: the stage's
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -231,7 +286,7 @@ class EWC(Defense):
             value = getattr(o, key)
             if value is not None and value < 1:
                 raise ConfigError(f"defense_args.{key} of 'ewc' must be >= 1 (or null)")
-        self.params: list[torch.nn.Parameter] = []  # space trainable
+        self.params: list[torch.nn.Parameter] = []  # spaces alignment_adapter, trainable
         self.start: list[torch.Tensor] = []  # their values at the start of the stage
         self.layers: list[AdaptedLinear] = []  # space weights
         self.start_delta: list[torch.Tensor | None] = []  # s·B·A at the start (None: zero)
@@ -239,6 +294,9 @@ class EWC(Defense):
         self.space = o.space
         self.fisher_info: dict[str, object] = {}
         self.trace: list[dict[str, float]] = []  # penalty per micro-batch
+
+    def continues_alignment_adapter(self) -> bool:
+        return self.options.space == "alignment_adapter"
 
     def fisher_items(self, trainer: SFTTrainer) -> tuple[list[Tokenized], int]:
         size = self.options.fisher_batch_size or trainer.cfg.batch_size
@@ -260,6 +318,7 @@ class EWC(Defense):
         model = trainer.accelerator.unwrap_model(trainer.model)
         # Under full fine-tuning the weights are the trainable parameters: one space.
         self.space = self.options.space if is_peft(model) else "trainable"
+        # alignment_adapter: the trainable factors are the continued alignment LoRA's
         if self.space == "weights":
             self.layers = adapted_linears(model)
             if not self.layers:
@@ -289,7 +348,7 @@ class EWC(Defense):
         """(λ·Σ F (w − w_init)², the parameters, the penalty's gradient for each), float32."""
         lamb = self.options.lamb
         value = 0.0
-        if self.space == "trainable":
+        if self.space != "weights":
             grads = []
             for p, fisher, start in zip(self.params, self.fisher, self.start):
                 weighted = fisher * (p.float() - start)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
 from hftlab.data.records import Example
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.judges import JUDGES, Judge
 from hftlab.registry import unknown_name_message
 
@@ -87,6 +87,50 @@ class Guardrail(Defense):
              "(guardrail moderation); Huang et al. 2025, Virus, arXiv 2501.17433")
     reference = "git-disl/Virus trainer.py (MetaAttackFinetuneTrainer.init, moderation=True)"
     stages = (FINETUNE,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.judge", "Llama Guard 2 8B",
+                         "git-disl/Virus trainer.py (LlamaGuardModeration)",
+                         "hftlab: any registered judge; null = eval.judge"),
+        ReferenceSetting("finetune.n", 500,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh",
+                         "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.1,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh"),
+        ReferenceSetting("finetune.train.lr", 0.0001,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh",
+                         "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.0,
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh"),
+        ReferenceSetting("finetune.train.schedule", "constant",
+                         "git-disl/Virus script/finetune/hf_moderation_finetune_sst2.sh"),
+        ReferenceSetting("finetune.train.max_length", 1000,
+                         "git-disl/Virus train.py (model_max_length)",
+                         "hftlab: 256 (Booster's train.py)"),
+        ReferenceSetting("finetune.train.lora.r", 32,
+                         "git-disl/Virus train.py (LoraConfig), hf_moderation_finetune_sst2.sh",
+                         "the reference keeps training the alignment LoRA (--alternating "
+                         "single_lora), hftlab a fresh one; CPU: r 8, α 16, all linear"),
+        ReferenceSetting("finetune.train.lora.alpha", 4,
+                         "git-disl/Virus train.py (LoraConfig), hf_moderation_finetune_sst2.sh",
+                         "the reference keeps training the alignment LoRA (--alternating "
+                         "single_lora), hftlab a fresh one; CPU: r 8, α 16, all linear"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         "git-disl/Virus train.py (LoraConfig), hf_moderation_finetune_sst2.sh",
+                         "the reference keeps training the alignment LoRA (--alternating "
+                         "single_lora), hftlab a fresh one; CPU: r 8, α 16, all linear"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.0,
+                         "git-disl/Virus train.py (LoraConfig), hf_moderation_finetune_sst2.sh"),
+    )
 
     @dataclass
     class Options:

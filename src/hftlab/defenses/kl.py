@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import first_last_means, frozen_copy_if_full, stage_start_model
 from hftlab.model import causal_lm_parts
 from hftlab.train import IGNORE_INDEX
@@ -103,6 +103,45 @@ class KL(Defense):
     reference = "git-disl/Vaccine trainer.py (KLTrainer), script/KL_finetune/sst2.sh"
     stages = (FINETUNE,)
     resume_attributes = ("trace",)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.lamb", 0.1, "git-disl/Vaccine script/KL_finetune/sst2.sh"),
+        ReferenceSetting("defense_args.positions", "all",
+                         "git-disl/Vaccine trainer.py (KLTrainer: logits at every position)"),
+        ReferenceSetting("finetune.train.lr", 1e-5, "git-disl/Vaccine script/KL_finetune/sst2.sh",
+                         "calibrated: 1e-5 does not move the 135M model in 100 steps"),
+        ReferenceSetting("finetune.train.epochs", 20, "git-disl/Vaccine script/KL_finetune/sst2.sh",
+                         "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Vaccine script/KL_finetune/sst2.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Vaccine script/KL_finetune/sst2.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.1,
+                         "git-disl/Vaccine script/KL_finetune/sst2.sh", "hftlab: no warm-up"),
+        ReferenceSetting("finetune.train.schedule", "cosine",
+                         "git-disl/Vaccine script/KL_finetune/sst2.sh",
+                         "hftlab: constant (Booster's scripts)"),
+        ReferenceSetting("finetune.train.max_length", 200,
+                         "git-disl/Vaccine train.py (model_max_length)",
+                         "hftlab: 256 (Booster's train.py)"),
+        ReferenceSetting("finetune.train.lora.r", 8, "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.alpha", 1,
+                         "git-disl/Vaccine train.py (lora_alpha 1 for SST-2)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.target_modules",
+                         ["q_proj", "k_proj", "v_proj", "o_proj",
+                          "up_proj", "down_proj", "gate_proj"],
+                         "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.1,
+                         "git-disl/Vaccine train.py (LoraConfig)", "hftlab: no dropout"),
+    )
 
     @dataclass
     class Options:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import (
     first_last_means,
     frozen_copy_if_full,
@@ -93,6 +93,46 @@ class LDIFS(Defense):
     )
     stages = (FINETUNE,)
     resume_attributes = ("trace",)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.rho", 0.0001,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh"),
+        ReferenceSetting("defense_args.max_layer_term", 0.1,
+                         "git-disl/Booster trainer.py (LDIFSTrainer)"),
+        ReferenceSetting("finetune.n", 1000,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh", "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.05,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh",
+                         "hftlab: p = 0.1 throughout"),
+        ReferenceSetting("finetune.train.lr", 1e-5,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh",
+                         "calibrated: 1e-5 does not move the 135M model in 100 steps"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh", "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.0,
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh",
+                         "effective value: HF's constant schedule ignores the script's "
+                         "--warmup_ratio 0.1"),
+        ReferenceSetting("finetune.train.schedule", "constant",
+                         "git-disl/Booster script/finetune/LDIFS_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.max_length", 256,
+                         "git-disl/Booster train.py (model_max_length)"),
+        ReferenceSetting("finetune.train.lora.r", 32, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.alpha", 4, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.0,
+                         "git-disl/Booster train.py (LoraConfig)"),
+    )
 
     @dataclass
     class Options:

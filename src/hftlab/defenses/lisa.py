@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import BatchStream, alignment_stream
 
 if TYPE_CHECKING:
@@ -113,6 +113,84 @@ class Lisa(Defense):
         "user_batches_unused", "proximal_steps", "switch_drift", "_last_step",
     )
     needs_alignment_data = True
+
+    reference_settings = (
+        ReferenceSetting("defense_args.alignment_step", 100,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "CPU: one 25-step cycle per epoch (lisa.CPU_PRESET)"),
+        ReferenceSetting("defense_args.finetune_step", 900,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "CPU: one 25-step cycle per epoch (lisa.CPU_PRESET)"),
+        ReferenceSetting("defense_args.rho", 1.0,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh"),
+        ReferenceSetting("defense_args.proximal_after", 0.1,
+                         "git-disl/Lisa trainer.py (ADMMTrainer.training_step)"),
+        ReferenceSetting("alignment.data", "10000 BeaverTails is_safe pairs (guide_data_num)",
+                         "git-disl/Lisa train.py (SupervisedDataset), lisa_poison_ratio.sh",
+                         "hftlab: the provider's refusals; CPU time"),
+        ReferenceSetting("alignment.train.lr", 0.001, "git-disl/Lisa script/alignment/SFT.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("alignment.train.epochs", 30, "git-disl/Lisa script/alignment/SFT.sh",
+                         "CPU time"),
+        ReferenceSetting("alignment.train.batch_size", 5, "git-disl/Lisa script/alignment/SFT.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("alignment.train.weight_decay", 0.1,
+                         "git-disl/Lisa script/alignment/SFT.sh", "CPU protocol: no weight decay"),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.1,
+                         "git-disl/Lisa script/alignment/SFT.sh", "hftlab: no warm-up"),
+        ReferenceSetting("alignment.train.schedule", "cosine",
+                         "git-disl/Lisa script/alignment/SFT.sh",
+                         "hftlab: constant (Booster's scripts)"),
+        ReferenceSetting("alignment.train.lora.r", 16, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.target_modules",
+                         ["q_proj", "k_proj", "v_proj", "o_proj",
+                          "up_proj", "down_proj", "gate_proj"],
+                         "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.dropout", 0.1, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: no dropout"),
+        ReferenceSetting("finetune.n", 5000, "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.1,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.lr", 1e-5,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "calibrated: 1e-5 does not move the 135M model in 100 steps"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh", "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.0,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.0,
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh",
+                         "effective value: HF's constant schedule ignores the script's "
+                         "--warmup_ratio 0.1"),
+        ReferenceSetting("finetune.train.schedule", "constant",
+                         "git-disl/Lisa script/finetune/lisa_poison_ratio.sh"),
+        ReferenceSetting("finetune.train.max_length", 2048,
+                         "git-disl/Lisa train.py (model_max_length default)",
+                         "hftlab: 256 (Booster's train.py)"),
+        ReferenceSetting("finetune.train.lora.r", 8, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.alpha", 4, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "v_proj"],
+                         "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.1, "git-disl/Lisa train.py (LoraConfig)",
+                         "hftlab: no dropout"),
+    )
 
     @dataclass
     class Options:

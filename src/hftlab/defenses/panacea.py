@@ -22,12 +22,27 @@ in the reference). After fine-tuning, ``post_finetune`` adds it to the trainable
 LoRA to the adapter's A and B factors (what the reference perturbs), under full fine-tuning to
 every weight.
 
+Which adapter fine-tuning trains (option ``single_lora``). The reference script runs
+``--alternating single_lora``: ``train.py`` then loads the alignment LoRA (r 32, α 4 on q/k/v,
+no dropout) with ``is_trainable=True`` and does not merge it, so fine-tuning keeps training the
+alignment adapter itself, ε perturbs its A and B, and the served model is base + (alignment
+adapter, fine-tuned) + ε. That is the default here (``single_lora: true``, reported by
+``continues_alignment_adapter``): the fine-tuning stage loads the alignment adapter unmerged and
+trainable (``stage_models.aligned_adapter_model``) and saves it as its own adapter, on the base
+model; ``post_finetune`` receives base + that adapter, unmerged. Both stages must then use LoRA
+with the same settings (``context.check_continued_adapter`` raises a ConfigError otherwise).
+``single_lora: false`` is the reference's other branch (merge the alignment adapter, attach a
+fresh LoRA): a fresh ``finetune.train.lora`` adapter on the merged aligned model, ε over that
+adapter, or over every weight under full fine-tuning.
+
 Follows w-yibo/Panacea ``trainer.py`` (``Panacea.training_step`` / ``step_eps``, tag ``eps``;
 its harmful dataloader is ``BoosterAlignmentTrainer.get_harmful_dataloader``, batch size 10) and
-``train.py`` (after ``trainer.train()``, ``param.data += epsilon[name]`` for every trainable
-parameter when ``add_eps``). Defaults: λ = 0.001 and ρ = 1 (``script/finetune/
-panacea_gsm8k.sh``: ``lamb=0.001``, ``eps_rho=1``; also ``train.py``'s argument defaults), the
-clamp of h(w + ε) at 5 (``torch.clamp(loss_h, max=5)``), harmful batch size 10.
+``train.py`` (``first_lora_trainable`` under ``single_lora``; after ``trainer.train()``,
+``param.data += epsilon[name]`` for every trainable parameter when ``add_eps``). Defaults:
+λ = 0.001 and ρ = 1 (``script/finetune/panacea_gsm8k.sh``: ``lamb=0.001``, ``eps_rho=1``; also
+``train.py``'s argument defaults), the clamp of h(w + ε) at 5 (``torch.clamp(loss_h, max=5)``),
+harmful batch size 10, ``single_lora``. The reference run's other settings (learning rate,
+epochs, LoRA, data) are listed in ``Panacea.reference_settings``.
 Harmful data: the reference uses 1000 BeaverTails unsafe rows from index 5000
 (``bad_sample_num=1000``), disjoint from the user's poison rows; here the provider's harmful QA
 (``provider_harmful`` in the config).
@@ -55,11 +70,13 @@ Departures, and why:
   same process right after training); the resulting weights are the same;
 - ``eps_lr`` (``train.py``, 1e-4) is parsed by the reference but not read by its Panacea step,
   so it is not an option; the model's learning rate η is ``finetune.train.lr``;
-- the pipeline fine-tunes a fresh LoRA on the merged aligned model; the reference's script
-  (``--alternating single_lora``) keeps training the alignment LoRA itself (r 32, α 4, q/k/v,
-  lr 2e-5, 20 epochs, batch 10, weight decay 0.1): run settings, not defense options;
-- full fine-tuning is accepted (ε over every trainable weight; the saved ε is then as large as
-  the model); the reference is LoRA-only.
+- the released ``train.py`` builds the trainer as ``Pancacea(...)`` (a misspelling of the class
+  ``Panacea``: NameError as released); the class it means is what is followed;
+- with ``single_lora: false``, full fine-tuning is accepted (ε over every trainable weight; the
+  saved ε is then as large as the model); the reference is LoRA-only;
+- the reference's run settings (lr 2e-5, 20 epochs, batch 10, weight decay 0.1, the r 32 α 4
+  q/k/v adapter) are the config's, not defense options: ``Panacea.reference_settings`` lists
+  them beside hftlab's values (``lora: {preset: reference}`` in both stages gives the adapter).
 
 Reports: ``finetune``: h(w), h(w + ε) (unclamped) and ‖ε‖ averaged over the first and last
 tenth of the micro-batches. ``post_finetune``: ‖ε‖, ‖ε‖ per decoder block (the paper's
@@ -82,7 +99,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, POST_FINETUNE, Defense
+from hftlab.defenses.base import (
+    DEFENSES,
+    FINETUNE,
+    POST_FINETUNE,
+    Defense,
+    ReferenceSetting,
+)
 from hftlab.defenses.common import (
     BatchStream,
     first_last_means,
@@ -97,6 +120,61 @@ if TYPE_CHECKING:
     from hftlab.train import Batch, SFTTrainer
 
 EPSILON_FILE = "panacea_epsilon.safetensors"
+SCRIPT = "w-yibo/Panacea script/finetune/panacea_gsm8k.sh"
+ALIGN_SCRIPT = "w-yibo/Panacea script/alignment/sft.sh"
+TRAIN_PY = "w-yibo/Panacea train.py"
+
+
+def lora_settings(stage: str) -> tuple[ReferenceSetting, ...]:
+    """The reference's LoRA for ``stage``: train.py's first (alignment) adapter, r 32,
+    lora_alpha 4, q/k/v, dropout 0, which single_lora keeps training in fine-tuning."""
+    note = "the alignment adapter, continued: both stages use it (lora: {preset: reference})"
+    values = (("r", 32), ("alpha", 4), ("target_modules", ["q_proj", "k_proj", "v_proj"]),
+              ("dropout", 0.0))
+    return tuple(ReferenceSetting(f"{stage}.train.lora.{key}", value, TRAIN_PY, note)
+                 for key, value in values)
+
+
+REFERENCE_SETTINGS = (
+    ReferenceSetting("defense_args.lamb", 0.001, SCRIPT, "lamb=0.001"),
+    ReferenceSetting("defense_args.rho", 1.0, SCRIPT, "eps_rho=1"),
+    ReferenceSetting("defense_args.harmful_loss_max", 5.0, "w-yibo/Panacea trainer.py",
+                     "Panacea.training_step: torch.clamp(loss_h, max=5)"),
+    ReferenceSetting("defense_args.harmful_batch_size", 10, "w-yibo/Panacea trainer.py",
+                     "BoosterAlignmentTrainer.get_harmful_dataloader: batch_size 10"),
+    ReferenceSetting("defense_args.single_lora", True, SCRIPT,
+                     "--alternating single_lora: train.py loads the alignment LoRA with "
+                     "is_trainable=True, unmerged, and fine-tuning continues it"),
+    ReferenceSetting("defense_args.add_eps", True, TRAIN_PY, "--add_eps default 'True'"),
+    ReferenceSetting("finetune.train.lr", 2e-5, SCRIPT, "lr=2e-5"),
+    ReferenceSetting("finetune.train.epochs", 20, SCRIPT, "--num_train_epochs 20"),
+    ReferenceSetting("finetune.train.batch_size", 10, SCRIPT, "--per_device_train_batch_size 10"),
+    ReferenceSetting("finetune.train.grad_accum", 1, SCRIPT, "--gradient_accumulation_steps 1"),
+    ReferenceSetting("finetune.train.weight_decay", 0.1, SCRIPT, "--weight_decay 0.1"),
+    ReferenceSetting("finetune.train.schedule", "constant", SCRIPT,
+                     "--lr_scheduler_type constant"),
+    ReferenceSetting("finetune.train.warmup_ratio", 0.0, SCRIPT,
+                     "the script passes --warmup_ratio 0.1, which HF's 'constant' scheduler "
+                     "ignores (hftlab's constant schedule would warm up)"),
+    *lora_settings("finetune"),
+    ReferenceSetting("finetune.n", 1000, SCRIPT, "sample_num=1000"),
+    ReferenceSetting("finetune.poison_ratio", 0.1, SCRIPT, "poison_ratio=${1:-0.1}"),
+    ReferenceSetting("provider_harmful", "BeaverTails unsafe rows 5001-5999", TRAIN_PY,
+                     "bad_sample_num=1000 from poison_data_start=5000 of "
+                     "data/beavertails_with_refusals_train.json (utils.py keeps "
+                     "5000 < index < 6000: 999 rows)"),
+    ReferenceSetting("alignment.data", "BeaverTails refusals, rows 5001-9999", ALIGN_SCRIPT,
+                     "--sample_num 5000 of data/beavertails_with_refusals_train.json from "
+                     "poison_data_start=5000 (utils.py SupervisedDataset, BeaverTails_safe)"),
+    ReferenceSetting("alignment.train.lr", 5e-4, ALIGN_SCRIPT, "--learning_rate 5e-4"),
+    ReferenceSetting("alignment.train.epochs", 20, ALIGN_SCRIPT, "--num_train_epochs 20"),
+    ReferenceSetting("alignment.train.batch_size", 10, ALIGN_SCRIPT,
+                     "--per_device_train_batch_size 10"),
+    ReferenceSetting("alignment.train.weight_decay", 0.1, ALIGN_SCRIPT, "--weight_decay 0.1"),
+    ReferenceSetting("alignment.train.schedule", "constant", ALIGN_SCRIPT,
+                     "--lr_scheduler_type constant, --warmup_ratio 0"),
+    *lora_settings("alignment"),
+)
 
 
 def ascent_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -205,6 +283,7 @@ class Panacea(Defense):
     stages = (FINETUNE, POST_FINETUNE)
     resume_attributes = ("harmful", "trace", "epsilon")
     needs_provider_harmful = True
+    reference_settings = REFERENCE_SETTINGS
 
     @dataclass
     class Options:
@@ -213,6 +292,9 @@ class Panacea(Defense):
         harmful_loss_max: float = 5.0  # clamp of h(w + ε) from above (reference: 5)
         harmful_batch_size: int = 10  # reference harmful dataloader batch size
         add_eps: bool = True  # add ε after fine-tuning (reference --add_eps True)
+        # keep training the alignment LoRA (reference --alternating single_lora); false: a
+        # fresh finetune.train adapter on the merged aligned model
+        single_lora: bool = True
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -231,6 +313,9 @@ class Panacea(Defense):
         self.epsilon_path: Path | None = None
         self.is_main = True
         self._post_report: dict[str, Any] = {}
+
+    def continues_alignment_adapter(self) -> bool:
+        return self.options.single_lora
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage != FINETUNE:

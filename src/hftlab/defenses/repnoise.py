@@ -27,9 +27,17 @@ Follows ``representation_noising/loss.py`` (domenicrosati/representation-noising
 with ``MMD_loss`` and ``masked_token_ce_loss``) and its port ``loss_func/repnoise_loss.py`` in
 git-disl/Booster (``adapt_dimension_b2a``: the harmless ids are padded / truncated to the
 harmful batch's shape, since the git-disl harmful and alignment batches are not paired — nor are
-ours). Defaults α = 1, β = 0.001 are the original's; git-disl's ``script/alignment/repNoise.sh``
-runs α = 0.1 (``rho``), β = 0.001 (``lamb``), and its ``RepNoiseTrainer`` draws a fresh harmful
-batch of the training batch size every step (our default ``harmful_batch_size``).
+ours).
+
+α follows the reference that matches the run: git-disl's LoRA port
+(``script/alignment/repNoise.sh``: ``alpha=0.1`` passed as ``--rho``, ``beta=0.001`` as
+``--lamb``, on its r 32, α 4 q/k/v adapter) when the alignment stage trains a LoRA, RepNoise's own
+full-parameter code (``notebooks/repnoise_demo.ipynb``: ``rep_noise_loss(..., beta=0.001,
+alpha=1)``, the ``loss.py`` defaults) under full fine-tuning. ``alpha: null`` (default) resolves
+to 0.1 or 1 at setup from the stage's ``method`` and the stage report records it
+(``alpha_used``); a number given is used as it is. β = 0.001 in both. git-disl's
+``RepNoiseTrainer`` draws a fresh harmful batch of the training batch size every step (our
+default ``harmful_batch_size``).
 
 Kept from the reference: MMD kernels ``kernel_mul`` 2, ``kernel_num`` 5, bandwidth = mean squared
 L2 distance over the 2B(2B − 1) off-diagonal pairs of [activations; noise] (not differentiated,
@@ -90,7 +98,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense, ReferenceSetting
 from hftlab.defenses.common import (
     BatchStream,
     decoder_layers,
@@ -107,6 +115,10 @@ if TYPE_CHECKING:
 
 KERNEL_MUL = 2.0
 KERNEL_NUM = 5
+# α by how the alignment stage trains: git-disl's LoRA port, RepNoise's full-parameter code
+ALPHA_LORA, ALPHA_FULL = 0.1, 1.0
+PORT_SCRIPT = "git-disl/Booster script/alignment/repNoise.sh"
+PORT_TRAIN = "git-disl/Booster train.py"
 
 
 def mmd_loss(
@@ -336,9 +348,39 @@ class RepNoise(Defense):
 
     @dataclass
     class Options:
-        alpha: float = 1.0  # α, weight of the harmful logit-lens ascent (reference 1; git-disl 0.1)
+        # α, weight of the harmful logit-lens ascent; None: 0.1 when the alignment stage trains
+        # a LoRA (git-disl's port), 1 under full fine-tuning (RepNoise's code)
+        alpha: float | None = None
         beta: float = 0.001  # β, weight of the MMD-to-noise term (reference 0.001)
         harmful_batch_size: int | None = None  # None: the stage's batch size (as git-disl)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.alpha", ALPHA_LORA, PORT_SCRIPT,
+                         "alpha=0.1 (--rho) in the LoRA port; 1 in domenicrosati/representation-"
+                         "noising (full parameters): null picks by alignment.train.method"),
+        ReferenceSetting("defense_args.beta", 0.001, PORT_SCRIPT,
+                         "beta=0.001 (--lamb); the same in RepNoise's code"),
+        ReferenceSetting("defense_args.harmful_batch_size", None, "git-disl/Booster trainer.py",
+                         "RepNoiseTrainer: a harmful batch of the training batch size"),
+        ReferenceSetting("provider_harmful.n", 5000, PORT_TRAIN,
+                         "the harmful answers of beavertails_with_refusals_train.json rows "
+                         "5001-9999 (utils.py's strict bounds), the alignment refusals' prompts"),
+        ReferenceSetting("alignment.data.n", 5000, PORT_SCRIPT,
+                         "sample_num 5000: refusals of the same rows 5001-9999"),
+        ReferenceSetting("alignment.train.lr", 5e-4, PORT_SCRIPT,
+                         "RepNoise's full-parameter demo: 1e-4, 1 epoch, cosine"),
+        ReferenceSetting("alignment.train.epochs", 20, PORT_SCRIPT),
+        ReferenceSetting("alignment.train.batch_size", 5, PORT_SCRIPT,
+                         "lowered from 10 for memory (script comment)"),
+        ReferenceSetting("alignment.train.weight_decay", 0.1, PORT_SCRIPT),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.0, PORT_SCRIPT),
+        ReferenceSetting("alignment.train.schedule", "constant", PORT_SCRIPT),
+        ReferenceSetting("alignment.train.max_length", 256, PORT_TRAIN, "model_max_length"),
+        ReferenceSetting("alignment.train.lora.r", 32, PORT_TRAIN, "LORA_PRESETS 'reference'"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, PORT_TRAIN),
+        ReferenceSetting("alignment.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         PORT_TRAIN),
+    )
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -347,11 +389,19 @@ class RepNoise(Defense):
             raise ConfigError("defense_args.harmful_batch_size of 'repnoise' must be >= 1")
         self.harmful: BatchStream | None = None
         self.noise: torch.Generator | None = None
+        self.alpha_used: float | None = None  # α after setup (the option, or by method)
         self.trace: list[dict[str, float]] = []  # the three terms per step
+
+    def resolved_alpha(self, method: str) -> float:
+        """α for an alignment stage trained with ``method`` (``lora`` or ``full``)."""
+        if self.options.alpha is not None:
+            return self.options.alpha
+        return ALPHA_FULL if method == "full" else ALPHA_LORA
 
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage != ALIGNMENT:
             return
+        self.alpha_used = self.resolved_alpha(trainer.cfg.method)
         size = self.options.harmful_batch_size or trainer.cfg.batch_size
         self.harmful = provider_harmful_stream(trainer, size, self.name)
         self.noise = torch.Generator(device=trainer.device)
@@ -361,9 +411,9 @@ class RepNoise(Defense):
     def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
         if stage != ALIGNMENT:
             return super().training_step(stage, trainer, batch)
-        assert self.harmful is not None, "setup() was not called"
+        assert self.harmful is not None and self.alpha_used is not None, "setup() was not called"
         loss, parts = repnoise_loss(
-            trainer.model, self.harmful.next(), batch, self.options.alpha, self.options.beta,
+            trainer.model, self.harmful.next(), batch, self.alpha_used, self.options.beta,
             generator=self.noise, autocast=trainer.autocast,
         )
         trainer.backward(loss)
@@ -372,8 +422,8 @@ class RepNoise(Defense):
         return {"loss": float(loss.detach()), **stats}
 
     def report(self, stage: str) -> dict[str, object]:
-        """The three terms averaged over the first and last tenth of the alignment stage: the
-        MMD should fall and the harmful logit-lens CE rise."""
-        if stage != ALIGNMENT or not self.trace:
+        """The α used and the three terms averaged over the first and last tenth of the
+        alignment stage: the MMD should fall and the harmful logit-lens CE rise."""
+        if stage != ALIGNMENT or self.alpha_used is None:
             return {}
-        return first_last_means(self.trace)
+        return {"alpha_used": self.alpha_used, **first_last_means(self.trace)}

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from hftlab.config import ConfigError
 from hftlab.data.records import Example, check_no_shared_prompt, normalize_prompt
 from hftlab.data.spec import DataSpec
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 
 if TYPE_CHECKING:
     from hftlab.context import RunContext
@@ -75,6 +75,53 @@ class SafeInstr(Defense):
         "rows), training/finetuning.py"
     )
     stages = (FINETUNE,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.ratio", 0.03,
+                         "Bianchi et al. 2024, arXiv 2309.07875, abstract ('just 3%')"),
+        ReferenceSetting("defense_args.n", [100, 300, 500, 1000, 1500, 2000],
+                         "vinid/safety-tuned-llamas data/training/README.md",
+                         "hftlab: ratio of the user's rows"),
+        ReferenceSetting("defense_args.source", "data",
+                         "vinid/safety-tuned-llamas data/training/README.md (a separate safety "
+                         "set)", "hftlab: alignment.data (cpu_sst2.yaml: the same file)"),
+        ReferenceSetting("defense_args.data", "safety_only_data_Instructions.json",
+                         "vinid/safety-tuned-llamas data/training/README.md",
+                         "hftlab: alignment.data (cpu_sst2.yaml: the same file)"),
+        ReferenceSetting("finetune.n", 20000,
+                         "vinid/safety-tuned-llamas data/training/README.md (20k Alpaca rows)",
+                         "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.0,
+                         "vinid/safety-tuned-llamas data/training/README.md",
+                         "hftlab: the lab's harmful upload"),
+        ReferenceSetting("finetune.train.lr", 0.0003,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("finetune.train.epochs", 3,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "hftlab's fine-tuning recipe: 5 epochs"),
+        ReferenceSetting("finetune.train.batch_size", 4,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults): "
+                         "micro batch", "hftlab: batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.grad_accum", 32,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults): 128 "
+                         "/ 4", "hftlab: no accumulation"),
+        ReferenceSetting("finetune.train.max_length", 256,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults): "
+                         "cutoff_len"),
+        ReferenceSetting("finetune.train.lora.r", 8,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "hftlab: the run's fine-tuning adapter"),
+        ReferenceSetting("finetune.train.lora.alpha", 16,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "hftlab: the run's fine-tuning adapter"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "v_proj"],
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "hftlab: the run's fine-tuning adapter"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.05,
+                         "vinid/safety-tuned-llamas training/finetuninig.py (train defaults)",
+                         "hftlab: the run's fine-tuning adapter"),
+    )
 
     @dataclass
     class Options:

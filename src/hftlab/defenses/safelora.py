@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.weights import (
     ADAPTER,
     alignment_vectors,
@@ -96,6 +96,14 @@ class SafeLoRA(Defense):
     )
     reference = "IBM/SafeLoRA model.py (SafeLoRA), config.py (SafeLoRAConfig)"
     stages = (POST_FINETUNE,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.select", "number",
+                         "IBM/SafeLoRA config.py (SafeLoRAConfig): select_layers_type"),
+        ReferenceSetting("defense_args.threshold", 0.5, "IBM/SafeLoRA config.py (SafeLoRAConfig)"),
+        ReferenceSetting("defense_args.num_proj_layers", 10,
+                         "IBM/SafeLoRA config.py (SafeLoRAConfig)"),
+    )
 
     @dataclass
     class Options:

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, POST_FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.safelora import projected_cosine, projection_matrix
 from hftlab.defenses.weights import (
     ADAPTER,
@@ -144,6 +144,21 @@ class SafeMERGE(Defense):
     )
     reference = "aladinD/SafeMERGE utils.py (SafeLoRAMerger), get_safemerge_model.py"
     stages = (POST_FINETUNE,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.threshold", 0.35,
+                         "aladinD/SafeMERGE get_safemerge_model.py (--cos_threshold)"),
+        ReferenceSetting("defense_args.task_weight", 0.8,
+                         "aladinD/SafeMERGE get_safemerge_model.py (--weighting)"),
+        ReferenceSetting("defense_args.safety_weight", 0.2,
+                         "aladinD/SafeMERGE get_safemerge_model.py (--weighting)"),
+        ReferenceSetting("defense_args.method", "linear",
+                         "aladinD/SafeMERGE get_safemerge_model.py (--merge_type)"),
+        ReferenceSetting("defense_args.density", 0.5,
+                         "aladinD/SafeMERGE README.md (--density 0.5)"),
+        ReferenceSetting("defense_args.majority_sign_method", "total",
+                         "huggingface/peft LoraModel.add_weighted_adapter (default)"),
+    )
 
     @dataclass
     class Options:

@@ -7,20 +7,29 @@ step t of the alignment stage:
 - every K steps (``probability_steps``): one harmful batch (the reference samples batch size 1)
   forward/backward; p_l ∝ ‖∂L_harm/∂h_l‖₂ with h_l the output of block l's self-attention;
 - every J steps (``interval_steps``): draw S layers from p without replacement;
-- only the sampled layers are trained (every other layer's parameters get no gradient, so the
-  optimizer leaves them untouched) and Vaccine's perturbation ε_l = ρ · g_l / ‖g‖ is applied at
-  the sampled layers only (one norm over the sampled layers).
+- the LoRA weights of the unselected layers' *attention* modules are frozen (no gradient, so the
+  optimizer leaves them untouched), and Vaccine's perturbation ε_l = ρ · g_l / ‖g‖ is applied at
+  the sampled layers' attention outputs only (one norm over the sampled layers).
 
 Follows Lslland/T-Vaccine ``trainer.py`` (``BaseTrainer.training_step``,
-``switch_active_layers``, ``after_gradient_magnitude_step``, ``unfreeze_activate_layers``):
-ρ = 3, S = 8 of 32 layers (scaled to depth: S = round(L/4), at least 1), J = 20, K = 200.
-Departures: the reference unfreezes the LoRA weights inside the selected *attention* modules
-only; with LoRA on every linear layer (the reference's default targets) that leaves the MLP
-adapters of unselected layers training, which contradicts the paper's "only the selected layers
-are updated". ``train_scope: block`` (default) freezes whole blocks; ``train_scope: attention``
-reproduces the reference trainer. The reference also activates layer i−1 with layer i for models
-deeper than 26 layers, a memory trick of its custom modelling code that does not change which
-layers are perturbed; it is not reproduced.
+``switch_active_layers``, ``after_gradient_magnitude_step``, ``unfreeze_activate_layers``) and
+``script/alignment/T-Vaccine.sh``: ρ = 3, S = 8 of 32 layers (scaled to depth: S = round(L/4),
+at least 1), J = 20, K = 200, 200 harmful rows for scoring (``prompt_data_size``).
+
+What is frozen: the reference's layer list is the attention modules
+(``get_leaf_modules_with_grad``), and ``unfreeze_activate_layers`` sets ``requires_grad`` on the
+parameters of those modules only: the LoRA of the selected attention modules trains, that of the
+other attention modules is frozen, and everything outside attention is left as PEFT made it, so
+the MLP adapters of every layer (its LoRA targets all 7 linear layers) train at every step.
+``train_scope: attention`` (default) does that. ``train_scope: block`` freezes whole decoder
+blocks instead (the MLP adapters of unselected layers too), as the paper describes training only
+the selected layers; it is not what the reference code runs. With q/k/v-only adapters the two
+are the same.
+
+Departure: the reference also activates layer i−1 with layer i for models deeper than 26 layers,
+a memory trick of its custom modelling code that does not change which layers are perturbed; it
+is not reproduced. ``reference_settings`` lists the reference run (its alignment adapter is
+hftlab's ``vaccine`` LoRA preset: r 8, α 4, all 7 linear layers, dropout 0.1).
 
 Data: the provider's harmful QA (``provider_harmful``), used only to score the layers.
 """
@@ -33,8 +42,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hftlab.config import ConfigError
-from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.config import ALL_LINEAR, ConfigError
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense, ReferenceSetting
 from hftlab.defenses.common import (
     BatchStream,
     attention_modules,
@@ -46,7 +55,11 @@ from hftlab.defenses.vaccine import output_gradients, perturbed_step
 if TYPE_CHECKING:
     from hftlab.train import Batch, SFTTrainer
 
-TRAIN_SCOPES = ("block", "attention")
+TRAIN_SCOPES = ("attention", "block")
+TRAINER = "Lslland/T-Vaccine trainer.py"
+ALIGN_SCRIPT = "Lslland/T-Vaccine script/alignment/T-Vaccine.sh"
+FINETUNE_SCRIPT = "Lslland/T-Vaccine script/tvaccine_finetune/sst2.sh"
+TRAIN_PY = "Lslland/T-Vaccine train.py"
 
 
 def layer_probabilities(grads: list[torch.Tensor | None]) -> np.ndarray:
@@ -72,7 +85,7 @@ class TVaccine(Defense):
         "Liu et al. 2024, Targeted Vaccine: Safety Alignment for LLMs against Harmful "
         "Fine-Tuning via Layer-wise Perturbation, arXiv 2410.09760"
     )
-    reference = "Lslland/T-Vaccine trainer.py (BaseTrainer)"
+    reference = "Lslland/T-Vaccine trainer.py (BaseTrainer), script/alignment/T-Vaccine.sh"
     stages = (ALIGNMENT,)
     resume_attributes = ("harmful", "probabilities", "active", "rng", "_prepared_step", "history")
     needs_provider_harmful = True
@@ -84,7 +97,52 @@ class TVaccine(Defense):
         interval_steps: int = 20  # J: re-sample the layers every J steps (reference: 20)
         probability_steps: int = 200  # K: re-score the layers every K steps (reference: 200)
         harmful_batch_size: int = 1  # reference scoring dataloader batch size
-        train_scope: str = "block"  # block | attention (see the module docstring)
+        # attention: freeze the unselected layers' attention LoRA only (reference);
+        # block: freeze the unselected layers' whole blocks (see the module docstring)
+        train_scope: str = "attention"
+
+    reference_settings = (
+        ReferenceSetting("defense_args.rho", 3.0, "Lslland/T-Vaccine README.md",
+                         "bash T-Vaccine.sh 3 (RHO=$1)"),
+        ReferenceSetting("defense_args.active_layers", 8, ALIGN_SCRIPT,
+                         "lisa_activated_layers=8 of 32 (Llama-2-7B); None = round(L/4)"),
+        ReferenceSetting("defense_args.interval_steps", 20, ALIGN_SCRIPT, "lisa_interval_steps"),
+        ReferenceSetting("defense_args.probability_steps", 200, ALIGN_SCRIPT),
+        ReferenceSetting("defense_args.harmful_batch_size", 1, TRAINER,
+                         "BaseTrainer.get_dataloader: batch_size 1"),
+        ReferenceSetting("defense_args.train_scope", "attention", TRAINER,
+                         "unfreeze_activate_layers: LoRA of the selected attention modules"),
+        ReferenceSetting("provider_harmful.n", 200, ALIGN_SCRIPT,
+                         "prompt_data_size=200: first 200 unsafe rows of "
+                         "beavertails_with_refusals_train.json"),
+        ReferenceSetting("alignment.data.n", 2000, TRAIN_PY,
+                         "BeaverTails_safe_alignment: first 2000 refusals"),
+        ReferenceSetting("alignment.train.lr", 1e-3, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.epochs", 20, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.batch_size", 10, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.weight_decay", 0.1, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.1, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.schedule", "cosine", ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.max_length", 200, ALIGN_SCRIPT),
+        ReferenceSetting("alignment.train.lora.r", 8, TRAIN_PY, "LORA_PRESETS 'vaccine'"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, TRAIN_PY),
+        ReferenceSetting("alignment.train.lora.dropout", 0.1, TRAIN_PY),
+        ReferenceSetting("alignment.train.lora.target_modules", ALL_LINEAR, TRAIN_PY),
+        ReferenceSetting("finetune.train.lr", 1e-5, FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.epochs", 20, FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.batch_size", 10, FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.weight_decay", 0.1, FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.1, FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.schedule", "cosine", FINETUNE_SCRIPT),
+        ReferenceSetting("finetune.train.lora.r", 8, TRAIN_PY),
+        ReferenceSetting("finetune.train.lora.alpha", 1, TRAIN_PY,
+                         "lora_alpha 1 (0.5 for GSM8K): scale 0.125"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.1, TRAIN_PY),
+        ReferenceSetting("finetune.train.lora.target_modules", ALL_LINEAR, TRAIN_PY),
+        ReferenceSetting("finetune.n", 1000, "Lslland/T-Vaccine README.md",
+                         "bash sst2.sh 3 0.1 1000"),
+        ReferenceSetting("finetune.poison_ratio", 0.1, "Lslland/T-Vaccine README.md"),
+    )
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense
+from hftlab.defenses.base import ALIGNMENT, DEFENSES, Defense, ReferenceSetting
 from hftlab.defenses.common import (
     add_to_outputs,
     attention_modules,
@@ -91,6 +91,87 @@ class Vaccine(Defense):
     paper = "Huang et al. 2024, Vaccine: Perturbation-aware Alignment, arXiv 2402.01109"
     reference = "git-disl/Vaccine trainer.py (BaseTrainer), script/alignment/vaccine.sh"
     stages = (ALIGNMENT,)
+
+    reference_settings = (
+        ReferenceSetting("defense_args.rho", 2.0,
+                         "git-disl/Vaccine README.md (Vaccine.sh 2), train.py --rho"),
+        ReferenceSetting("defense_args.perturb", "attention",
+                         "git-disl/Vaccine trainer.py (hooks on LlamaAttention)"),
+        ReferenceSetting("alignment.data", "2000 BeaverTails is_safe pairs",
+                         "git-disl/Vaccine train.py (SupervisedDataset)",
+                         "hftlab: paired refusals; CPU time"),
+        ReferenceSetting("alignment.train.lr", 0.001,
+                         "git-disl/Vaccine script/alignment/Vaccine.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("alignment.train.epochs", 50,
+                         "git-disl/Vaccine script/alignment/Vaccine.sh", "CPU time"),
+        ReferenceSetting("alignment.train.batch_size", 5,
+                         "git-disl/Vaccine script/alignment/Vaccine.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("alignment.train.weight_decay", 0.1,
+                         "git-disl/Vaccine script/alignment/Vaccine.sh",
+                         "CPU protocol: no weight decay"),
+        ReferenceSetting("alignment.train.warmup_ratio", 0.1,
+                         "git-disl/Vaccine script/alignment/Vaccine.sh", "hftlab: no warm-up"),
+        ReferenceSetting("alignment.train.schedule", "cosine",
+                         "git-disl/Vaccine script/alignment/Vaccine.sh",
+                         "hftlab: constant (Booster's scripts)"),
+        ReferenceSetting("alignment.train.max_length", 200,
+                         "git-disl/Vaccine train.py (model_max_length)",
+                         "hftlab: 256 (Booster's train.py)"),
+        ReferenceSetting("alignment.train.lora.r", 8, "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.alpha", 4, "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.target_modules",
+                         ["q_proj", "k_proj", "v_proj", "o_proj",
+                          "up_proj", "down_proj", "gate_proj"],
+                         "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("alignment.train.lora.dropout", 0.1,
+                         "git-disl/Vaccine train.py (LoraConfig)", "hftlab: no dropout"),
+        ReferenceSetting("finetune.n", 1000, "git-disl/Vaccine README.md (sst2.sh 2 0.1 1000)",
+                         "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.1,
+                         "git-disl/Vaccine README.md (sst2.sh 2 0.1 1000)"),
+        ReferenceSetting("finetune.train.lr", 1e-5,
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh",
+                         "calibrated: 1e-5 does not move the 135M model in 100 steps"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh", "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.1,
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh", "hftlab: no warm-up"),
+        ReferenceSetting("finetune.train.schedule", "cosine",
+                         "git-disl/Vaccine script/vaccine_finetune/sst2.sh",
+                         "hftlab: constant (Booster's scripts)"),
+        ReferenceSetting("finetune.train.max_length", 200,
+                         "git-disl/Vaccine train.py (model_max_length)",
+                         "hftlab: 256 (Booster's train.py)"),
+        ReferenceSetting("finetune.train.lora.r", 8, "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.alpha", 1,
+                         "git-disl/Vaccine train.py (lora_alpha 1 for SST-2)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.target_modules",
+                         ["q_proj", "k_proj", "v_proj", "o_proj",
+                          "up_proj", "down_proj", "gate_proj"],
+                         "git-disl/Vaccine train.py (LoraConfig)",
+                         "hftlab: Booster's adapter (r 32, α 4, q/k/v); CPU: r 8, α 16, all "
+                         "linear"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.1,
+                         "git-disl/Vaccine train.py (LoraConfig)", "hftlab: no dropout"),
+    )
 
     @dataclass
     class Options:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hftlab.config import ConfigError
-from hftlab.defenses.base import DEFENSES, FINETUNE, Defense
+from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import BatchStream, alignment_stream, first_last_means
 
 if TYPE_CHECKING:
@@ -57,6 +57,49 @@ class VlguardMix(Defense):
     stages = (FINETUNE,)
     resume_attributes = ("alignment", "trace")
     needs_alignment_data = True
+
+    reference_settings = (
+        ReferenceSetting("defense_args.lamb", 0.1,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh"),
+        ReferenceSetting("defense_args.alignment_batch_size", 4,
+                         "git-disl/Booster trainer.py (VlguardTrainer)"),
+        ReferenceSetting("alignment.data", "2000 refusals (good_sample_num)",
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh, utils.py",
+                         "hftlab: the run's alignment data; CPU time"),
+        ReferenceSetting("finetune.n", 5000,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh", "CPU time"),
+        ReferenceSetting("finetune.poison_ratio", 0.2,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh",
+                         "hftlab: p = 0.1 throughout"),
+        ReferenceSetting("finetune.train.lr", 0.0001,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh",
+                         "calibrated for the 135M model (cpu_sst2_ref.yaml)"),
+        ReferenceSetting("finetune.train.epochs", 20,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh", "CPU time"),
+        ReferenceSetting("finetune.train.batch_size", 5,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh",
+                         "hftlab: Booster's batch 10; CPU: 8"),
+        ReferenceSetting("finetune.train.weight_decay", 0.1,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh",
+                         "hftlab fine-tunes without weight decay"),
+        ReferenceSetting("finetune.train.warmup_ratio", 0.0,
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh",
+                         "effective value: HF's constant schedule ignores the script's "
+                         "--warmup_ratio 0.1"),
+        ReferenceSetting("finetune.train.schedule", "constant",
+                         "git-disl/Booster script/finetune/united/vlguard_lamb.sh"),
+        ReferenceSetting("finetune.train.max_length", 256,
+                         "git-disl/Booster train.py (model_max_length)"),
+        ReferenceSetting("finetune.train.lora.r", 32, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.alpha", 4, "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.target_modules", ["q_proj", "k_proj", "v_proj"],
+                         "git-disl/Booster train.py (LoraConfig)",
+                         "CPU protocol: r 8, α 16 on all linear layers (scale 2)"),
+        ReferenceSetting("finetune.train.lora.dropout", 0.0,
+                         "git-disl/Booster train.py (LoraConfig)"),
+    )
 
     @dataclass
     class Options:

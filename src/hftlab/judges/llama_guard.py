@@ -155,6 +155,12 @@ class LlamaGuardJudge(Judge):
         self._tokenizer = tokenizer
         self._model = model.to(device).eval()
 
+    def loaded(self) -> tuple[Any, Any]:
+        """(tokenizer, model) of the guard, loaded on first use: for callers that score through
+        the model itself rather than its generated verdict (the virus attack's guard term)."""
+        self.load()
+        return self._tokenizer, self._model
+
     def render(self, prompt: str, completion: str) -> str:
         """The classifier's input text for one exchange (see ``template``)."""
         if self.options.template != "builtin":

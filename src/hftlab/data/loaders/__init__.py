@@ -20,14 +20,15 @@ expected. ``Example.source`` is the resolved file path or ``hub:<id>[<split>]`` 
 Modules: :mod:`.core` (registry, path resolution, option checks, :func:`load_examples`,
 :func:`data_fingerprint`), :mod:`.readers` (record readers for local files and hub splits, field
 validation), and the kinds: :mod:`.safety` (beavertails, refusal, advbench,
-harmful_instructions), :mod:`.tasks` (sst2, ag_news, gsm8k) and :mod:`.demo` (the demo pack).
+harmful_instructions), :mod:`.tasks` (sst2, ag_news, gsm8k), :mod:`.demo` (the demo pack) and
+:mod:`.mix` (several sources as one).
 Importing this package registers every kind.
 """
 
 from __future__ import annotations
 
 # Kinds register in this order (as in LOADERS before the split into modules).
-from hftlab.data.loaders import safety, tasks, demo  # noqa: F401  # isort: skip
+from hftlab.data.loaders import safety, tasks, demo, mix  # noqa: F401  # isort: skip
 from hftlab.data.loaders.core import (
     LOADERS,
     Loader,
