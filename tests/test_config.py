@@ -123,3 +123,12 @@ class TestLoraPresets:
         config = load_config("configs/cpu_sst2_ref.yaml")
         assert config.alignment.train.lora.scale == config.finetune.train.lora.scale == 0.125
         assert config.alignment.data.kind == "mix"
+
+
+def test_preset_override_replaces_the_files_adapter() -> None:
+    config = load_config("configs/cpu_sst2.yaml", ["alignment.train.lora.preset=reference"])
+    lora = config.alignment.train.lora
+    assert (lora.r, lora.alpha, lora.target_modules) == (32, 4, ["q_proj", "k_proj", "v_proj"])
+    later = load_config("configs/cpu_sst2.yaml", ["alignment.train.lora.preset=reference",
+                                                  "alignment.train.lora.r=16"])
+    assert (later.alignment.train.lora.r, later.alignment.train.lora.alpha) == (16, 4)

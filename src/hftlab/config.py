@@ -253,6 +253,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
+    if parts[-1] == "preset" and len(parts) > 1 and parts[-2] == "lora":
+        # a preset replaces the adapter the file gave; keys set after it still win
+        for name in ("r", "alpha", "dropout", "target_modules"):
+            node.pop(name, None)
     node[parts[-1]] = yaml.safe_load(value) if value != "" else None
 
 

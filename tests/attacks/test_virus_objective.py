@@ -247,3 +247,20 @@ def test_gcg_step_never_raises_the_objective(surrogate, guard, mode, lam) -> Non
     checked = gcg_step(problem, virus, top_k=8, candidates=6, generator=generator,
                        retokenize=True)
     assert checked.chosen == 0 or problem.retokenizes(checked.tokens)
+
+
+def test_the_aligned_lora_of_a_safeguarded_start_names_its_start(tmp_path) -> None:
+    """TAR's checkpoint was trained on top of the SFT alignment: the surrogate merges that first."""
+    import json
+
+    from hftlab.attacks.virus_surrogate import started_from
+
+    checkpoint = tmp_path / "aligned" / "tarkey"
+    (checkpoint / "model").mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({"starts_from": str(tmp_path / "sftkey")}))
+    assert started_from(checkpoint / "model") == tmp_path / "sftkey"
+    plain = tmp_path / "aligned" / "sftkey"
+    (plain / "model").mkdir(parents=True)
+    (plain / "meta.json").write_text(json.dumps({"steps": 3}))
+    assert started_from(plain / "model") is None
+    assert started_from(tmp_path / "elsewhere") is None

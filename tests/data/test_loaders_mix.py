@@ -46,3 +46,9 @@ def test_bad_sources_fail_clearly(sources: list, message: str) -> None:
 def test_a_mix_takes_no_path(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         load_examples(DataSpec(kind="mix", path="x.json", options={"sources": []}))
+
+
+def test_too_few_rows_names_the_mix(tmp_path: Path) -> None:
+    spec = DataSpec(kind="mix", n=50, options={"sources": _sources(tmp_path)})
+    with pytest.raises(DataError, match=r"the mix \(options.sources\) has only 5 usable rows"):
+        load_examples(spec)

@@ -131,3 +131,22 @@ def test_bad_settings(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(DataError):
         build_refusals(_prompts(1), tmp_path / "r.jsonl", settings, ScriptedModel())
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_kill_before_the_output_resumes_from_the_state(tmp_path: Path, monkeypatch) -> None:
+    import hftlab.data.refusals as refusals
+
+    out = tmp_path / "r.jsonl"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refusals, "write_jsonl", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_refusals(_prompts(3), out, _settings(), ScriptedModel())
+    monkeypatch.undo()
+    assert not out.exists() and partial_path(out).exists()
+    model = ScriptedModel()
+    build_refusals(_prompts(3), out, _settings(), model)
+    assert model.seeds == []  # every batch was done: only the files are written
+    assert len(out.read_text().splitlines()) == 2

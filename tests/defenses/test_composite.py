@@ -94,3 +94,22 @@ def test_an_alignment_and_a_finetuning_defense_run_together(tiny_overrides, tmp_
     run_pipeline(alone, tmp_path / "alone")
     again = read_json(tmp_path / "alone" / "align" / "stage.json")
     assert again["cached"] and again["key"] == align["key"]  # the combo's checkpoint is reused
+
+
+@pytest.mark.parametrize(("names", "args", "message"), [
+    (["booster", "kl"], {}, "fine-tunes the alignment LoRA itself"),
+    (["panacea", "safelora"], {}, "fine-tunes the alignment LoRA itself"),
+    (["tar", "antidote"], {"antidote": {"finetune_lora": None}}, "aligns on top of the SFT"),
+])
+def test_hooks_that_change_the_aligned_model_do_not_compose(names, args, message) -> None:
+    from hftlab.defenses.composite import build_defense
+
+    with pytest.raises(ConfigError, match=message):
+        build_defense(names, args)
+
+
+def test_continuing_member_composes_once_it_uses_a_fresh_adapter() -> None:
+    from hftlab.defenses.composite import build_defense
+
+    defense = build_defense(["booster", "kl"], {"booster": {"single_lora": False}})
+    assert not defense.continues_alignment_adapter()

@@ -174,6 +174,18 @@ def aligned_adapter_folder(run: RunContext | None, adapter: str | None) -> tuple
     return run.cache_dir / "aligned" / run.alignment_key() / "model", "alignment cache"
 
 
+def started_from(adapter_folder: Path) -> Path | None:
+    """The cached alignment an aligned checkpoint was trained on top of (``starts_from`` in its
+    meta.json, TAR's safeguarded start), or None."""
+    import json
+
+    meta = adapter_folder.parent / "meta.json"
+    if adapter_folder.name != "model" or not meta.is_file():
+        return None
+    start = json.loads(meta.read_text()).get("starts_from")
+    return Path(start) if start else None
+
+
 def load_surrogate(run: RunContext | None, model_name: str | None, adapter: str | None,
                    match_on: str, params: Sequence[str] | None) -> Surrogate:
     """The surrogate of the attack options ``model`` (``model_name``; None: the bound
@@ -215,6 +227,10 @@ def load_surrogate(run: RunContext | None, model_name: str | None, adapter: str 
     model = load_model(path, replace(cfg, dtype="float32", attn_implementation="eager"),
                        device, "fp32")
     if match_on == "aligned_lora":
+        start = started_from(folder)
+        if start is not None:  # an alignment on top of the SFT alignment (TAR): merge that first
+            model = load_trained(model, start / "model")
+            info["adapter_starts_from"] = str(start)
         model = PeftModel.from_pretrained(model, str(folder))  # unmerged, as single_lora
     elif adapter is not None:
         model = load_trained(model, Path(adapter).expanduser())

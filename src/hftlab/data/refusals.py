@@ -143,14 +143,15 @@ def build_refusals(
         write_json(partial_path(out), state)
         if progress is not None:
             progress.update(len(batch))
-    write_paired(prompts, state["rows"], out)
-    write_jsonl(out, state["rows"])
     summary = {"prompts": len(prompts), "kept": len(state["rows"]),
                "rejected": state["rejected"],
                "by_attempt": {str(a): sum(r["attempt"] == a for r in state["rows"])
                               for a in range(settings.attempts)},
                "settings": asdict(settings)}
+    # the output last: its presence means finished (a kill before it resumes from the state)
     atomic_write_text(meta_path(out), json.dumps(summary, indent=1) + "\n")
+    write_paired(prompts, state["rows"], out)
+    write_jsonl(out, state["rows"])
     partial_path(out).unlink(missing_ok=True)
     return summary
 

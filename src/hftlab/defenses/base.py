@@ -53,6 +53,8 @@ class Defense(Plugin):
     needs_alignment_data: ClassVar[bool] = False  # trains on alignment.data after alignment
     # what changes while a stage trains (not what setup() rebuilds: modules, frozen copies)
     resume_attributes: ClassVar[tuple[str, ...]] = ()
+    # its fine-tuning loss compares to the stage-start model (adapters off: kl, ldifs, ...)
+    reads_stage_start_model: ClassVar[bool] = False
     # the reference run's setup, setting by setting (docs/defenses.md, `hftlab list`)
     reference_settings: ClassVar[tuple[ReferenceSetting, ...]] = ()
 

@@ -204,6 +204,14 @@ class Booster(Defense):
     def continues_alignment_adapter(self) -> bool:
         return self.options.single_lora
 
+    def cache_key(self, stage: str) -> dict[str, object] | None:
+        """``single_lora`` acts in fine-tuning only (the fine-tuning key records it): the
+        alignment it shares with ``single_lora: false`` is one checkpoint."""
+        key = super().cache_key(stage)
+        if key is not None:
+            key["options"] = {k: v for k, v in key["options"].items() if k != "single_lora"}
+        return key
+
     def setup(self, stage: str, trainer: SFTTrainer) -> None:
         if stage == ALIGNMENT:
             self.harmful = provider_harmful_stream(

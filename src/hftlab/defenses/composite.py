@@ -11,7 +11,11 @@ Rules (checked when the run starts, with one error naming the clash):
 - post-fine-tuning repairs run in the listed order, each on the previous one's output;
 - the served system prompt passes through every member in order;
 - the alignment cache key is the alignment-stage member's own key, so ``[booster, lisa]``
-  reuses the checkpoint that ``booster`` alone made.
+  reuses the checkpoint that ``booster`` alone made;
+- a member that fine-tunes the alignment LoRA itself (Booster's and Panacea's ``single_lora``,
+  EWC's ``alignment_adapter``) or aligns on top of the SFT alignment (TAR) does not combine with
+  a member whose loss compares to the stage-start model (KL, LDIFS, constrained SFT) or with a
+  post-fine-tuning repair: they would read the wrong aligned model.
 """
 
 from __future__ import annotations
@@ -35,6 +39,30 @@ def owns_training_step(defense: Defense, stage: str) -> bool:
     cls = type(defense)
     custom = cls.training_step is not Defense.training_step or cls.loss is not Defense.loss
     return custom and stage in defense.stages
+
+
+def check_hooks_compose(members: list[Defense]) -> None:
+    """A member that keeps training the alignment LoRA, or that aligns on top of the SFT
+    alignment (TAR), changes what "the aligned model" and "the fine-tuning change" are: the
+    other members' regularisers (the stage-start model = adapters off) and repairs (the
+    fine-tuning adapter as the change) would read the wrong model, so such pairs are refused."""
+    names = [m.name for m in members]
+    continuing = [m.name for m in members if m.continues_alignment_adapter()]
+    safeguarded = [m.name for m in members if m.alignment_start() != "base"]
+    for special, what, fix in (
+        (continuing, "fine-tunes the alignment LoRA itself", "set its single_lora: false"),
+        (safeguarded, "aligns on top of the SFT alignment", "set its start: base"),
+    ):
+        others = [m.name for m in members if m.name not in special
+                  and (m.reads_stage_start_model or POST_FINETUNE in m.stages)]
+        if special and others:
+            raise ConfigError(
+                f"defense '{special[0]}' {what}, so {others} would regularise toward or repair "
+                f"the wrong model; run them separately, or {fix}"
+            )
+    if continuing and safeguarded and continuing != safeguarded:
+        raise ConfigError(f"defenses {names}: a continued alignment adapter on top of TAR's "
+                          "safeguarded start is not supported; run them separately")
 
 
 def build_defense(names: str | list[str], args: dict[str, Any]) -> Defense:
@@ -70,6 +98,7 @@ class CompositeDefense(Defense):
                     f"defenses {owners} both replace the {stage} stage's training step; their "
                     "update rules do not compose, so run them separately"
                 )
+        check_hooks_compose(members)
         self.members = members
         self.options = None
         self.name = "+".join(names)  # type: ignore[misc]

@@ -102,6 +102,7 @@ class KL(Defense):
     )
     reference = "git-disl/Vaccine trainer.py (KLTrainer), script/KL_finetune/sst2.sh"
     stages = (FINETUNE,)
+    reads_stage_start_model = True
     resume_attributes = ("trace",)
 
     reference_settings = (

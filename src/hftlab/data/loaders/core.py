@@ -107,6 +107,8 @@ def _check_window(spec: DataSpec) -> tuple[int, int | None]:
 
 
 def _describe_source(spec: DataSpec) -> str:
+    if spec.kind == "mix":
+        return "the mix (options.sources)"
     if spec.kind in _SOURCELESS_KINDS:
         return f"demo pack ({spec.kind})"
     if spec.path:
@@ -130,7 +132,8 @@ def load_examples(spec: DataSpec, data_root: Path | None = None) -> list[Example
         _require_one_source(spec, spec.kind)
     offset, n = _check_window(spec)
     examples = loader(spec, data_root)
-    source = examples[0].source if examples and examples[0].source else _describe_source(spec)
+    source = (examples[0].source if examples and examples[0].source and spec.kind != "mix"
+              else _describe_source(spec))
     available = len(examples)
     too_few = offset + n > available if n is not None else offset >= available
     if too_few:
