@@ -113,14 +113,17 @@ def test_export_keeps_records_and_leaves_outputs_behind(tmp_path, capsys) -> Non
             "n_eval_task": 872, "seed": seed}))
         (run / "eval" / "completions.jsonl").write_text('{"completion": "x"}\n')
         (run / "adapter_model.safetensors").write_bytes(b"weights")
+    (runs / "defense-sft_seed-0" / "align").mkdir()
+    (runs / "defense-sft_seed-0" / "align" / "stage.json").write_text('{"defense_report": {}}')
     (runs / "unfinished").mkdir()
     (runs / "unfinished" / "config.yaml").write_text("seed: 2\n")
     out = tmp_path / "records"
     assert main(["export", str(runs), "--out", str(out)]) == 0
     assert "exported 2 run record(s)" in capsys.readouterr().out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "defense-sft_seed-0/config.yaml", "defense-sft_seed-0/metrics.json",
-        "defense-sft_seed-1/config.yaml", "defense-sft_seed-1/metrics.json"]
+        "defense-sft_seed-0/align/stage.json", "defense-sft_seed-0/config.yaml",
+        "defense-sft_seed-0/metrics.json", "defense-sft_seed-1/config.yaml",
+        "defense-sft_seed-1/metrics.json"]
     assert compare_table(out) == compare_table(runs)
     assert main(["export", str(runs), "--out", str(runs / "records")]) == 2
     assert "lies inside" in capsys.readouterr().err

@@ -83,11 +83,15 @@ def collect_runs(folder: Path) -> list[RunRecord]:
 
 
 RECORD_FILES = ("metrics.json", "config.yaml")
+# the training stages' markers, when present: each defense's stage report (Booster's h(w) /
+# h(w') trace, T-Vaccine's layers, TAR's diagnostics, Panacea's ε norms), counts and timings
+STAGE_RECORDS = ("align/stage.json", "finetune/stage.json", "post_finetune/stage.json")
 
 
 def export_records(source: Path, out: Path) -> list[Path]:
     """Copy each finished run's record (metrics.json and config.yaml: scores, curves, drift,
-    timings, the resolved config) from ``source`` into ``out``, keeping the folder layout.
+    timings, the resolved config; and the training stages' stage.json with each defense's stage
+    report) from ``source`` into ``out``, keeping the folder layout.
     Checkpoints and completions stay behind, so the records are small enough to commit and
     carry no model outputs; ``hftlab compare`` and ``hftlab report`` work on them as on runs."""
     if out.resolve().is_relative_to(source.resolve()):
@@ -99,6 +103,10 @@ def export_records(source: Path, out: Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORD_FILES:
             shutil.copyfile(record.path / name, target / name)
+        for name in STAGE_RECORDS:
+            if (record.path / name).is_file():
+                (target / name).parent.mkdir(exist_ok=True)
+                shutil.copyfile(record.path / name, target / name)
         written.append(target)
     return written
 
