@@ -98,7 +98,7 @@ def test_run_killed_mid_stage_resumes_from_its_checkpoint(
     monkeypatch.setattr(SFTTrainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(config, run)
-    assert (run / "finetune" / "checkpoint" / "trainer.pt").is_file()
+    assert (run / "finetune" / "checkpoint" / "latest.json").is_file()
     assert not (run / "finetune" / "stage.json").exists()
     assert not (run / "align" / "checkpoint").exists()  # removed once the stage completed
     monkeypatch.setattr(SFTTrainer, "save_checkpoint", save)
@@ -114,7 +114,11 @@ def test_run_killed_mid_stage_resumes_from_its_checkpoint(
 
 def test_checkpoint_every_is_not_part_of_the_run(tiny_overrides, tmp_path) -> None:
     from hftlab.compare import collect_runs
-    from hftlab.pipeline import guard_run_dir
+    from hftlab.context import RunContext
+    from hftlab.pipeline import prepare_run_dir
+
+    def guard_run_dir(config, run, force):
+        prepare_run_dir(RunContext(config, run, force))
 
     run = tmp_path / "run"
     run.mkdir()

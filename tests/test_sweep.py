@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from hftlab.cli import main
@@ -154,7 +153,8 @@ def test_run_progress_names_the_last_finished_stage(tmp_path) -> None:
     (run / "finetune").mkdir()  # started, not finished: resumes from here
     assert run_progress(run) == "after align"
     (run / "finetune" / "checkpoint").mkdir()
-    torch.save({"step": 30}, run / "finetune" / "checkpoint" / "rng-0.pt")
+    (run / "finetune" / "checkpoint" / "latest.json").write_text(
+        json.dumps({"format": 2, "step": 30, "folder": "step-000030"}))
     assert run_progress(run) == "after align, finetune at step 30"
     (run / "metrics.json").write_text("{}")
     assert run_progress(run) == "done"

@@ -111,7 +111,9 @@ def test_resume_restores_the_random_state_dropout_draws_from(tiny_model_dir, tmp
 
     with pytest.raises(KeyboardInterrupt):
         _dropout_trainer(tiny_model_dir, tmp_path / "ckpt").train(_items(), on_step=die_at_3)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rng-0.pt", "trainer.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.json", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step-000002").iterdir()) == [
+        "rng-0.json", "rng-0.safetensors", "trainer.json", "trainer.safetensors"]
     resumed = _dropout_trainer(tiny_model_dir, tmp_path / "ckpt")
     got = resumed.train(_items())
     assert resumed.resumed_from == 2 and got.losses == expected.losses
@@ -123,7 +125,7 @@ def test_checkpoint_of_another_schedule_is_refused(tiny_model_dir, tmp_path) -> 
     from hftlab.config import ConfigError
 
     _dropout_trainer(tiny_model_dir, tmp_path / "ckpt", max_steps=3).train(_items())
-    with pytest.raises(ConfigError, match=r"trainer\.pt.*total_steps 3 \(this run: 5\).*delete"):
+    with pytest.raises(ConfigError, match=r"trainer\.json.*total_steps 3 \(this run: 5\).*delete"):
         _dropout_trainer(tiny_model_dir, tmp_path / "ckpt").train(_items())
 
 

@@ -4,20 +4,32 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError, load_config, load_yaml
 from hftlab.data.records import DataError
 
 if TYPE_CHECKING:
     from hftlab.judges.base import Judge
 
 
+class UsageError(Exception):
+    """A command line that argparse rejects: raised instead of argparse's usage text and exit,
+    so that :func:`main` prints it as one line and returns 2 like every other error."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hftlab", description=__doc__)
+    parser = Parser(prog="hftlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the whole pipeline for one config")
     run.add_argument("config", type=Path, help="YAML config file")
@@ -137,7 +149,13 @@ def add_judge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(argv)
+        take_late_overrides(parser, args, extras)
+    except UsageError as exc:
+        print(f"hftlab: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -171,13 +189,84 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_list()
     except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"hftlab: error: {message}", file=sys.stderr)
+        # one line, whatever a library put in the message
+        print(f"hftlab: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
+
+
+def take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        extras: list[str]) -> None:
+    """argparse fills the ``overrides`` positional only up to the first option, so in
+    ``run CFG --out X seed=2`` the ``seed=2`` is left over: such key=value words become
+    overrides, in order. Any other leftover is a UsageError with a did-you-mean."""
+    if not extras:
+        return
+    if args.command == "run":
+        settings = [w for w in extras if "=" in w and not w.startswith("-")]
+        if len(settings) == len(extras):
+            args.overrides.extend(settings)
+            return
+        extras = [w for w in extras if w not in settings]
+    options = command_options(parser, args.command)
+    hint = ""
+    first = next((w for w in extras if w.startswith("-")), None)
+    if first is not None:
+        name, _, value = first.partition("=")
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+        if close:
+            hint = f" (did you mean {close[0]}?)"
+        elif args.command == "run":
+            setting = f"{name.lstrip('-').replace('-', '_')}={value or '...'}"
+            hint = f" (settings are key=value words without dashes, e.g. {setting})"
+    elif args.command == "run":
+        hint = " (overrides look like key=value, e.g. seed=2)"
+    raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint}; see "
+                     f"`hftlab {args.command} --help`")
+
+
+def command_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    """The option strings of subcommand ``command`` and of its own subcommands."""
+    found: list[str] = []
+    pending = [
+        sub.choices[command] for sub in parser._actions
+        if isinstance(sub, argparse._SubParsersAction) and command in sub.choices
+    ]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            found.extend(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    return sorted(set(found))
+
+
+def check_out_dir(path: Path, option: str = "--out") -> None:
+    """One ConfigError when no run folder can be made or written at ``path``: checked before
+    the run starts, so that it cannot fail (or leave half a folder) at its first write."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{option} {path} is a file, not a folder; choose a folder path "
+                              "(hftlab makes it if missing)")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{option} {path} cannot be made: {existing} is a file, not a "
+                              "folder; choose another path")
+        writable = os.access(existing, os.W_OK | os.X_OK)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path} cannot be checked ({exc}); choose a folder you can "
+                          "write to") from exc
+    if not writable:
+        what = ("is not writable" if existing == path
+                else f"cannot be made: {existing} is not writable")
+        raise ConfigError(f"{option} {path} {what}; choose a folder you can write to")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = args.out or Path(config.out_dir or Path("runs") / args.config.stem)
+    check_out_dir(run_dir, "--out" if args.out else "out_dir" if config.out_dir else "run folder")
     from hftlab.pipeline import run_pipeline
     from hftlab.report import write_report
 
@@ -195,6 +284,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(describe_plan(sweep)))
         return 0
+    check_out_dir(sweep.out, f"{args.sweep_file}: out")
     failures = run_sweep(sweep, args.workers)
     runs_dir = sweep.out / "runs"
     if any(runs_dir.rglob("metrics.json")):
@@ -240,8 +330,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 def make_judge(spec: str, judge_args: list[str]) -> Judge:
     """A judge from ``--judge`` (a trained embedding-judge folder or a registered name) and
     its ``--judge-arg key=value`` options."""
-    import yaml
-
     from hftlab.judges import JUDGES
     from hftlab.judges.embedding import EmbeddingJudge
 
@@ -252,7 +340,7 @@ def make_judge(spec: str, judge_args: list[str]) -> Judge:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--judge-arg '{item}' must look like key=value")
-        options[key] = yaml.safe_load(value)
+        options[key] = load_yaml(value, f"--judge-arg '{item}'", lines=False)
     return JUDGES.get(spec)(**options)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from hftlab.config import ConfigError, load_config
+from hftlab.config import ConfigError, load_config, load_yaml
 from hftlab.stats import Difference, Summary, compare, summarize
 from hftlab.utils import read_json
 
@@ -224,7 +224,7 @@ def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
     key, sep, text = baseline.partition("=")
     if not sep:
         return "defense", baseline
-    value = yaml.safe_load(text)
+    value = load_yaml(text, f"--baseline {baseline}", lines=False)
     keys = {k for c in cells for k in c.label}
     for candidate in sorted(keys):
         if candidate == key or candidate.endswith(f".{key}"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -21,6 +22,8 @@ import yaml
 from hftlab.data.spec import DataSpec
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# ``target_modules: all-linear``: PEFT's shorthand for every linear layer but the output head
+ALL_LINEAR_TARGET = "all-linear"
 
 
 class ConfigError(ValueError):
@@ -208,17 +211,188 @@ class Config:
         return Path(root).expanduser()
 
 
+# ------------------------------------------------------------------------------- numeric bounds
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Where a numeric setting may lie (ends included unless ``*_open``). ``note`` says what a
+    special value means; an optional setting also accepts null."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        if not _finite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        low, high = _number_text(self.low), _number_text(self.high)
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{low}, "
+                    f"{high}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '≥'} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '≤'} {high}"
+        return "finite"
+
+
+def _finite(value: float) -> bool:
+    # an int is always finite, and math.isfinite overflows on one beyond float's range
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _number_text(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else f"{value}"
+
+
+_POSITIVE = Bound(0, low_open=True)
+_AT_LEAST_1 = Bound(1)
+_NON_NEGATIVE = Bound(0)
+# numpy's generators take seeds below 2**32; the stages add small offsets to the run's seed
+_SEED = Bound(0, 2**31 - 1)
+
+# The range of every numeric setting, by the dataclass that holds it (so alignment.train and
+# finetune.train share TrainConfig's). Checked when a section is built, before any work;
+# tests/reliability/test_bad_config.py fails when a numeric field is missing here.
+NUMERIC_BOUNDS: dict[type, dict[str, Bound]] = {
+    LoraConfig: {
+        "r": _AT_LEAST_1,
+        "alpha": _POSITIVE,
+        "dropout": Bound(0, 1, high_open=True),
+    },
+    TrainConfig: {
+        "lr": _POSITIVE,
+        "epochs": _POSITIVE,
+        "max_steps": Bound(1, note="null: train for `epochs`"),
+        "batch_size": _AT_LEAST_1,
+        "grad_accum": _AT_LEAST_1,
+        "weight_decay": _NON_NEGATIVE,
+        "warmup_ratio": Bound(0, 1, high_open=True),
+        "max_length": _AT_LEAST_1,
+        # 0 is TAR's reference setting: its training loop never clips
+        "max_grad_norm": Bound(0, note="0 turns clipping off"),
+    },
+    AlignmentConfig: {"seed": dataclasses.replace(_SEED, note="null: the run's seed")},
+    FinetuneConfig: {"n": _AT_LEAST_1, "poison_ratio": Bound(0, 1)},
+    MechanismConfig: {
+        "every": Bound(0, note="0 turns the curves off"),
+        "batch_size": _AT_LEAST_1,
+    },
+    EvalConfig: {
+        "max_new_tokens": _AT_LEAST_1,
+        "task_max_new_tokens": Bound(1, note="null: eval.max_new_tokens"),
+        "batch_size": _AT_LEAST_1,
+        "generation_max_new_tokens": Bound(1, note="null: eval.max_new_tokens"),
+    },
+    Config: {"seed": _SEED, "checkpoint_every": Bound(0, note="0: no checkpoints")},
+    DataSpec: {"n": Bound(1, note="null: every row"), "offset": _NON_NEGATIVE},
+}
+
+
+def _check_number(cls: type, name: str, tp: Any, value: Any, where: str, key: str) -> None:
+    """One ConfigError naming ``key`` and its allowed range when ``value`` is out of it; any
+    float, bounded or not (a plug-in's options), must be finite."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_number(cls, name, None, item, where, f"{key}[{i}]")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    bound = NUMERIC_BOUNDS.get(cls, {}).get(name) if tp is not None else None
+    if bound is None:
+        if not _finite(value):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return
+    if bound.holds(value):
+        return
+    optional = type(None) in typing.get_args(tp)
+    kind = "a finite number" if float in (tp, *typing.get_args(tp)) else "a whole number"
+    # a closed range already says "finite"; "> 0, got inf" alone would read as satisfied
+    two_sided = bound.low is not None and bound.high is not None
+    rule = (bound.describe() if two_sided else f"{kind} {bound.describe()}")
+    rule += " or null" if optional else ""
+    note = f" ({bound.note})" if bound.note else ""
+    raise ConfigError(f"{where}: '{key}' must be {rule}{note}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
-def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping, or one ConfigError naming the file."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently, so a setting written twice would be half ignored)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # ``<<: *base`` keys may be overridden: that is what merging is for
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping (lines counted from 1)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(key, first_line, line)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def load_yaml(text: str, source: str, lines: bool = True) -> Any:
+    """Parse user-written YAML with the safe loader, refusing duplicate keys; any problem is one
+    ConfigError line naming ``source`` (and the line, when ``lines``: a file, not a value)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no objects
+    except _DuplicateKey as exc:
+        where = f"{source}:{exc.line}" if lines else source
+        also = f" (also on line {exc.first_line})" if lines else ""
+        raise ConfigError(f"{where}: key '{exc.key}' is given twice in one mapping{also}; "
+                          "keep one of them") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if lines and mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(detail).split())}") from exc
+
+
+def read_yaml_mapping(path: Path, what: str, empty_hint: str = "") -> dict[str, Any]:
+    """A YAML file whose top level is a non-empty mapping, or one ConfigError naming the file.
+
+    An empty file (or one of comments or ``null`` only) is an error, not an empty mapping: a
+    run from a file that lost its contents would otherwise silently run the defaults."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc}); give a readable UTF-8 YAML "
+                          "file") from exc
+    raw = load_yaml(text, str(path))
+    if raw is None:
+        hint = empty_hint or "give it at least one key"
+        raise ConfigError(f"{what} {path} is empty (nothing but comments or null); {hint}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return raw
@@ -231,7 +405,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         where = str(path)
-        raw = read_yaml_mapping(path, "config file")
+        raw = read_yaml_mapping(
+            path, "config file", "start from configs/quickstart.yaml (copy it, or run it with "
+            "key=value overrides)")
     for item in overrides or []:
         apply_override(raw, item)
     config = build(Config, raw, where=where, prefix="")
@@ -246,6 +422,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. seed=2)")
     node = raw
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{item}': '{key}' has an empty part; write a.b.c=value")
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
@@ -257,7 +435,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         # a preset replaces the adapter the file gave; keys set after it still win
         for name in ("r", "alpha", "dropout", "target_modules"):
             node.pop(name, None)
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    node[parts[-1]] = load_yaml(value, f"override '{item}'", lines=False) if value else None
 
 
 def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -289,6 +467,7 @@ def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
                 _deep_update(merged, value)
                 value = merged
         kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+        _check_number(cls, key, hints[key], kwargs[key], where, f"{prefix}{key}")
     if cls is DataSpec and "kind" not in kwargs:
         raise ConfigError(f"{where}: '{prefix.rstrip('.')}' needs a 'kind' (the loader name)")
     return cls(**kwargs)
@@ -382,7 +561,8 @@ _TRAIN_CHOICES = {"method": ("lora", "full"), "schedule": ("constant", "cosine",
 
 
 def validate(config: Config, where: str) -> None:
-    """Range and name checks that a type alone cannot express."""
+    """Name and choice checks that a type alone cannot express (numeric ranges are checked
+    as each section is built: ``NUMERIC_BOUNDS``)."""
     from hftlab.attacks import ATTACKS
     from hftlab.defenses import DEFENSES
     from hftlab.judges import JUDGES
@@ -402,30 +582,10 @@ def validate(config: Config, where: str) -> None:
         for name, allowed in _TRAIN_CHOICES.items():
             if getattr(train, name) not in allowed:
                 fail(f"{stage}.train.{name}", f"is {getattr(train, name)!r}; choose {allowed}")
-        if train.lr <= 0:
-            fail(f"{stage}.train.lr", f"must be > 0, got {train.lr}")
-        if train.epochs <= 0 and train.max_steps is None:
-            fail(f"{stage}.train.epochs", "must be > 0 (or set max_steps)")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(train, name) < 1:
-                fail(f"{stage}.train.{name}", "must be ≥ 1")
-        if not 0 <= train.warmup_ratio < 1:
-            fail(f"{stage}.train.warmup_ratio", "must be in [0, 1)")
-        if train.lora.r < 1:
-            fail(f"{stage}.train.lora.r", "must be ≥ 1")
+        _check_lora_targets(train.lora, f"{stage}.train.lora.target_modules", fail)
     ft = config.finetune
-    if not 0.0 <= ft.poison_ratio <= 1.0:
-        fail("finetune.poison_ratio", f"must be in [0, 1], got {ft.poison_ratio}")
-    if ft.n < 1:
-        fail("finetune.n", f"must be ≥ 1, got {ft.n}")
     if ft.task not in TASKS:
         fail("finetune.task", unknown_name_message("task", ft.task, list(TASKS)))
-    if config.checkpoint_every < 0:
-        fail("checkpoint_every", f"must be ≥ 0 (0: no checkpoints), got {config.checkpoint_every}")
-    if config.mechanisms.every < 0:
-        fail("mechanisms.every", "must be ≥ 0 (0 turns the curves off)")
-    if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
-        fail("eval", "max_new_tokens and batch_size must be ≥ 1")
     if not config.defense_names:
         fail("defense", "is an empty list; use 'sft' for no defense")
     for key, registry, name in (
@@ -435,6 +595,18 @@ def validate(config: Config, where: str) -> None:
     ):
         if name not in registry:
             fail(key, unknown_name_message(registry.kind, name, registry.names()))
+
+
+def _check_lora_targets(lora: LoraConfig, key: str, fail: typing.Callable[[str, str], None]
+                        ) -> None:
+    """The shape of ``target_modules`` (whether the model has them is checked against its
+    architecture when the run starts: ``hftlab.model.check_lora_targets``)."""
+    targets = lora.target_modules
+    if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        fail(key, f"is {targets!r}; list module names such as [q_proj, v_proj], or all-linear")
+    if ALL_LINEAR_TARGET in targets and len(targets) > 1:
+        fail(key, f"is {targets!r}; '{ALL_LINEAR_TARGET}' stands alone (it means every linear "
+             "layer but the output head)")
 
 
 def dump_config(config: Config) -> str:

@@ -21,7 +21,13 @@ from hftlab.defenses import ALIGNMENT, FINETUNE, Defense
 from hftlab.defenses.composite import build_defense
 from hftlab.formatting import SYSTEM_PROMPT_KEY, PromptFormatter, Tokenized
 from hftlab.judges import JUDGES
-from hftlab.model import load_model, load_tokenizer, resolve_model_path
+from hftlab.model import (
+    check_lora_targets,
+    load_model,
+    load_tokenizer,
+    model_shape,
+    resolve_model_path,
+)
 from hftlab.tasks import TASKS
 from hftlab.train import autocast_context
 from hftlab.utils import read_json, stable_hash
@@ -103,6 +109,7 @@ class RunContext:
         check_continued_adapter(self.defense, config)
         self.task = TASKS[config.finetune.task]
         self.model_path = resolve_model_path(config.model.name, self.cache_dir)
+        check_model_fits(config, self.finetune_train, self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, config.model)
         self.formatter = PromptFormatter(self.tokenizer, config.model)
         self._data: RunData | None = None
@@ -281,6 +288,41 @@ def check_continued_adapter(defense: Defense, config: Config) -> None:
             "finetune.train.lora equal to alignment.train.lora (or turn that off in its "
             "defense_args)"
         )
+
+
+def check_model_fits(config: Config, finetune_train: TrainConfig, model_path: str) -> None:
+    """The settings that depend on the model's architecture, read from its config (modules
+    built on the meta device, no weights), so that a bad one fails before any data are read or
+    any file is written: token lengths within its context, LoRA targets that exist.
+    ``finetune_train``: the fine-tuning settings as the run's defense trains them."""
+    shape = model_shape(model_path, config.model.revision, config.model.trust_remote_code)
+    if shape is None:
+        return
+    name = config.model.name
+    # the fine-tuning settings that train (a defense may replace the adapter the config gives)
+    note = (f" (as defense '{config.defense_label}' sets it)"
+            if finetune_train != config.finetune.train else "")
+    trains = [("finetune.train", finetune_train, note)]
+    if config.alignment.enabled:
+        trains.insert(0, ("alignment.train", config.alignment.train, ""))
+    ev = config.eval
+    lengths = [
+        ("eval.max_new_tokens", ev.max_new_tokens, ""),
+        ("eval.task_max_new_tokens", ev.task_max_new_tokens, ""),
+        ("eval.generation_max_new_tokens", ev.generation_max_new_tokens, ""),
+        *((f"{key}.max_length", train.max_length, note) for key, train, note in trains),
+    ]
+    for key, value, note in lengths:
+        if shape.context and value is not None and value > shape.context:
+            raise ConfigError(
+                f"'{key}'{note} is {value}, more than model {name!r} can attend to (its context "
+                f"is {shape.context} tokens, max_position_embeddings); set it to at most "
+                f"{shape.context}"
+            )
+    for key, train, note in trains:
+        if train.method == "lora":
+            check_lora_targets(train.lora.target_modules, f"{key}.lora.target_modules{note}",
+                               shape.modules, shape.linear, name)
 
 
 # -------------------------------------------------------------------------------- the data

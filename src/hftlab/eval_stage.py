@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hftlab.attacks.base import PROMPT_PROBE, EvalVariant
+from hftlab.cache import commit_entry, entry_lock, usable_entry
 from hftlab.context import RunContext
 from hftlab.evaluate import (
     alpaca_eval_records,
@@ -23,7 +24,7 @@ from hftlab.evaluate import (
 from hftlab.formatting import PromptFormatter
 from hftlab.model import merged
 from hftlab.stage_models import aligned_model, deployed_model, finetuned_model
-from hftlab.utils import atomic_dir, read_json, stable_hash, write_json, write_jsonl
+from hftlab.utils import read_json, stable_hash, write_json, write_jsonl
 
 ALPACA_EVAL_FILE = "alpaca_eval_outputs.json"  # eval.generations, for `alpaca_eval --model_outputs`
 
@@ -104,7 +105,7 @@ def evaluate_model(
     if instructions:
         metrics["n_generations"] = len(instructions)
     if ctx.is_main:
-        with atomic_dir(folder) as tmp:
+        with commit_entry(folder) as tmp:
             write_jsonl(tmp / "completions.jsonl", rows)
             if instructions:
                 generator = f"hftlab-{ctx.config.defense_label}-{label}"
@@ -119,12 +120,13 @@ def cached_eval(
     formatter: PromptFormatter | None = None, prompt: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """(metrics, whether they came from the cache) for the model that ``make_model`` loads."""
-    path = folder / "metrics.json"
-    if path.exists() and not ctx.force:
-        return read_json(path), True
-    # ``prompt`` is passed only when set, so wrappers of the older signature keep working
-    extra = {"prompt": prompt} if prompt is not None else {}
-    return evaluate_model(ctx, make_model(), folder, label, formatter, **extra), False
+    with entry_lock(folder, ctx.is_main):
+        ctx.accelerator.wait_for_everyone()
+        if not ctx.force and usable_entry(folder, marker="metrics.json"):
+            return read_json(folder / "metrics.json"), True
+        # ``prompt`` is passed only when set, so wrappers of the older signature keep working
+        extra = {"prompt": prompt} if prompt is not None else {}
+        return evaluate_model(ctx, make_model(), folder, label, formatter, **extra), False
 
 
 def evaluate_attack_variant(
@@ -160,7 +162,7 @@ def evaluate_attack_variant(
                                 for c in raw),
     }
     if ctx.is_main:
-        with atomic_dir(folder) as tmp:
+        with commit_entry(folder) as tmp:
             write_jsonl(tmp / "completions.jsonl", rows)
             write_json(tmp / "metrics.json", metrics)
     return metrics
@@ -246,12 +248,12 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             variant_key["version"] = variant.version
         source = (folder / f"attack_{name}" if repaired
                   else tuned_source.parent / stable_hash(variant_key)[:16])
-        if (source / "metrics.json").exists() and not ctx.force:
-            attack_eval[name], cached = read_json(source / "metrics.json"), True
-        else:
-            attack_eval[name] = evaluate_attack_variant(
-                ctx, load_final(), source, name, variant, served_formatter, ask)
-            cached = False
+        with entry_lock(source, ctx.is_main):
+            ctx.accelerator.wait_for_everyone()
+            cached = not ctx.force and usable_entry(source, marker="metrics.json")
+            attack_eval[name] = (
+                read_json(source / "metrics.json") if cached else evaluate_attack_variant(
+                    ctx, load_final(), source, name, variant, served_formatter, ask))
         attack_eval[name]["cached"] = cached
         generated += 0 if cached else attack_eval[name]["generated_tokens"]
         shutil.copyfile(source / "completions.jsonl", folder / f"completions_attack_{name}.jsonl")

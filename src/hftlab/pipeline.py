@@ -10,8 +10,8 @@ are cached outside the run, keyed by a hash of everything that determines them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from hftlab.config import Config, ConfigError, dump_config, load_config
+from hftlab.cache import commit_entry, copy_tree, entry_lock, usable_entry, verify_entry
+from hftlab.config import Config, ConfigError, dump_config, load_config, read_yaml_mapping
 from hftlab.context import MARKER, RunContext, seed_everything
 from hftlab.data.loaders import data_fingerprint
 from hftlab.data.records import Example
 from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, POST_FINETUNE, Defense
 from hftlab.eval_stage import stage_eval
+from hftlab.faults import announce_change
 from hftlab.formatting import Tokenized
 from hftlab.mechanisms import MechanismTracker, embedding_drift, hidden_states
 from hftlab.metrics import collect_metrics
@@ -34,6 +36,7 @@ from hftlab.stage_models import aligned_adapter_model, aligned_model, finetuned_
 from hftlab.train import SFTTrainer, TrainResult
 from hftlab.utils import (
     atomic_dir,
+    atomic_write_text,
     peak_rss_mb,
     read_json,
     read_jsonl,
@@ -48,10 +51,11 @@ N_TRACK_TASK = 24  # benign user rows whose loss is tracked during fine-tuning
 
 
 def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage and return the metrics written to ``metrics.json``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    guard_run_dir(config, run_dir, force)
+    """Run (or resume) every stage and return the metrics written to ``metrics.json``. The whole
+    experiment (plug-ins, model, data) is built and checked before anything in ``run_dir`` is
+    written or deleted."""
     ctx = RunContext(config, run_dir, force)
+    prepare_run_dir(ctx)
     stage_fns: dict[str, Callable[[RunContext], dict[str, Any]]] = {
         "data": stage_data,
         "align": stage_align,
@@ -66,26 +70,81 @@ def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> dict[str
     return metrics
 
 
-def guard_run_dir(config: Config, run_dir: Path, force: bool) -> None:
-    """A run folder holds one config: resuming with another is an error, unless forced."""
-    path = run_dir / "config.yaml"
-    text = dump_config(config)
-    changed = path.exists() and path.read_text() != text
-    if changed and not force and not same_experiment(path, config):
-        raise ConfigError(
-            f"{run_dir} holds a run with a different config ({path}); "
-            "use another --out, or --force to redo it with this config"
-        )
-    if force:
-        for name in (*STAGES, "metrics.json", "report.md"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    from hftlab.utils import atomic_write_text
+RUN_OUTPUTS = (*STAGES, "metrics.json", "report.md", "report.html")  # what --force removes
 
-    atomic_write_text(path, text)
+
+def prepare_run_dir(ctx: RunContext) -> None:
+    """Check the run folder and the data, then (``force``) remove what an earlier run wrote and
+    save the config. A folder that is not empty and holds no hftlab run is refused, and with a
+    different config unless forced; the data are loaded (and checked) first when the data stage
+    has to run, so a bad data file leaves the folder as it was."""
+    run_dir, config, force = ctx.run_dir, ctx.config, ctx.force
+    path = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not is_run_config(path):
+            raise ConfigError(
+                f"--out {run_dir} is not empty and holds no hftlab run (no readable "
+                f"config.yaml): choose a new or empty folder; hftlab never deletes files it "
+                "did not write"
+            )
+        changed = path.read_text() != dump_config(config)
+        if changed and not force and not same_experiment(path, config):
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({path}); "
+                "use another --out, or --force to redo it with this config"
+            )
+    if force or not (ctx.stage_dir("data") / MARKER).exists():
+        _ = ctx.data  # load and check every data source now, before the folder changes
+    if ctx.is_main:
+        if force:
+            for name in RUN_OUTPUTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        else:
+            redo_stages_with_damaged_caches(ctx)
+        atomic_write_text(path, dump_config(config))
+    ctx.accelerator.wait_for_everyone()
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` looks like the config.yaml of an hftlab run (of any version: its keys
+    are a run config's, whether or not this version still accepts every value)."""
+    try:
+        raw = read_yaml_mapping(path, "run config")
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    known = {f.name for f in dataclasses.fields(Config)}
+    return {"model", "finetune", "defense"} <= set(raw) <= known
+
+
+def redo_stages_with_damaged_caches(ctx: RunContext) -> None:
+    """A finished stage whose cached model is gone or damaged is redone, with every stage after
+    it (their outputs were made from it): its marker and theirs are removed, with one warning.
+    A finished run needs no cache: its folder holds every result."""
+    if all((ctx.stage_dir(name) / MARKER).exists() for name in STAGES):
+        return
+    for index, name in enumerate(STAGES):
+        marker = ctx.stage_dir(name) / MARKER
+        if not marker.exists():
+            continue
+        info = read_json(marker)
+        caches = [info.get("cache"), info.get("starts_from"),
+                  (info.get("sft_start") or {}).get("cache")]
+        for cache in filter(None, caches):
+            problem = verify_entry(Path(cache))
+            if problem is None:
+                continue
+            later = [s for s in STAGES[index:] if (ctx.stage_dir(s) / MARKER).exists()]
+            log.warning("stage %s used the cache entry %s, which is %s: redoing %s", name,
+                        cache, problem if problem == "missing" else f"damaged ({problem})",
+                        ", ".join(later))
+            for stage in later:
+                shutil.rmtree(ctx.stage_dir(stage), ignore_errors=True)
+            (ctx.run_dir / "metrics.json").unlink(missing_ok=True)
+            return
 
 
 def same_experiment(path: Path, config: Config) -> bool:
@@ -109,6 +168,8 @@ def run_stage(
         return read_json(marker)
     log.info("stage %s", name)
     ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        remove_temporaries(ctx.stage_dir(name))
     seed_everything(seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -126,9 +187,21 @@ def run_stage(
         info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if ctx.is_main:
         write_json(marker, info)  # written last: its presence means the stage is complete
+        announce_change(ctx.stage_dir(name) / CHECKPOINTS)
         shutil.rmtree(ctx.stage_dir(name) / CHECKPOINTS, ignore_errors=True)
     ctx.accelerator.wait_for_everyone()
     return info
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Hidden ``.NAME.*`` files and folders an unfinished stage's killed writes left behind
+    (atomic writes name their temporaries so); the stage is about to write them anew."""
+    for path in folder.glob(".*"):
+        log.info("removing %s, left by an interrupted write", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def stage_data(ctx: RunContext) -> dict[str, Any]:
@@ -204,11 +277,18 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
     started = {"sft_start": start} if start is not None else {}
     key = ctx.alignment_key()
     target = ctx.cache_dir / "aligned" / key
-    meta_path = target / "meta.json"
-    if meta_path.exists() and not ctx.force:
-        log.info("aligned checkpoint found in cache: %s", target)
-        return {"cache": str(target), "cached": True, "key": key, **started,
-                **read_json(meta_path)}
+    with entry_lock(target, ctx.is_main):
+        ctx.accelerator.wait_for_everyone()
+        if not ctx.force and usable_entry(target):
+            log.info("aligned checkpoint found in cache: %s", target)
+            return {"cache": str(target), "cached": True, "key": key, **started,
+                    **read_json(target / "meta.json")}
+        return train_alignment(ctx, target, key, start, started)
+
+
+def train_alignment(ctx: RunContext, target: Path, key: str, start: dict[str, Any] | None,
+                    started: dict[str, Any]) -> dict[str, Any]:
+    cfg = ctx.config
     full = cfg.alignment.train.method == "full"
     seed_everything(ctx.alignment_seed)  # the adapter's init depends on the alignment seed only
     model = ctx.base_model(full_training=full)
@@ -229,12 +309,19 @@ def sft_start(ctx: RunContext) -> dict[str, Any]:
     ``defense: sft`` run caches for this alignment config (same key, rows, seed, meta.json),
     reused from the cache or trained here first. It checkpoints into its own folder, so an
     interrupted run never resumes the defense's training from the start's checkpoint."""
-    cfg = ctx.config
     key = ctx.alignment_key(start=True)
     target = ctx.cache_dir / "aligned" / key
-    if (target / "meta.json").exists() and not ctx.force:
-        log.info("SFT start of the alignment found in cache: %s", target)
-        return {"cache": str(target), "cached": True, "key": key}
+    with entry_lock(target, ctx.is_main):
+        ctx.accelerator.wait_for_everyone()
+        if not ctx.force and usable_entry(target):
+            log.info("SFT start of the alignment found in cache: %s", target)
+            return {"cache": str(target), "cached": True, "key": key}
+        train_sft_start(ctx, target)
+    return {"cache": str(target), "cached": False, "key": key}
+
+
+def train_sft_start(ctx: RunContext, target: Path) -> None:
+    cfg = ctx.config
     log.info("alignment: training its plain SFT start first (%s)", target)
     train_cfg = cfg.alignment.train
     seed_everything(ctx.alignment_seed)
@@ -250,7 +337,6 @@ def sft_start(ctx: RunContext) -> dict[str, Any]:
     save_alignment(ctx, target, trainer, alignment_meta(trainer, result, sft))
     if ctx.is_main:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return {"cache": str(target), "cached": False, "key": key}
 
 
 def alignment_meta(trainer: SFTTrainer, result: TrainResult, defense: Defense) -> dict[str, Any]:
@@ -269,7 +355,7 @@ def alignment_meta(trainer: SFTTrainer, result: TrainResult, defense: Defense) -
 
 def save_alignment(ctx: RunContext, target: Path, trainer: SFTTrainer, meta: dict) -> None:
     if ctx.is_main:
-        with atomic_dir(target) as tmp:
+        with commit_entry(target) as tmp:
             save_trained(trainer.model, tmp / "model")
             write_json(tmp / "meta.json", meta)
     ctx.accelerator.wait_for_everyone()
@@ -282,34 +368,22 @@ def stage_finetune(ctx: RunContext) -> dict[str, Any]:
     key = ctx.finetune_key()
     cached = ctx.cache_dir / "finetuned" / key
     folder = ctx.stage_dir("finetune")
-    if (cached / "meta.json").exists() and not ctx.force:
-        log.info("fine-tuned model found in cache: %s", cached)
-        link_tree(cached, folder, skip={"meta.json", "eval"})
-        return {**read_json(cached / "meta.json"), "cached": True, "cache": str(cached),
-                "key": key}
-    info = train_finetune(ctx)
-    if ctx.is_main:
-        with atomic_dir(cached) as tmp:
-            link_tree(folder, tmp, skip={MARKER})
-            write_json(tmp / "meta.json", {k: v for k, v in info.items() if k != "tokens"})
-    ctx.accelerator.wait_for_everyone()
+    with entry_lock(cached, ctx.is_main):
+        ctx.accelerator.wait_for_everyone()
+        if not ctx.force and usable_entry(cached):
+            log.info("fine-tuned model found in cache: %s", cached)
+            if ctx.is_main:
+                copy_tree(cached, folder, skip={"meta.json", "manifest.json", "eval"})
+            ctx.accelerator.wait_for_everyone()
+            return {**read_json(cached / "meta.json"), "cached": True, "cache": str(cached),
+                    "key": key}
+        info = train_finetune(ctx)
+        if ctx.is_main:
+            with commit_entry(cached) as tmp:
+                copy_tree(folder, tmp, skip={MARKER, CHECKPOINTS})
+                write_json(tmp / "meta.json", {k: v for k, v in info.items() if k != "tokens"})
+        ctx.accelerator.wait_for_everyone()
     return {**info, "cached": False, "cache": str(cached), "key": key}
-
-
-def link_tree(source: Path, target: Path, skip: set[str]) -> None:
-    """Hard-link (or copy, across file systems) ``source``'s files into ``target``."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if relative.parts[0] in skip or not path.is_file():
-            continue
-        destination = target / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.exists():
-            destination.unlink()
-        try:
-            os.link(path, destination)
-        except OSError:
-            shutil.copy2(path, destination)
 
 
 def train_finetune(ctx: RunContext) -> dict[str, Any]:

@@ -156,9 +156,9 @@ def run_progress(run_dir: Path) -> str:
     """How far a run folder got: ``done`` (it has metrics.json), ``after <stage>`` (the last
     finished stage; a rerun resumes from the next one, from its checkpoint if it saved one:
     ``after data, align at step 40``) or ``new``."""
+    from hftlab.checkpoint import checkpoint_step
     from hftlab.context import MARKER
     from hftlab.pipeline import CHECKPOINTS, STAGES
-    from hftlab.train import checkpoint_step
 
     if (run_dir / "metrics.json").exists():
         return "done"

@@ -10,14 +10,17 @@ A stage can save a checkpoint every k optimizer steps (trainable weights, optimi
 the random generators, the defense's and the callback's state) and a rerun resumes from it to
 the same weights an uninterrupted run reaches: multi-hour alignment stages (RepNoise, TAR,
 Booster on a CPU; the reference step counts on a GPU) survive preemption and can be split
-across sessions.
+across sessions. Each checkpoint is committed as one unit and stored without pickle
+(:mod:`hftlab.checkpoint`), so a kill at any moment leaves the previous one or the new one.
+
+A step whose loss is not finite stops the stage (:class:`TrainingError`) before the optimizer
+applies it: diverged weights are never saved, checkpointed or cached.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -25,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hftlab import checkpoint
 from hftlab.config import ConfigError, TrainConfig
 from hftlab.formatting import Tokenized
 from hftlab.model import causal_lm_parts
@@ -41,8 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CHECKPOINT_FILE = "trainer.pt"
-CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(ConfigError):
+    """A stage that cannot go on (its loss diverged); a ConfigError, so the command line
+    reports it in one line, as it does a setting that needs changing."""
 
 
 @runtime_checkable
@@ -309,6 +315,7 @@ class SFTTrainer:
                     stats = self.defense.training_step(self.stage, self, batch)
                     step_loss += stats["loss"] / len(group)
                     result.tokens += batch.n_tokens
+                self.check_finite(step_loss, total_steps)
                 if self.cfg.max_grad_norm:
                     self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
                 self.optimizer.step()
@@ -334,6 +341,21 @@ class SFTTrainer:
         self.model = self.accelerator.unwrap_model(self.model)
         return result
 
+    def check_finite(self, loss: float, total_steps: int) -> None:
+        """Raise :class:`TrainingError` when the step's loss is inf or nan on any process
+        (all of them stop at the same step, none waits for the others)."""
+        finite = math.isfinite(loss)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([float(finite)], device=self.device))
+            finite = bool(flags.min() > 0)
+        if finite:
+            return
+        raise TrainingError(
+            f"{self.stage}: the training loss is {loss} at step {self.step + 1} of "
+            f"{total_steps}: the weights diverged; lower the learning rate "
+            f"({self.stage}.train.lr, now {self.cfg.lr}) or check the training data"
+        )
+
     # ------------------------------------------------------------------------- checkpoints
 
     def checkpoint_due(self, total_steps: int) -> bool:
@@ -345,26 +367,27 @@ class SFTTrainer:
         )
 
     def save_checkpoint(self, run: StageRun) -> None:
-        """Write the stage's state after ``self.step`` optimizer steps: one shared file from the
-        main process, one file of random generator states per process; each replaces its
-        predecessor atomically, and the shared file names the step the others must match."""
+        """Write the stage's state after ``self.step`` optimizer steps into a new step folder
+        (each process its random generators, then the main process the rest) and commit it
+        by switching the checkpoint's pointer (see :mod:`hftlab.checkpoint`)."""
         assert self.checkpoint_dir is not None and self.optimizer is not None
         started = time.perf_counter()
-        folder = self.checkpoint_dir
+        root = self.checkpoint_dir
+        folder = checkpoint.step_folder(root, self.step)
         folder.mkdir(parents=True, exist_ok=True)
-        rank = self.accelerator.process_index
-        _atomic_save(folder / _rng_file(rank), {"step": self.step, **_rng_state()})
-        self.accelerator.wait_for_everyone()
+        checkpoint.write_state(folder, checkpoint.rng_name(self.accelerator.process_index),
+                               {"step": self.step, **checkpoint.rng_state()})
+        self.accelerator.wait_for_everyone()  # every process's file before the pointer names it
         callback = run.on_step if isinstance(run.on_step, Resumable) else None
         if self.accelerator.is_main_process:
-            _atomic_save(folder / CHECKPOINT_FILE, {
-                "format": CHECKPOINT_FORMAT,
+            size = checkpoint.write_state(folder, checkpoint.MAIN_STATE, {
+                "format": checkpoint.FORMAT,
                 "stage": self.stage,
                 "step": self.step,
                 "total_steps": run.total_steps,
                 "n_items": run.n_items,
                 "world": self.accelerator.num_processes,
-                "params": {name: p.detach().cpu().clone() for name, p in run.named},
+                "params": {name: p.detach() for name, p in run.named},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "result": {"tokens": run.result.tokens, "seconds": run.result.seconds,
@@ -372,24 +395,33 @@ class SFTTrainer:
                 "defense": self.defense.state_dict(self.stage),
                 "callback": callback.state_dict() if callback is not None else None,
             })
-            size_mb = (folder / CHECKPOINT_FILE).stat().st_size / 2**20
+            checkpoint.commit(root, folder, self.step)
             log.info("%s: checkpoint at step %d of %d (%.0f MB, %.1f s) in %s", self.stage,
-                     self.step, run.total_steps, size_mb, time.perf_counter() - started, folder)
+                     self.step, run.total_steps, size / 2**20, time.perf_counter() - started,
+                     folder)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, run: StageRun) -> int:
-        """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has one
-        (after the defense's setup, which sees the stage's starting weights); the number of
-        optimizer steps it had done, 0 for a fresh start."""
+        """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has a
+        committed one (after the defense's setup, which sees the stage's starting weights),
+        after removing what an interrupted save left; the number of optimizer steps it had
+        done, 0 for a fresh start. A checkpoint of another stage, schedule or format, or a
+        damaged one, stops the stage with one ConfigError that says to delete the folder."""
         if self.checkpoint_dir is None:
             return 0
-        path = self.checkpoint_dir / CHECKPOINT_FILE
-        if not path.is_file():
+        root = self.checkpoint_dir
+        fix = f"delete {root} to start the stage over"
+        folder = checkpoint.committed_folder(root, fix)
+        if self.accelerator.is_main_process:
+            checkpoint.remove_uncommitted(root, keep=folder)
+        self.accelerator.wait_for_everyone()
+        if folder is None:
             return 0
         assert self.optimizer is not None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.read_state(folder, checkpoint.MAIN_STATE, fix)
+        path = folder / f"{checkpoint.MAIN_STATE}.json"
         expected = {
-            "format": CHECKPOINT_FORMAT, "stage": self.stage, "total_steps": run.total_steps,
+            "format": checkpoint.FORMAT, "stage": self.stage, "total_steps": run.total_steps,
             "n_items": run.n_items, "world": self.accelerator.num_processes,
         }
         shapes = {name: tuple(p.shape) for name, p in run.named}
@@ -399,18 +431,13 @@ class SFTTrainer:
             what = ", ".join(f"{k} {state.get(k)!r} (this run: {expected[k]!r})" for k in wrong)
             raise ConfigError(
                 f"{path}: a training checkpoint that does not match this stage "
-                f"({what or 'other trainable parameters'}); delete {self.checkpoint_dir} "
-                "to start the stage over"
+                f"({what or 'other trainable parameters'}); {fix}"
             )
         rank = self.accelerator.process_index
-        rng_path = self.checkpoint_dir / _rng_file(rank)
-        rng = torch.load(rng_path, map_location="cpu", weights_only=False) \
-            if rng_path.is_file() else None
-        if rng is None or rng["step"] != state["step"]:
-            raise ConfigError(
-                f"{rng_path}: missing, or from another step than {path}; delete "
-                f"{self.checkpoint_dir} to start the stage over"
-            )
+        rng = checkpoint.read_state(folder, checkpoint.rng_name(rank), fix)
+        if rng.get("step") != state["step"]:
+            raise ConfigError(f"{folder / checkpoint.rng_name(rank)}.json: from step "
+                              f"{rng.get('step')}, not {state['step']} as {path}; {fix}")
         with torch.no_grad():
             for name, p in run.named:
                 p.copy_(state["params"][name].to(p.device, p.dtype))
@@ -422,46 +449,9 @@ class SFTTrainer:
         run.result.tokens = int(state["result"]["tokens"])
         run.result.seconds = float(state["result"]["seconds"])
         run.result.losses = list(state["result"]["losses"])
-        _set_rng_state(rng)
+        checkpoint.set_rng_state(rng)
         self.step = self.resumed_from = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step,
-                 run.total_steps, path)
+                 run.total_steps, folder)
         return self.step
 
-
-def checkpoint_step(folder: Path) -> int | None:
-    """The step a checkpoint folder holds (read from the main process's small RNG file, not the
-    weights); None if it holds none."""
-    path = folder / _rng_file(0)
-    if not path.is_file():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
-
-
-def _rng_file(rank: int) -> str:
-    return f"rng-{rank}.pt"
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

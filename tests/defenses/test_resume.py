@@ -104,7 +104,7 @@ def test_resumed_stage_matches_uninterrupted(name: str, tiny_model_dir, tmp_path
     straight = train(tiny_model_dir, name, stage, tmp_path / "straight", None)
     with pytest.raises(Killed):
         train(tiny_model_dir, name, stage, tmp_path / "resumed", STOP_AT)
-    assert (tmp_path / "resumed" / "checkpoint" / "trainer.pt").is_file()
+    assert (tmp_path / "resumed" / "checkpoint" / "latest.json").is_file()
     resumed = train(tiny_model_dir, name, stage, tmp_path / "resumed", None)
     weights, result, losses, report, resumed_from = resumed
     assert straight[4] == 0 and resumed_from == 4

@@ -231,10 +231,9 @@ def make_refusals(data: str, out: Path, settings: RefusalSettings,
                   data_root: Path | None) -> dict[str, Any]:
     """``hftlab data refusals``: load the prompts of the data spec ``data``, the model, and
     build the file."""
-    import yaml
     from tqdm.auto import tqdm
 
-    from hftlab.config import Config, ConfigError, ModelConfig, build
+    from hftlab.config import Config, ConfigError, ModelConfig, build, load_yaml
     from hftlab.context import resolve_precision
     from hftlab.data.loaders import load_examples
     from hftlab.data.spec import DataSpec
@@ -243,7 +242,7 @@ def make_refusals(data: str, out: Path, settings: RefusalSettings,
     from hftlab.train import autocast_context
 
     settings.check()
-    raw = yaml.safe_load(data)
+    raw = load_yaml(data, "--data", lines=False)
     if not isinstance(raw, dict):
         raise ConfigError(f"--data must be a data spec mapping such as '{{kind: beavertails, "
                           f"path: FILE, n: 100}}', got {data!r}")

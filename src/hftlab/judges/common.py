@@ -98,20 +98,18 @@ def load_labelled(source: str, data_root: Path | None = None) -> list[Example]:
     label is the loader's ``is_harmful``), or the path of a file (``.jsonl``, ``.json``,
     ``.csv``...) whose rows have :data:`LABELLED_FIELDS`.
     """
-    import yaml
-
-    from hftlab.config import build
+    from hftlab.config import ConfigError, build, load_yaml
     from hftlab.data.loaders import load_examples
     from hftlab.data.spec import DataSpec
 
-    try:
-        raw = yaml.safe_load(source)
-    except yaml.YAMLError:
-        raw = None
-    if isinstance(raw, dict):
-        spec = build(DataSpec, raw, where=f"data spec {source!r}", prefix="")
-        return load_examples(spec, data_root)
-    return _labelled_file(source, data_root)
+    if not source.lstrip().startswith("{"):
+        return _labelled_file(source, data_root)
+    raw = load_yaml(source, f"data spec {source!r}", lines=False)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"data spec {source!r} is not a mapping; write it as "
+                          "'{kind: beavertails, path: FILE}'")
+    spec = build(DataSpec, raw, where=f"data spec {source!r}", prefix="")
+    return load_examples(spec, data_root)
 
 
 def _labelled_file(path_text: str, data_root: Path | None) -> list[Example]:
