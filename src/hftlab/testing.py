@@ -5,6 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+#: Small settings under which each stateful defense's state changes within a few steps of a
+#: tiny run (the checkpoint and resume tests compare that state after a kill).
+QUICK_STATE_OPTIONS: dict[str, dict[str, Any]] = {
+    "lisa": {"alignment_step": 2, "finetune_step": 1, "proximal_after": 0.2},
+    "t_vaccine": {"interval_steps": 2, "probability_steps": 3, "active_layers": 1},
+    "tar": {"inner_steps": 2, "tr_every": 1, "adversary_batch_size": 1},
+    "booster": {"harmful_batch_size": 2},
+    "repnoise": {"harmful_batch_size": 2},
+    "panacea": {"harmful_batch_size": 2},
+}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -15,17 +15,9 @@ from hftlab.config import TrainConfig
 from hftlab.data.records import Example
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.base import ALIGNMENT, FINETUNE, Defense
+from hftlab.testing import QUICK_STATE_OPTIONS
 from hftlab.train import SFTTrainer
 
-# Small settings under which each defense's state changes within a few steps.
-OPTIONS: dict[str, dict] = {
-    "lisa": {"alignment_step": 2, "finetune_step": 1, "proximal_after": 0.2},
-    "t_vaccine": {"interval_steps": 2, "probability_steps": 3, "active_layers": 1},
-    "tar": {"inner_steps": 2, "tr_every": 1, "adversary_batch_size": 1},
-    "booster": {"harmful_batch_size": 2},
-    "repnoise": {"harmful_batch_size": 2},
-    "panacea": {"harmful_batch_size": 2},
-}
 # checkpoints after steps 2 and 4, killed in step 5's hook: the resumed run replays the first
 # epoch's order (3 batches) and one batch of the second before it trains again
 STEPS, EVERY, STOP_AT = 6, 2, 5
@@ -65,7 +57,7 @@ def context(tmp_path: Path) -> SimpleNamespace:
 
 def train(model_dir: Path, name: str, stage: str, folder: Path, kill_at: int | None):
     model = lora_model(model_dir)
-    defense = DEFENSES.get(name)(**OPTIONS.get(name, {}))
+    defense = DEFENSES.get(name)(**QUICK_STATE_OPTIONS.get(name, {}))
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=STEPS, schedule="cosine",
                       warmup_ratio=0.2)
     from accelerate import Accelerator

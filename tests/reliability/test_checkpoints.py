@@ -29,6 +29,7 @@ from hftlab.faults import SimulatedKill, fault_at
 from hftlab.formatting import Tokenized
 from hftlab.pipeline import CHECKPOINTS, run_pipeline
 from hftlab.sweep import run_progress
+from hftlab.testing import QUICK_STATE_OPTIONS
 
 STAGE_DIRS = {ALIGNMENT: "align", FINETUNE: "finetune"}
 # The changes one save of a single process makes to its stage's checkpoint folder, in order,
@@ -287,15 +288,6 @@ def test_random_generators_continue_exactly_after_a_round_trip(tmp_path) -> None
 
 # -------------------------------------------------------------------- every defense's state
 
-# Small settings under which each defense's state changes within a few steps.
-OPTIONS: dict[str, dict] = {
-    "lisa": {"alignment_step": 2, "finetune_step": 1, "proximal_after": 0.2},
-    "t_vaccine": {"interval_steps": 2, "probability_steps": 3, "active_layers": 1},
-    "tar": {"inner_steps": 2, "tr_every": 1, "adversary_batch_size": 1},
-    "booster": {"harmful_batch_size": 2},
-    "repnoise": {"harmful_batch_size": 2},
-    "panacea": {"harmful_batch_size": 2},
-}
 
 
 def token_items(n: int, seed: int) -> list[Tokenized]:
@@ -348,8 +340,9 @@ def test_every_defense_state_is_read_back_as_saved(
     torch.manual_seed(0)
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=4, lora=LoraConfig(r=4, alpha=8))
     model = attach_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
-    trainer = SFTTrainer(model, cfg, Accelerator(cpu=True), 0, stage,
-                         DEFENSES.get(name)(**OPTIONS.get(name, {})), seed=3, context=context,
+    defense = DEFENSES.get(name)(**QUICK_STATE_OPTIONS.get(name, {}))
+    trainer = SFTTrainer(model, cfg, Accelerator(cpu=True), 0, stage, defense, seed=3,
+                         context=context,
                          checkpoint_dir=tmp_path / "checkpoint", checkpoint_every=3)
     trainer.train(token_items(10, seed=1), on_step=Curve())
     folder = tmp_path / "checkpoint" / "step-000003"
