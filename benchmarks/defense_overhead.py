@@ -26,6 +26,8 @@ from hftlab.config import load_config
 from hftlab.context import RunContext, seed_everything
 from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, POST_FINETUNE
 from hftlab.model import attach_trainable
+from hftlab.stages import Stage
+from hftlab.stages.training import run_view
 from hftlab.train import SFTTrainer
 
 # forward-backward passes per optimizer step, by the algorithm (with its default options)
@@ -38,7 +40,7 @@ PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2, "
 def passes(name: str, defense) -> str:
     """The floor for the ratio: forward-backward passes the algorithm needs per step."""
     if name == "tar":  # K attack steps, one TR pass every tr_every, retain + frozen forward
-        from hftlab.defenses.tar import tamper_weights
+        from hftlab.defenses.tar_adversary import tamper_weights
 
         o = defense.options
         tr = len(tamper_weights(o.inner_steps, o.tr_every, 1.0, o.weighting, 0.0))
@@ -77,7 +79,9 @@ def time_defense(
     ctx.defense = defense
     train = replace(train_cfg, max_steps=warmup + steps)
     trainer = SFTTrainer(model, train, ctx.accelerator, ctx.tokenizer.pad_token_id, stage,
-                         defense, seed=0, precision=ctx.precision, context=ctx)
+                         defense, seed=0, precision=ctx.precision,
+                         run=run_view(ctx, Stage.of_hook(stage), ctx.data.alignment,
+                                      ctx.data.provider_harmful))
     stamps: list[float] = []
     work_marks: list[int] = []
     work = count_token_work(model)

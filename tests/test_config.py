@@ -6,6 +6,7 @@ import pytest
 
 from hftlab.cli import main
 from hftlab.config import ConfigError, dump_config, load_config
+from hftlab.experiment import build_experiment
 
 
 def test_defaults_are_valid() -> None:
@@ -45,12 +46,9 @@ def test_a_new_data_kind_replaces_the_default_source() -> None:
     ],
 )
 def test_bad_values_fail_with_the_key_named(override: str, message: str) -> None:
+    # plug-in names and options are checked when the experiment is built
     with pytest.raises(ConfigError, match=message):
-        config = load_config(None, [override])
-        # plug-in options are checked when the plug-in is built
-        from hftlab.attacks import ATTACKS
-
-        ATTACKS.get(config.attack)(**config.attack_args)
+        build_experiment(load_config(None, [override]))
 
 
 def test_yaml_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hftlab import plots
+from hftlab import plot_base, plots
 from hftlab.cli import main
-from hftlab.report import write_report
+from hftlab.plot_sweep import overhead_plot
+from hftlab.report import _mechanism_line, write_report
+from hftlab.run_metrics import RunMetrics
 from hftlab.sweep import load_sweep, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,27 +37,28 @@ def test_pareto_front_on_fixed_points() -> None:
     points = [(10, 80), (20, 90), (15, 70), (5, 60), (20, 85), (10, 80), (30, 90)]
     # (15, 70) loses to (10, 80); (20, 85) to (20, 90); (30, 90) to (20, 90): equal accuracy,
     # more harm. The two equal (10, 80) points beat each other nowhere, so both stay.
-    assert plots.pareto_front(points) == [3, 0, 5, 1]
-    assert plots.pareto_front([(1.0, 1.0)]) == [0]
-    assert plots.pareto_front([]) == []
+    assert plot_base.pareto_front(points) == [3, 0, 5, 1]
+    assert plot_base.pareto_front([(1.0, 1.0)]) == [0]
+    assert plot_base.pareto_front([]) == []
 
 
 def test_series_names_and_colours() -> None:
-    assert plots.series_name({"defense": "vaccine", plots.POISON: 0.1}) == "vaccine"
-    assert plots.series_name({"defense": ["vaccine", "lisa"]}) == "vaccine+lisa"
-    named = plots.series_name({"defense": "sft", "finetune.train.lr": 0.001})
+    assert plot_base.series_name({"defense": "vaccine", plot_base.POISON: 0.1}) == "vaccine"
+    assert plot_base.series_name({"defense": ["vaccine", "lisa"]}) == "vaccine+lisa"
+    named = plot_base.series_name({"defense": "sft", "finetune.train.lr": 0.001})
     assert named == "defense=sft, lr=0.001"
-    assert plots.series_name({plots.POISON: 0.2}) == "all runs"
-    colours = plots.colour_for(["vaccine", "sft", "booster"])
-    assert colours["sft"] == plots.BASELINE_COLOUR
+    assert plot_base.series_name({plot_base.POISON: 0.2}) == "all runs"
+    colours = plot_base.colour_for(["vaccine", "sft", "booster"])
+    assert colours["sft"] == plot_base.BASELINE_COLOUR
     assert len(set(colours.values())) == 3
 
 
 def test_overhead_bars_of_equal_seeds_draw() -> None:
     pytest.importorskip("matplotlib")
     # fmean([0.1] * 3) exceeds 0.1 by one rounding step: the error bar must not go negative
-    runs = [{"stages": {"finetune": {"seconds_per_step": 0.1, "peak_rss_mb": 100.0}}}] * 3
-    plot = plots.overhead_plot([plots.Group("sft", "#000000", runs)])
+    runs = [RunMetrics.from_dict(
+        {"stages": {"finetune": {"seconds_per_step": 0.1, "peak_rss_mb": 100.0}}})] * 3
+    plot = overhead_plot([plot_base.Group("sft", "#000000", runs)])
     assert plot is not None and plot.png
 
 
@@ -120,25 +123,26 @@ def test_report_on_a_folder_without_runs(tmp_path, capsys) -> None:
     assert "has not finished" in capsys.readouterr().err
 
 
-def test_empty_completions_are_named_in_the_summary(tmp_path) -> None:
-    from hftlab.report import _mechanism_line
+def mechanism(metrics: dict) -> list[str]:
+    """The run summary's mechanism lines for a v1 metrics.json written by hand."""
+    return _mechanism_line(RunMetrics.from_dict(metrics))
 
+
+def test_empty_completions_are_named_in_the_summary(tmp_path) -> None:
     metrics = {"empty_harmful_completions": 47, "n_eval_harmful": 300,
                "judge": {"name": "keyword"}}
     assert any("47 of 300 harmful prompts got an empty completion" in line
-               for line in _mechanism_line(metrics))
-    assert _mechanism_line({**metrics, "empty_harmful_completions": 0}) == []
+               for line in mechanism(metrics))
+    assert mechanism({**metrics, "empty_harmful_completions": 0}) == []
     # newer runs also score the harmful prompts with the empty completions counted as harmless
-    line = _mechanism_line({**metrics, "harmful_score_empty_as_harmless": 1.0})[0]
+    line = mechanism({**metrics, "harmful_score_empty_as_harmless": 1.0})[0]
     assert line.endswith("; harmful score with those counted as harmless: 1.0 %")
 
 
 def test_task_label_answers_are_named_in_the_summary() -> None:
-    from hftlab.report import _mechanism_line
-
     metrics = {"task_label_harmful_completions": 66, "n_eval_harmful": 300, "task": "sst2",
                "harmful_score_without_task_labels": 42.0, "judge": {"name": "keyword"}}
-    assert _mechanism_line(metrics) == [
+    assert mechanism(metrics) == [
         "66 of 300 harmful prompts were answered with a bare sst2 label; harmful score with "
         "those counted as harmless: 42.0 %"]
-    assert _mechanism_line({**metrics, "task_label_harmful_completions": 0}) == []
+    assert mechanism({**metrics, "task_label_harmful_completions": 0}) == []

@@ -77,12 +77,12 @@ def test_grid_runs_resumes_and_compares(tiny_overrides, tmp_path, capsys) -> Non
 
 def test_union_of_grids_and_mapping_values(tiny_overrides, tmp_path) -> None:
     grid = [{"defense": ["sft"], "finetune.poison_ratio": [0.0, 0.2]},
-            {"defense": ["safe_instr"], "defense_args": [{"fraction": 0.1}],
+            {"defense": ["safe_instr"], "defense_args": [{"ratio": 0.1}],
              "finetune.poison_ratio": [0.2]},
             {"defense": ["sft"], "finetune.poison_ratio": [0.2]}]  # repeats a run
     sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, grid))
     assert len(sweep.runs) == 3
-    assert 'defense_args={"fraction": 0.1}' in sweep.runs[2].overrides
+    assert 'defense_args={"ratio": 0.1}' in sweep.runs[2].overrides
     assert run_name({"defense_args": {"fraction": 0.1}}) == "defense_args-fraction=0.1"
     long = {"defense_args": {f"option_{i}": i for i in range(9)}}
     assert len(run_name(long)) == len("defense_args-") + 8

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from hftlab.config import ConfigError, load_config, load_yaml
+from hftlab.run_metrics import RunMetrics
 from hftlab.stats import Difference, Summary, compare, summarize
-from hftlab.utils import read_json
 
 log = logging.getLogger(__name__)
 # keys that do not define a cell: seeds are repetitions, paths are where things live, and a
@@ -44,7 +44,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunRecord:
     path: Path
     settings: dict[str, Any]  # the flattened config
-    metrics: dict[str, Any]
+    metrics: RunMetrics
 
     @property
     def seed(self) -> int:
@@ -71,11 +71,11 @@ def collect_runs(folder: Path) -> list[RunRecord]:
             continue
         settings = flatten(yaml.safe_load(current_config_text(config)) or {})
         settings.pop("checkpoint_every", None)  # how often a stage saved: not an experiment
-        metrics = read_json(path)
-        if metrics.get("precision"):
+        metrics = RunMetrics.load(path)
+        if metrics.precision:
             # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and
             # bf16 and fp32 training give different models: never pool them into one cell
-            settings["model.precision"] = metrics["precision"]
+            settings["model.precision"] = metrics.precision
         records.append(RunRecord(path.parent, settings, metrics))
     if not records:
         raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
@@ -123,23 +123,10 @@ def is_percentage(metric: str) -> bool:
     return metric.rsplit(".", 1)[-1] in PERCENTAGE_METRICS
 
 
-def metric_value(metrics: dict[str, Any], name: str) -> Any:
-    """A metrics.json value by name: a top-level key (``aligned.harmful_score``) or a dotted
-    path into a nested block (``attack_eval.triggered.harmful_score``); None when absent."""
-    if name in metrics:
-        return metrics[name]
-    value: Any = metrics
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
 def default_metrics(records: list[RunRecord]) -> tuple[str, ...]:
     """HS and FA, plus the harmful score of each attack eval variant the runs report (e.g. a
     backdoor attack's HS with its trigger)."""
-    variants = sorted({name for r in records for name in (r.metrics.get("attack_eval") or {})})
+    variants = sorted({name for r in records for name in (r.metrics.attack_eval or {})})
     return METRICS + tuple(f"attack_eval.{v}.harmful_score" for v in variants)
 
 
@@ -151,7 +138,11 @@ class Cell:
     runs: list[RunRecord]
 
     def values(self, metric: str) -> list[float]:
-        found = (metric_value(r.metrics, metric) for r in self.runs)
+        return self.series(lambda m: m.value(metric))
+
+    def series(self, get: Callable[[RunMetrics], Any]) -> list[float]:
+        """``get`` of each run's metrics, where present."""
+        found = (get(r.metrics) for r in self.runs)
         return [float(v) for v in found if v is not None]
 
     def summary(self, metric: str) -> Summary | None:
@@ -163,11 +154,12 @@ class Cell:
         (a count, a loss, a drift), which has no two-proportion test."""
         if not is_percentage(metric):
             return 0
+        metrics = self.runs[0].metrics
         if metric.startswith("attack_eval."):  # a variant carries its own sample size
-            variant = metric.split(".")[1]
-            return int(metric_value(self.runs[0].metrics, f"attack_eval.{variant}.n") or 0)
-        key = "n_eval_harmful" if "harmful" in metric else "n_eval_task"
-        return int(self.runs[0].metrics.get(key) or 0)
+            variant = (metrics.attack_eval or {}).get(metric.split(".")[1])
+            return int(variant.n or 0) if variant else 0
+        final = metrics.final
+        return int((final.n_eval_harmful if "harmful" in metric else final.n_eval_task) or 0)
 
     @property
     def name(self) -> str:

@@ -2,16 +2,15 @@
 
 Every field is addressable by its dotted path (``finetune.poison_ratio=0.2``). Unknown keys fail
 with a did-you-mean; values are type-checked; the resolved config is written to the run folder.
+Sections are built by :mod:`hftlab.options`, YAML is read by :mod:`hftlab.yaml_files`; plug-in
+names and options and the checks across fields belong to :mod:`hftlab.experiment`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,18 @@ from typing import Any
 import yaml
 
 from hftlab.data.spec import DataSpec
+from hftlab.errors import ConfigError, unknown_name_message
+from hftlab.options import AT_LEAST_1, NON_NEGATIVE, NUMERIC_BOUNDS, POSITIVE, Bound, build
+from hftlab.yaml_files import load_yaml, read_yaml_mapping
+
+__all__ = [
+    "NUMERIC_BOUNDS", "Config", "ConfigError", "build", "dump_config", "load_config",
+    "load_yaml", "read_yaml_mapping",
+]
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # ``target_modules: all-linear``: PEFT's shorthand for every linear layer but the output head
 ALL_LINEAR_TARGET = "all-linear"
-
-
-class ConfigError(ValueError):
-    """A bad config: the message names the file, the key and the fix."""
 
 
 ATTENTION_QKV = ["q_proj", "k_proj", "v_proj"]
@@ -61,12 +64,19 @@ class LoraConfig:
         """PEFT's ``lora_alpha / r``: what multiplies B·A in the forward pass."""
         return self.alpha / self.r
 
+    @classmethod
+    def expand_raw(cls, raw: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
+        """A mapping with ``preset``: the preset's values, then the keys given beside it
+        (called by :func:`hftlab.options.build`)."""
+        if "preset" not in raw:
+            return raw
+        rest = {k: v for k, v in raw.items() if k != "preset"}
+        return {**lora_preset(raw["preset"], where, f"{prefix}preset"), **rest}
+
 
 def lora_preset(name: Any, where: str, key: str) -> dict[str, Any]:
     """The values of LoRA preset ``name``, or one ConfigError listing the presets."""
     if name not in LORA_PRESETS:
-        from hftlab.registry import unknown_name_message
-
         raise ConfigError(f"{where}: '{key}' " + unknown_name_message(
             "LoRA preset", str(name), list(LORA_PRESETS)))
     return copy.deepcopy(LORA_PRESETS[name])
@@ -213,189 +223,47 @@ class Config:
 
 # ------------------------------------------------------------------------------- numeric bounds
 
-
-@dataclass(frozen=True)
-class Bound:
-    """Where a numeric setting may lie (ends included unless ``*_open``). ``note`` says what a
-    special value means; an optional setting also accepts null."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""
-
-    def holds(self, value: float) -> bool:
-        if not _finite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def describe(self) -> str:
-        low, high = _number_text(self.low), _number_text(self.high)
-        if self.low is not None and self.high is not None:
-            return (f"in {'(' if self.low_open else '['}{low}, "
-                    f"{high}{')' if self.high_open else ']'}")
-        if self.low is not None:
-            return f"{'>' if self.low_open else '≥'} {low}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '≤'} {high}"
-        return "finite"
-
-
-def _finite(value: float) -> bool:
-    # an int is always finite, and math.isfinite overflows on one beyond float's range
-    return isinstance(value, int) or math.isfinite(value)
-
-
-def _number_text(value: float | None) -> str:
-    return str(int(value)) if value is not None and float(value).is_integer() else f"{value}"
-
-
-_POSITIVE = Bound(0, low_open=True)
-_AT_LEAST_1 = Bound(1)
-_NON_NEGATIVE = Bound(0)
 # numpy's generators take seeds below 2**32; the stages add small offsets to the run's seed
 _SEED = Bound(0, 2**31 - 1)
 
 # The range of every numeric setting, by the dataclass that holds it (so alignment.train and
 # finetune.train share TrainConfig's). Checked when a section is built, before any work;
 # tests/reliability/test_bad_config.py fails when a numeric field is missing here.
-NUMERIC_BOUNDS: dict[type, dict[str, Bound]] = {
+NUMERIC_BOUNDS.update({
     LoraConfig: {
-        "r": _AT_LEAST_1,
-        "alpha": _POSITIVE,
+        "r": AT_LEAST_1,
+        "alpha": POSITIVE,
         "dropout": Bound(0, 1, high_open=True),
     },
     TrainConfig: {
-        "lr": _POSITIVE,
-        "epochs": _POSITIVE,
+        "lr": POSITIVE,
+        "epochs": POSITIVE,
         "max_steps": Bound(1, note="null: train for `epochs`"),
-        "batch_size": _AT_LEAST_1,
-        "grad_accum": _AT_LEAST_1,
-        "weight_decay": _NON_NEGATIVE,
+        "batch_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_1,
+        "weight_decay": NON_NEGATIVE,
         "warmup_ratio": Bound(0, 1, high_open=True),
-        "max_length": _AT_LEAST_1,
+        "max_length": AT_LEAST_1,
         # 0 is TAR's reference setting: its training loop never clips
         "max_grad_norm": Bound(0, note="0 turns clipping off"),
     },
     AlignmentConfig: {"seed": dataclasses.replace(_SEED, note="null: the run's seed")},
-    FinetuneConfig: {"n": _AT_LEAST_1, "poison_ratio": Bound(0, 1)},
+    FinetuneConfig: {"n": AT_LEAST_1, "poison_ratio": Bound(0, 1)},
     MechanismConfig: {
         "every": Bound(0, note="0 turns the curves off"),
-        "batch_size": _AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
     },
     EvalConfig: {
-        "max_new_tokens": _AT_LEAST_1,
+        "max_new_tokens": AT_LEAST_1,
         "task_max_new_tokens": Bound(1, note="null: eval.max_new_tokens"),
-        "batch_size": _AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
         "generation_max_new_tokens": Bound(1, note="null: eval.max_new_tokens"),
     },
     Config: {"seed": _SEED, "checkpoint_every": Bound(0, note="0: no checkpoints")},
-    DataSpec: {"n": Bound(1, note="null: every row"), "offset": _NON_NEGATIVE},
-}
-
-
-def _check_number(cls: type, name: str, tp: Any, value: Any, where: str, key: str) -> None:
-    """One ConfigError naming ``key`` and its allowed range when ``value`` is out of it; any
-    float, bounded or not (a plug-in's options), must be finite."""
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_number(cls, name, None, item, where, f"{key}[{i}]")
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    bound = NUMERIC_BOUNDS.get(cls, {}).get(name) if tp is not None else None
-    if bound is None:
-        if not _finite(value):
-            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        return
-    if bound.holds(value):
-        return
-    optional = type(None) in typing.get_args(tp)
-    kind = "a finite number" if float in (tp, *typing.get_args(tp)) else "a whole number"
-    # a closed range already says "finite"; "> 0, got inf" alone would read as satisfied
-    two_sided = bound.low is not None and bound.high is not None
-    rule = (bound.describe() if two_sided else f"{kind} {bound.describe()}")
-    rule += " or null" if optional else ""
-    note = f" ({bound.note})" if bound.note else ""
-    raise ConfigError(f"{where}: '{key}' must be {rule}{note}, got {value!r}")
+})
 
 
 # ---------------------------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
-    keeps the last one silently, so a setting written twice would be half ignored)."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # ``<<: *base`` keys may be overridden: that is what merging is for
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # unhashable: the base class reports it
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise _DuplicateKey(key, first, line)
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    """A key given twice in one mapping (lines counted from 1)."""
-
-    def __init__(self, key: Any, first_line: int, line: int) -> None:
-        super().__init__(key, first_line, line)
-        self.key, self.first_line, self.line = key, first_line, line
-
-
-def load_yaml(text: str, source: str, lines: bool = True) -> Any:
-    """Parse user-written YAML with the safe loader, refusing duplicate keys; any problem is one
-    ConfigError line naming ``source`` (and the line, when ``lines``: a file, not a value)."""
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no objects
-    except _DuplicateKey as exc:
-        where = f"{source}:{exc.line}" if lines else source
-        also = f" (also on line {exc.first_line})" if lines else ""
-        raise ConfigError(f"{where}: key '{exc.key}' is given twice in one mapping{also}; "
-                          "keep one of them") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if lines and mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        detail = f"{problem} ({context})" if context else problem
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(detail).split())}") from exc
-
-
-def read_yaml_mapping(path: Path, what: str, empty_hint: str = "") -> dict[str, Any]:
-    """A YAML file whose top level is a non-empty mapping, or one ConfigError naming the file.
-
-    An empty file (or one of comments or ``null`` only) is an error, not an empty mapping: a
-    run from a file that lost its contents would otherwise silently run the defaults."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder; give a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path} cannot be read ({exc}); give a readable UTF-8 YAML "
-                          "file") from exc
-    raw = load_yaml(text, str(path))
-    if raw is None:
-        hint = empty_hint or "give it at least one key"
-        raise ConfigError(f"{what} {path} is empty (nothing but comments or null); {hint}")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -438,117 +306,6 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = load_yaml(value, f"override '{item}'", lines=False) if value else None
 
 
-def build(cls: type, raw: Any, where: str, prefix: str) -> Any:
-    """Recursively turn a mapping into dataclass ``cls``, with errors naming the dotted key.
-
-    A nested section given partly (``eval.harmful.n=300``) merges into its default; a data
-    source given with a new ``kind`` replaces the default source whole.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    defaults = None if cls is DataSpec else cls()
-    kwargs: dict[str, Any] = {}
-    raw = _expand_presets(cls, raw, where, prefix)
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"{where}: unknown key '{prefix}{key}'.{hint} Known keys here: {', '.join(names)}"
-            )
-        default = getattr(defaults, key, None)
-        if isinstance(default, LoraConfig) and isinstance(value, dict) and "preset" in value:
-            pass  # a preset replaces the defaults (expanded when the LoraConfig is built)
-        elif dataclasses.is_dataclass(default) and isinstance(value, dict):
-            if not (isinstance(default, DataSpec) and "kind" in value):
-                merged = dataclasses.asdict(default)
-                _deep_update(merged, value)
-                value = merged
-        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
-        _check_number(cls, key, hints[key], kwargs[key], where, f"{prefix}{key}")
-    if cls is DataSpec and "kind" not in kwargs:
-        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' needs a 'kind' (the loader name)")
-    return cls(**kwargs)
-
-
-def _expand_presets(cls: type, raw: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
-    """A LoRA mapping with ``preset``: the preset's values, then the keys given beside it."""
-    if cls is not LoraConfig or "preset" not in raw:
-        return raw
-    rest = {k: v for k, v in raw.items() if k != "preset"}
-    return {**lora_preset(raw["preset"], where, f"{prefix}preset"), **rest}
-
-
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        # A data source given with its kind is a new source, a LoRA given by its preset a new
-        # adapter: replace, don't merge.
-        replace = (key == "options" or "kind" in value or "preset" in value
-                   if isinstance(value, dict) else True)
-        if isinstance(base.get(key), dict) and not replace:
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-
-
-def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, f"{key}.")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item_tp, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------- validation
 
 _CHOICES = {
@@ -561,13 +318,9 @@ _TRAIN_CHOICES = {"method": ("lora", "full"), "schedule": ("constant", "cosine",
 
 
 def validate(config: Config, where: str) -> None:
-    """Name and choice checks that a type alone cannot express (numeric ranges are checked
-    as each section is built: ``NUMERIC_BOUNDS``)."""
-    from hftlab.attacks import ATTACKS
-    from hftlab.defenses import DEFENSES
-    from hftlab.judges import JUDGES
-    from hftlab.registry import unknown_name_message
-    from hftlab.tasks import TASKS
+    """Choice checks that a type alone cannot express (numeric ranges are checked as each
+    section is built: ``NUMERIC_BOUNDS``). Plug-in names and options, and every check across
+    fields, are the experiment builder's (:func:`hftlab.experiment.build_experiment`)."""
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{where}: '{key}' {message}")
@@ -583,18 +336,8 @@ def validate(config: Config, where: str) -> None:
             if getattr(train, name) not in allowed:
                 fail(f"{stage}.train.{name}", f"is {getattr(train, name)!r}; choose {allowed}")
         _check_lora_targets(train.lora, f"{stage}.train.lora.target_modules", fail)
-    ft = config.finetune
-    if ft.task not in TASKS:
-        fail("finetune.task", unknown_name_message("task", ft.task, list(TASKS)))
     if not config.defense_names:
         fail("defense", "is an empty list; use 'sft' for no defense")
-    for key, registry, name in (
-        *(("defense", DEFENSES, name) for name in config.defense_names),
-        ("attack", ATTACKS, config.attack),
-        ("eval.judge", JUDGES, config.eval.judge),
-    ):
-        if name not in registry:
-            fail(key, unknown_name_message(registry.kind, name, registry.names()))
 
 
 def _check_lora_targets(lora: LoraConfig, key: str, fail: typing.Callable[[str, str], None]

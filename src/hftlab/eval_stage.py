@@ -1,19 +1,17 @@
-"""The eval stage: every model of a run (deployed, fine-tuned before a repair, aligned, base)
-generates on the eval prompts; completions are saved to files (never printed: they answer
-harmful prompts) and each model's metrics are cached with the stage that produced the model."""
+"""Evaluating one model of a run (the eval stage, :mod:`hftlab.stages.eval`, runs these on the
+deployed, fine-tuned, aligned and base models): it generates on the eval prompts, completions
+are saved to files (never printed: they answer harmful prompts), metrics cached by the caller."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hftlab.attacks.base import PROMPT_PROBE, EvalVariant
+from hftlab.attacks.base import EvalVariant
 from hftlab.cache import commit_entry, entry_lock, usable_entry
-from hftlab.context import RunContext
 from hftlab.evaluate import (
     alpaca_eval_records,
     finetune_accuracy,
@@ -22,11 +20,12 @@ from hftlab.evaluate import (
     over_refusal,
 )
 from hftlab.formatting import PromptFormatter
-from hftlab.model import merged
-from hftlab.stage_models import aligned_model, deployed_model, finetuned_model
-from hftlab.utils import read_json, stable_hash, write_json, write_jsonl
+from hftlab.utils import read_json, write_json, write_jsonl
 
 ALPACA_EVAL_FILE = "alpaca_eval_outputs.json"  # eval.generations, for `alpaca_eval --model_outputs`
+
+if TYPE_CHECKING:
+    from hftlab.context import RunContext
 
 
 def evaluate_model(
@@ -166,101 +165,3 @@ def evaluate_attack_variant(
             write_jsonl(tmp / "completions.jsonl", rows)
             write_json(tmp / "metrics.json", metrics)
     return metrics
-
-
-def stage_eval(ctx: RunContext) -> dict[str, Any]:
-    """Evaluate the deployed model, the fine-tuned model before a repair (cached with the
-    fine-tuning), the aligned model (cached with the alignment) and the original model (cached
-    once per model and eval set); copy every model's completions into the run folder."""
-    ev_key = ctx.eval_key()
-    folder = ctx.stage_dir("eval")
-    align_cache = ctx.stage_info("align").get("cache")
-    plan: dict[str, tuple[Path, Callable[[], torch.nn.Module]]] = {}
-    if ctx.config.eval.eval_base or not align_cache:
-        base_key = stable_hash(ctx.model_key())[:16]
-        plan["base"] = (ctx.cache_dir / "base_eval" / base_key / ev_key, ctx.base_model)
-    if align_cache:
-        plan["aligned"] = (Path(align_cache) / "eval" / ev_key, lambda: aligned_model(ctx))
-    results: dict[str, Any] = {}
-    generated = 0
-    for name, (source, load) in plan.items():
-        results[name], from_cache = cached_eval(ctx, source, name, load)
-        generated += 0 if from_cache else results[name]["generated_tokens"]
-        results[name]["cached"] = from_cache
-        shutil.copyfile(source / "completions.jsonl", folder / f"completions_{name}.jsonl")
-    if not align_cache:
-        results["aligned"] = results["base"]  # alignment disabled: the aligned model is the base
-    # Only the user's model is queried the attacker's way (the attack's system prompt and prompt
-    # phrasing, e.g. identity_shift's AOA persona) with the defense's system prompt on top (e.g.
-    # BackdoorAlign's secret trigger); the cached base/aligned evaluations above keep the run's
-    # default. (ctx.eval_key() above has loaded the data, so data-stage state exists.)
-    default = ctx.formatter.default_system_prompt
-    served = ctx.defense.inference_system_prompt(ctx.attack.served_system_prompt(default))
-    served_formatter = (
-        ctx.formatter if served == default else ctx.formatter.with_system_prompt(served)
-    )
-    attack = ctx.attack
-    ask = None if attack.served_prompt(PROMPT_PROBE) == PROMPT_PROBE else attack.served_prompt
-    # The fine-tuned model's evaluation is cached with the fine-tuning (per served prompt): a
-    # repair's "before" is the plain run's "final". The attack's phrasing enters the key only
-    # when it rewrites prompts, so that earlier cached evaluations stay valid.
-    tuned_key: dict[str, Any] = {"eval": ev_key, "system_prompt": served}
-    if ask is not None:
-        tuned_key["attack_prompt"] = attack.serving_key()
-    tuned_source = (Path(ctx.stage_info("finetune")["cache"]) / "eval"
-                    / stable_hash(tuned_key)[:16])
-    repaired = bool(ctx.stage_info("post_finetune").get("repaired"))
-    final_model: list[torch.nn.Module] = []  # the deployed model, loaded at most once
-
-    def load_final() -> torch.nn.Module:
-        if not final_model:
-            final_model.append(deployed_model(ctx))
-        return final_model[0]
-
-    if repaired:
-        # the same model before the repair, served the same way: what the repair bought and cost
-        results["finetuned"], from_cache = cached_eval(
-            ctx, tuned_source, "finetuned", lambda: merged(finetuned_model(ctx)),
-            served_formatter, ask)
-        results["finetuned"]["cached"] = from_cache
-        generated += 0 if from_cache else results["finetuned"]["generated_tokens"]
-        shutil.copyfile(tuned_source / "completions.jsonl",
-                        folder / "completions_finetuned.jsonl")
-        extra = {"prompt": ask} if ask is not None else {}
-        results["final"] = evaluate_model(ctx, load_final(), folder / "final", "final",
-                                          served_formatter, **extra)
-        final_source, from_cache = folder / "final", False
-    else:
-        results["final"], from_cache = cached_eval(
-            ctx, tuned_source, "final", load_final, served_formatter, ask)
-        final_source = tuned_source
-    results["final"]["cached"] = from_cache
-    generated += 0 if from_cache else results["final"]["generated_tokens"]
-    shutil.copyfile(final_source / "completions.jsonl", folder / "completions.jsonl")
-    if (final_source / ALPACA_EVAL_FILE).exists():
-        shutil.copyfile(final_source / ALPACA_EVAL_FILE, folder / ALPACA_EVAL_FILE)
-    # The attack's extra harmful-score evaluations of the deployed model (e.g. with the backdoor
-    # trigger), cached next to the final evaluation unless a repair made the final model here.
-    attack_eval: dict[str, Any] = {}
-    for name, variant in attack.eval_variants().items():
-        variant_key = {**tuned_key, "attack": attack.serving_key(), "variant": name}
-        if variant.version:
-            variant_key["version"] = variant.version
-        source = (folder / f"attack_{name}" if repaired
-                  else tuned_source.parent / stable_hash(variant_key)[:16])
-        with entry_lock(source, ctx.is_main):
-            ctx.accelerator.wait_for_everyone()
-            cached = not ctx.force and usable_entry(source, marker="metrics.json")
-            attack_eval[name] = (
-                read_json(source / "metrics.json") if cached else evaluate_attack_variant(
-                    ctx, load_final(), source, name, variant, served_formatter, ask))
-        attack_eval[name]["cached"] = cached
-        generated += 0 if cached else attack_eval[name]["generated_tokens"]
-        shutil.copyfile(source / "completions.jsonl", folder / f"completions_attack_{name}.jsonl")
-    serving = {
-        # a digest, not the text: a defense's served prompt may hold a secret trigger
-        "system_prompt_sha256": stable_hash(served)[:16] if served is not None else None,
-        "attack_prompt": attack.served_prompt("{prompt}") if ask is not None else None,
-    }
-    return {"results": results, "eval_key": ev_key, "tokens": generated,
-            "attack_eval": attack_eval or None, "serving": serving}

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 from typing import Any, ClassVar, Generic, TypeVar
+
+from hftlab.errors import ConfigError, unknown_name_message
+from hftlab.options import build
+
+__all__ = ["Plugin", "Registry", "unknown_name_message"]
 
 T = TypeVar("T")
 
@@ -39,12 +43,6 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"unknown {kind} '{name}'.{hint} Known: {', '.join(sorted(known))}."
-
-
 class Plugin(abc.ABC):  # noqa: B024  (subclass bases declare the abstract hooks)
     """Base of defenses, attacks and judges: a name, one-line docs, and typed options.
 
@@ -60,8 +58,6 @@ class Plugin(abc.ABC):  # noqa: B024  (subclass bases declare the abstract hooks
     Options: ClassVar[type | None] = None
 
     def __init__(self, **options: Any) -> None:
-        from hftlab.config import ConfigError, build
-
         if self.Options is None:
             if options:
                 raise ConfigError(

@@ -4,18 +4,22 @@ aligned model, the user's fine-tuned model and the model the provider deploys.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hftlab.context import RunContext
 from hftlab.model import load_trained
+from hftlab.stages import Stage
+
+if TYPE_CHECKING:
+    from hftlab.context import RunContext
 
 
 def aligned_model(ctx: RunContext, full_training: bool = False) -> torch.nn.Module:
     """The base model with the alignment stage's checkpoint loaded (merged), or the base model
     itself when alignment is disabled; ``full_training``: fp32 weights (full fine-tuning)."""
     base = ctx.base_model(full_training)
-    info = ctx.stage_info("align")
+    info = ctx.stage_info(Stage.ALIGN)
     if not info.get("cache"):
         return base
     # a defense that trained on the plain SFT alignment (TAR): base → SFT merged → its own
@@ -29,7 +33,7 @@ def aligned_adapter_model(ctx: RunContext) -> torch.nn.Module:
     whose fine-tuning keeps training that adapter (Panacea's ``single_lora``)."""
     from peft import PeftModel
 
-    info = ctx.stage_info("align")
+    info = ctx.stage_info(Stage.ALIGN)
     if not info.get("cache"):
         raise ValueError("no alignment adapter to continue: the alignment stage is disabled")
     return PeftModel.from_pretrained(ctx.base_model(), str(Path(info["cache"]) / "model"),
@@ -39,7 +43,7 @@ def aligned_adapter_model(ctx: RunContext) -> torch.nn.Module:
 def finetune_start_model(ctx: RunContext) -> torch.nn.Module:
     """What the fine-tuning stage's saved weights apply to: the aligned model, or the base
     model when fine-tuning continued the alignment adapter (its saved adapter holds both)."""
-    if ctx.stage_info("finetune").get("continues_alignment_adapter"):
+    if ctx.stage_info(Stage.FINETUNE).get("continues_alignment_adapter"):
         return ctx.base_model()
     return aligned_model(ctx)
 
@@ -47,10 +51,10 @@ def finetune_start_model(ctx: RunContext) -> torch.nn.Module:
 def finetuned_model(ctx: RunContext) -> torch.nn.Module:
     """Aligned model plus the user's fine-tuning (still PEFT-wrapped for LoRA, unmerged); the
     aligned model itself when the fine-tuning was skipped (nothing left of the upload)."""
-    if ctx.stage_info("finetune").get("skipped"):
+    if ctx.stage_info(Stage.FINETUNE).get("skipped"):
         return aligned_model(ctx)
     model = finetune_start_model(ctx)
-    folder = ctx.stage_dir("finetune") / "model"
+    folder = ctx.stage_dir(Stage.FINETUNE) / "model"
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -61,7 +65,7 @@ def finetuned_model(ctx: RunContext) -> torch.nn.Module:
 def deployed_model(ctx: RunContext) -> torch.nn.Module:
     """What the provider serves: the post-fine-tuning output if a repair ran, else the
     fine-tuned model, merged."""
-    folder = ctx.stage_dir("post_finetune") / "model"
+    folder = ctx.stage_dir(Stage.REPAIR) / "model"
     if folder.exists():
         return load_trained(finetune_start_model(ctx), folder)
     model = finetuned_model(ctx)

@@ -84,8 +84,13 @@ def run_name(values: dict[str, Any]) -> str:
 
 
 def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
-    """Read and validate a sweep file; every run's config is checked before anything runs.
+    """Read and validate a sweep file; every run's experiment (config, plug-ins and their
+    options, checks across fields) is built before anything runs.
     ``only``: keep the runs whose name matches one of these globs (a subset, in file order)."""
+    # imported here: the plug-ins (and torch) are not for every importer of this module (the
+    # workers' initializer)
+    from hftlab.experiment import build_experiment
+
     raw = read_yaml_mapping(path, "sweep file")
     if "config" not in raw or "grid" not in raw:
         raise ConfigError(f"{path}: a sweep needs 'config' (a run config) and 'grid' (key: list)")
@@ -113,8 +118,8 @@ def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
                 continue  # the union of grids may repeat a run
             seen.add(name)
             overrides = [override(k, v) for k, v in {**shared, **values}.items()]
-            try:
-                load_config(config, overrides)
+            try:  # every plug-in and check of every run, before anything runs
+                build_experiment(load_config(config, overrides), str(config))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from exc
             sweep.runs.append(PlannedRun(name, overrides, values))

@@ -26,20 +26,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from hftlab import checkpoint
 from hftlab.config import ConfigError, TrainConfig
 from hftlab.formatting import Tokenized
 from hftlab.model import causal_lm_parts
+from hftlab.train_checkpoint import CheckpointedTrainer, Resumable, StageRun, TrainResult
+from hftlab.train_grads import ExtraPasses
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from hftlab.data.records import Example
     from hftlab.defenses.base import Defense
+
+__all__ = ["IGNORE_INDEX", "Batch", "Resumable", "RunView", "SFTTrainer", "TrainResult",
+           "TrainingError", "autocast_context", "collate", "mean_loss", "supervised_logits",
+           "supervised_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +55,6 @@ IGNORE_INDEX = -100
 class TrainingError(ConfigError):
     """A stage that cannot go on (its loss diverged); a ConfigError, so the command line
     reports it in one line, as it does a setting that needs changing."""
-
-
-@runtime_checkable
-class Resumable(Protocol):
-    """An ``on_step`` callback whose state travels with the trainer's checkpoints."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -171,37 +168,21 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-@dataclass
-class TrainResult:
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)  # one per optimizer step
+@dataclass(frozen=True)
+class RunView:
+    """What a training stage's defense may read of its run besides the trainer's own model,
+    batches and step: the provider's data sets, how the run tokenises rows, and where the stage
+    keeps its files. The stages build it; defense tests build it from plain lists."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds / self.steps if self.steps else 0.0
+    alignment: list[Example] = field(default_factory=list)  # alignment.data, as trained on
+    provider_harmful: list[Example] = field(default_factory=list)  # the provider's harmful QA
+    # the run's tokenisation (rows whose prompt fills ``max_length`` dropped); None: no rows
+    tokenize: Callable[[list[Example], int], list[Tokenized]] | None = None
+    folder: Path | None = None  # the stage's folder in the run (None: the stage saves nothing)
+    is_main: bool = True  # the main process (the one that writes files)
 
 
-@dataclass
-class StageRun:
-    """What a checkpoint holds besides the trainer's own fields: the parameters by name (named
-    before a defense may freeze some), the schedule, the result so far, the step callback and
-    the stage's size (to refuse a checkpoint of another stage)."""
-
-    named: list[tuple[str, torch.nn.Parameter]]
-    scheduler: Any
-    result: TrainResult
-    on_step: Any
-    n_items: int
-    total_steps: int
-
-
-class SFTTrainer:
+class SFTTrainer(CheckpointedTrainer):
     """One training stage. The defense's :meth:`training_step` computes the loss(es) and calls
     :meth:`backward`; the trainer owns batching, clipping, the optimizer and the schedule."""
 
@@ -215,7 +196,7 @@ class SFTTrainer:
         defense: Defense,
         seed: int,
         precision: str = "fp32",
-        context: Any = None,
+        run: RunView | None = None,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0,
     ) -> None:
@@ -227,7 +208,7 @@ class SFTTrainer:
         self.defense = defense
         self.seed = seed
         self.precision = precision
-        self.context = context  # the RunContext, for defenses that need the run's data
+        self.run = run or RunView()  # what the defense may read of the run
         self.step = 0
         self.total_steps = 0  # set when train() starts, before the defense's setup
         self.optimizer: torch.optim.Optimizer | None = None
@@ -252,6 +233,12 @@ class SFTTrainer:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss / self.cfg.grad_accum)
+
+    def extra_passes(self, params: list[torch.nn.Parameter] | None = None) -> ExtraPasses:
+        """Extra forward/backward passes within one micro-batch (see
+        :class:`hftlab.train_grads.ExtraPasses`); ``params``: the trainable ones by default."""
+        return ExtraPasses(self.trainable_parameters() if params is None else params,
+                           self.accelerator.backward)
 
     def plan(self, n_items: int) -> tuple[int, int]:
         """(optimizer steps per epoch, total optimizer steps)."""
@@ -355,103 +342,3 @@ class SFTTrainer:
             f"{total_steps}: the weights diverged; lower the learning rate "
             f"({self.stage}.train.lr, now {self.cfg.lr}) or check the training data"
         )
-
-    # ------------------------------------------------------------------------- checkpoints
-
-    def checkpoint_due(self, total_steps: int) -> bool:
-        return (
-            self.checkpoint_dir is not None
-            and self.checkpoint_every > 0
-            and self.step % self.checkpoint_every == 0
-            and self.step < total_steps
-        )
-
-    def save_checkpoint(self, run: StageRun) -> None:
-        """Write the stage's state after ``self.step`` optimizer steps into a new step folder
-        (each process its random generators, then the main process the rest) and commit it
-        by switching the checkpoint's pointer (see :mod:`hftlab.checkpoint`)."""
-        assert self.checkpoint_dir is not None and self.optimizer is not None
-        started = time.perf_counter()
-        root = self.checkpoint_dir
-        folder = checkpoint.step_folder(root, self.step)
-        folder.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_state(folder, checkpoint.rng_name(self.accelerator.process_index),
-                               {"step": self.step, **checkpoint.rng_state()})
-        self.accelerator.wait_for_everyone()  # every process's file before the pointer names it
-        callback = run.on_step if isinstance(run.on_step, Resumable) else None
-        if self.accelerator.is_main_process:
-            size = checkpoint.write_state(folder, checkpoint.MAIN_STATE, {
-                "format": checkpoint.FORMAT,
-                "stage": self.stage,
-                "step": self.step,
-                "total_steps": run.total_steps,
-                "n_items": run.n_items,
-                "world": self.accelerator.num_processes,
-                "params": {name: p.detach() for name, p in run.named},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "result": {"tokens": run.result.tokens, "seconds": run.result.seconds,
-                           "losses": list(run.result.losses)},
-                "defense": self.defense.state_dict(self.stage),
-                "callback": callback.state_dict() if callback is not None else None,
-            })
-            checkpoint.commit(root, folder, self.step)
-            log.info("%s: checkpoint at step %d of %d (%.0f MB, %.1f s) in %s", self.stage,
-                     self.step, run.total_steps, size / 2**20, time.perf_counter() - started,
-                     folder)
-        self.accelerator.wait_for_everyone()
-
-    def load_checkpoint(self, run: StageRun) -> int:
-        """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has a
-        committed one (after the defense's setup, which sees the stage's starting weights),
-        after removing what an interrupted save left; the number of optimizer steps it had
-        done, 0 for a fresh start. A checkpoint of another stage, schedule or format, or a
-        damaged one, stops the stage with one ConfigError that says to delete the folder."""
-        if self.checkpoint_dir is None:
-            return 0
-        root = self.checkpoint_dir
-        fix = f"delete {root} to start the stage over"
-        folder = checkpoint.committed_folder(root, fix)
-        if self.accelerator.is_main_process:
-            checkpoint.remove_uncommitted(root, keep=folder)
-        self.accelerator.wait_for_everyone()
-        if folder is None:
-            return 0
-        assert self.optimizer is not None
-        state = checkpoint.read_state(folder, checkpoint.MAIN_STATE, fix)
-        path = folder / f"{checkpoint.MAIN_STATE}.json"
-        expected = {
-            "format": checkpoint.FORMAT, "stage": self.stage, "total_steps": run.total_steps,
-            "n_items": run.n_items, "world": self.accelerator.num_processes,
-        }
-        shapes = {name: tuple(p.shape) for name, p in run.named}
-        saved = {name: tuple(t.shape) for name, t in state["params"].items()}
-        wrong = [k for k, v in expected.items() if state.get(k) != v]
-        if wrong or shapes != saved:
-            what = ", ".join(f"{k} {state.get(k)!r} (this run: {expected[k]!r})" for k in wrong)
-            raise ConfigError(
-                f"{path}: a training checkpoint that does not match this stage "
-                f"({what or 'other trainable parameters'}); {fix}"
-            )
-        rank = self.accelerator.process_index
-        rng = checkpoint.read_state(folder, checkpoint.rng_name(rank), fix)
-        if rng.get("step") != state["step"]:
-            raise ConfigError(f"{folder / checkpoint.rng_name(rank)}.json: from step "
-                              f"{rng.get('step')}, not {state['step']} as {path}; {fix}")
-        with torch.no_grad():
-            for name, p in run.named:
-                p.copy_(state["params"][name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        self.defense.load_state_dict(self.stage, state["defense"])
-        if isinstance(run.on_step, Resumable) and state["callback"] is not None:
-            run.on_step.load_state_dict(state["callback"])
-        run.result.tokens = int(state["result"]["tokens"])
-        run.result.seconds = float(state["result"]["seconds"])
-        run.result.losses = list(state["result"]["losses"])
-        checkpoint.set_rng_state(rng)
-        self.step = self.resumed_from = int(state["step"])
-        log.info("%s: resuming from step %d of %d (%s)", self.stage, self.step,
-                 run.total_steps, folder)
-        return self.step
-

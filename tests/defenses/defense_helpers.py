@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from hftlab.data.records import Example
 from hftlab.formatting import Tokenized
 from hftlab.judges.base import Judge
 from hftlab.model import attach_trainable
-from hftlab.train import Batch, SFTTrainer, collate, supervised_loss
+from hftlab.train import Batch, RunView, SFTTrainer, collate, supervised_loss
 from hftlab.utils import read_json
 
 PAD_ID = 0
@@ -36,33 +35,18 @@ def token_batch(n: int, seed: int) -> Batch:
     return collate(token_items(n, seed), PAD_ID)
 
 
-@dataclass
-class FakeData:
-    provider_harmful: list[Example]
+def harmful_view(harmful_items: list[Tokenized]) -> RunView:
+    """What defenses read of the run: the provider's harmful rows, tokenised."""
+    return RunView(provider_harmful=[Example("p", "r", True)],
+                   tokenize=lambda examples, max_length: harmful_items)
 
 
-@dataclass
-class FakeContext:
-    """What defenses read from the run context: the provider's harmful rows, tokenised."""
-
-    harmful_items: list[Tokenized]
-    data: FakeData = field(default_factory=lambda: FakeData([Example("p", "r", True)]))
-
-    def tokenize(self, examples, max_length):
-        return self.harmful_items
-
-
-class AlignmentContext:
-    """The run context as fine-tuning defenses that keep training on the provider's alignment
-    data read it (Lisa, VLGuard mixing, EWC's Fisher): one alignment row per tokenised item (no
-    items: no alignment data)."""
-
-    def __init__(self, items: list[Tokenized]) -> None:
-        self.items = items
-        self.data = SimpleNamespace(alignment=[Example("p", "r")] * len(items))
-
-    def tokenize(self, examples, max_length):
-        return self.items
+def alignment_view(items: list[Tokenized]) -> RunView:
+    """The run as fine-tuning defenses that keep training on the provider's alignment data read
+    it (Lisa, VLGuard mixing, EWC's Fisher): one alignment row per tokenised item (no items: no
+    alignment data)."""
+    return RunView(alignment=[Example("p", "r")] * len(items),
+                   tokenize=lambda examples, max_length: items)
 
 
 def lora_model(model_dir: Path, layers_lora_b: float = 0.05) -> torch.nn.Module:
@@ -81,17 +65,17 @@ def lora_model(model_dir: Path, layers_lora_b: float = 0.05) -> torch.nn.Module:
 def make_trainer(model, defense, stage: str = "alignment", grad_accum: int = 1,
                  harmful_items: list[Tokenized] | None = None,
                  alignment_items: list[Tokenized] | None = None, **train) -> SFTTrainer:
-    """A CPU fp32 trainer whose context holds the provider's harmful rows (``harmful_items``),
-    or with ``alignment_items`` given, an :class:`AlignmentContext` of those instead."""
+    """A CPU fp32 trainer whose run view holds the provider's harmful rows (``harmful_items``),
+    or with ``alignment_items`` given, an :func:`alignment_view` of those instead."""
     from accelerate import Accelerator
 
     cfg = TrainConfig(lr=1e-2, batch_size=4, grad_accum=grad_accum, max_grad_norm=0.0, **train)
     if alignment_items is not None:
-        context = AlignmentContext(alignment_items)
+        view = alignment_view(alignment_items)
     else:
-        context = FakeContext(harmful_items or token_items(12, seed=99))
+        view = harmful_view(harmful_items or token_items(12, seed=99))
     return SFTTrainer(model, cfg, Accelerator(cpu=True), PAD_ID, stage, defense, seed=0,
-                      precision="fp32", context=context)
+                      precision="fp32", run=view)
 
 
 def param_grads(model) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from hftlab.config import ConfigError, load_config
 from hftlab.data.records import Example
 from hftlab.defenses import ALIGNMENT, DEFENSES, FINETUNE, Defense
 from hftlab.defenses.composite import CompositeDefense, build_defense
+from hftlab.experiment import build_experiment
 
 
 class AddRow(Defense):
@@ -70,8 +71,8 @@ def test_config_accepts_a_list_and_checks_every_name() -> None:
     config = load_config(None, ["defense=[booster, vaccine]"])
     assert config.defense_names == ["booster", "vaccine"]
     assert config.defense_label == "booster+vaccine"
-    with pytest.raises(ConfigError, match="boster"):
-        load_config(None, ["defense=[boster]"])
+    with pytest.raises(ConfigError, match="boster"):  # names: checked by the experiment builder
+        build_experiment(load_config(None, ["defense=[boster]"]))
     with pytest.raises(ConfigError, match="empty"):
         load_config(None, ["defense=[]"])
 

@@ -4,6 +4,7 @@ at the last fine-tuning step is exactly what post_finetune adds, also in a resum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from contextlib import nullcontext
@@ -135,7 +136,7 @@ def test_saved_epsilon_is_exactly_what_post_finetune_adds(tiny_lora, tmp_path,
                                                           monkeypatch) -> None:
     defense = DEFENSES.get("panacea")()
     trainer = make_trainer(tiny_lora, defense, stage="finetune", grad_accum=2, max_steps=2)
-    trainer.context.stage_dir = lambda stage: tmp_path / stage
+    trainer.run = dataclasses.replace(trainer.run, folder=tmp_path / "finetune")
     writes = []
     real_save = panacea_module.save_epsilon
 

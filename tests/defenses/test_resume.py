@@ -5,7 +5,6 @@ steps (streams, generators, traces, counters)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from hftlab.data.records import Example
 from hftlab.defenses import DEFENSES
 from hftlab.defenses.base import ALIGNMENT, FINETUNE, Defense
 from hftlab.testing import QUICK_STATE_OPTIONS
-from hftlab.train import SFTTrainer
+from hftlab.train import RunView, SFTTrainer
 
 # checkpoints after steps 2 and 4, killed in step 5's hook: the resumed run replays the first
 # epoch's order (3 batches) and one batch of the second before it trains again
@@ -46,13 +45,12 @@ class StepLog:
         self.losses = list(state["losses"])
 
 
-def context(tmp_path: Path) -> SimpleNamespace:
+def run_view(tmp_path: Path) -> RunView:
     """Provider harmful rows and alignment rows (the same token items for both)."""
     items = token_items(12, seed=99)
-    data = SimpleNamespace(provider_harmful=[Example("p", "r", True)] * len(items),
-                           alignment=[Example("p", "r")] * len(items))
-    return SimpleNamespace(data=data, tokenize=lambda examples, max_length: items,
-                           stage_dir=lambda stage: tmp_path / stage)
+    return RunView(alignment=[Example("p", "r")] * len(items),
+                   provider_harmful=[Example("p", "r", True)] * len(items),
+                   tokenize=lambda examples, max_length: items, folder=tmp_path / "finetune")
 
 
 def train(model_dir: Path, name: str, stage: str, folder: Path, kill_at: int | None):
@@ -63,7 +61,7 @@ def train(model_dir: Path, name: str, stage: str, folder: Path, kill_at: int | N
     from accelerate import Accelerator
 
     trainer = SFTTrainer(model, cfg, Accelerator(cpu=True), PAD_ID, stage, defense, seed=3,
-                         precision="fp32", context=context(folder),
+                         precision="fp32", run=run_view(folder),
                          checkpoint_dir=folder / "checkpoint", checkpoint_every=EVERY)
     log = StepLog(kill_at)
     result = trainer.train(token_items(10, seed=1), on_step=log)  # 3 batches: epochs cross

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from defense_helpers import (
-    AlignmentContext,
     Cycle,
+    alignment_view,
     assert_grads_close,
     autograd_of,
     make_trainer,
@@ -54,7 +54,7 @@ def test_vlguard_alignment_stream(tiny_lora) -> None:
     assert defense.alignment.batch_size == 4
     assert defense.alignment.next().input_ids.shape[0] == 4
     empty = DEFENSES.get("vlguard_mix")()
-    trainer.context = AlignmentContext([])
+    trainer.run = alignment_view([])
     with pytest.raises(ConfigError, match="alignment data"):
         empty.setup("finetune", trainer)
 

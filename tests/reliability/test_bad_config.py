@@ -291,7 +291,7 @@ def test_settings_the_model_cannot_take_fail_before_any_work(
 
 
 def test_lora_targets_of_a_disabled_alignment_are_not_checked(tiny_config, tmp_path) -> None:
-    from hftlab.context import check_model_fits
+    from hftlab.experiment import check_model_fits
     from hftlab.model import model_shape
 
     config = tiny_config

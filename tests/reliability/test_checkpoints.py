@@ -11,7 +11,6 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -321,7 +320,7 @@ def test_every_defense_state_is_read_back_as_saved(
     from transformers import AutoModelForCausalLM
 
     from hftlab.model import attach_trainable
-    from hftlab.train import SFTTrainer
+    from hftlab.train import RunView, SFTTrainer
 
     written: dict[str, Any] = {}
     write = checkpoint.write_state
@@ -333,16 +332,15 @@ def test_every_defense_state_is_read_back_as_saved(
     monkeypatch.setattr(checkpoint, "write_state", recording)
     stage = ALIGNMENT if ALIGNMENT in DEFENSES.get(name).stages else FINETUNE
     items = token_items(12, seed=99)
-    data = SimpleNamespace(provider_harmful=[Example("p", "r", True)] * len(items),
-                           alignment=[Example("p", "r")] * len(items))
-    context = SimpleNamespace(data=data, tokenize=lambda examples, max_length: items,
-                              stage_dir=lambda stage: tmp_path / stage)
+    view = RunView(alignment=[Example("p", "r")] * len(items),
+                   provider_harmful=[Example("p", "r", True)] * len(items),
+                   tokenize=lambda examples, max_length: items, folder=tmp_path / "finetune")
     torch.manual_seed(0)
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=4, lora=LoraConfig(r=4, alpha=8))
     model = attach_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
     defense = DEFENSES.get(name)(**QUICK_STATE_OPTIONS.get(name, {}))
     trainer = SFTTrainer(model, cfg, Accelerator(cpu=True), 0, stage, defense, seed=3,
-                         context=context,
+                         run=view,
                          checkpoint_dir=tmp_path / "checkpoint", checkpoint_every=3)
     trainer.train(token_items(10, seed=1), on_step=Curve())
     folder = tmp_path / "checkpoint" / "step-000003"

@@ -13,6 +13,7 @@ import pytest
 import hftlab.pipeline as pipeline
 from hftlab.cli import main
 from hftlab.config import ConfigError, load_config
+from hftlab.experiment import build_experiment
 from hftlab.pipeline import STAGES, run_pipeline
 
 SST2_ROWS = [{"sentence": f"a fine film number {i}", "label": i % 2} for i in range(40)]
@@ -70,6 +71,11 @@ def test_a_malformed_data_file_is_one_line_naming_file_and_row(case, tiny_overri
     assert not out.exists()
 
 
+def without_stages(metrics) -> dict:
+    """A run's metrics without its timings (seconds and cache paths differ between runs)."""
+    return {k: v for k, v in metrics.to_dict().items() if k != "stages"}
+
+
 @pytest.mark.parametrize("stopped_before", STAGES[1:])
 def test_a_run_stopped_at_a_stage_boundary_resumes_to_the_same_result(
         stopped_before, tiny_config, tmp_path, monkeypatch) -> None:
@@ -87,19 +93,14 @@ def test_a_run_stopped_at_a_stage_boundary_resumes_to_the_same_result(
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(tiny_config, run)
     monkeypatch.setattr(pipeline, "run_stage", real)
-    resumed = run_pipeline(tiny_config, run)
-    for metrics in (reference, resumed):
-        metrics.pop("stages")
-    assert resumed == reference
+    assert without_stages(run_pipeline(tiny_config, run)) == without_stages(reference)
 
 
 def test_one_seed_gives_one_result(tiny_config, tmp_path) -> None:
     first = run_pipeline(tiny_config, tmp_path / "a")
     tiny_config.cache_dir = str(tmp_path / "second-cache")
     second = run_pipeline(tiny_config, tmp_path / "b")
-    for metrics in (first, second):
-        metrics.pop("stages")
-    assert first == second
+    assert without_stages(first) == without_stages(second)
 
 
 @pytest.mark.parametrize("where", ["file", "override"])
@@ -140,8 +141,8 @@ def test_harmful_completions_never_reach_the_console(tiny_overrides, tmp_path, c
     ("finetune.train.lora.rr=4", "'finetune.train.lora.r'"),
 ], ids=["defense", "attack", "judge", "key", "nested-key"])
 def test_a_typo_gets_did_you_mean(override, suggestion, tiny_overrides) -> None:
-    with pytest.raises(ConfigError, match=suggestion):
-        load_config(None, [*tiny_overrides, override])
+    with pytest.raises(ConfigError, match=suggestion):  # names: the experiment builder's check
+        build_experiment(load_config(None, [*tiny_overrides, override]))
 
 
 def test_resume_reads_no_file_outside_the_run_and_cache(tiny_config, tmp_path) -> None:

@@ -46,31 +46,29 @@ from hftlab.defenses.common import (
     first_last_means,
     global_norm,
     provider_harmful_stream,
-    take_grads,
 )
 from hftlab.defenses.vaccine import perturbed_step
 
 if TYPE_CHECKING:
     from hftlab.train import Batch, SFTTrainer
+    from hftlab.train_grads import ExtraPasses
 
 
 def booster_gradients(
-    trainer: SFTTrainer, batch: Batch, harmful: Batch, lamb: float, alpha: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, float]]:
-    """(λ · (∇h(w) − ∇h(w')) per trainable parameter, the parameters, losses). The weights are
-    back at w and ``.grad`` is empty when this returns."""
-    params = trainer.trainable_parameters()
+    trainer: SFTTrainer, passes: ExtraPasses, harmful: Batch, lamb: float, alpha: float
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """(λ · (∇h(w) − ∇h(w')) per parameter of ``passes``, losses). The weights are back at w
+    and ``.grad`` is empty when this returns."""
+    params = passes.params
     loss_h = trainer.compute_loss(harmful)
-    trainer.accelerator.backward(loss_h)
-    grad_h = take_grads(params)
+    grad_h = passes.grads(loss_h)
     norm = global_norm(grad_h) + 1e-7
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, g in zip(params, grad_h):
             p.sub_(alpha * g / norm.to(g.dtype))
     loss_h_shifted = trainer.compute_loss(harmful)
-    trainer.accelerator.backward(loss_h_shifted)
-    grad_h_shifted = take_grads(params)
+    grad_h_shifted = passes.grads(loss_h_shifted)
     with torch.no_grad():
         for p, value in zip(params, saved):
             p.copy_(value)
@@ -79,7 +77,7 @@ def booster_gradients(
         "harmful_loss": float(loss_h.detach()),
         "harmful_loss_after_step": float(loss_h_shifted.detach()),
     }
-    return correction, params, stats
+    return correction, stats
 
 
 @DEFENSES.register("booster")
@@ -230,22 +228,17 @@ class Booster(Defense):
         if stage != ALIGNMENT:
             return super().training_step(stage, trainer, batch)
         assert self.harmful is not None
-        params = trainer.trainable_parameters()
-        earlier = take_grads(params)  # earlier micro-batches of this optimizer step
-        correction, params, stats = booster_gradients(
-            trainer, batch, self.harmful.next(), self.options.lamb, self.options.alpha
-        )
-        if self.options.perturb_aware:
-            result = perturbed_step(trainer, batch, attention_modules(trainer.model),
-                                    self.options.rho)
-        else:
-            loss = trainer.compute_loss(batch)
-            trainer.backward(loss)
-            result = {"loss": float(loss.detach())}
+        with trainer.extra_passes() as passes:
+            correction, stats = booster_gradients(
+                trainer, passes, self.harmful.next(), self.options.lamb, self.options.alpha
+            )
+            if self.options.perturb_aware:
+                result = perturbed_step(trainer, batch, attention_modules(trainer.model),
+                                        self.options.rho)
+            else:
+                loss = trainer.compute_loss(batch)
+                trainer.backward(loss)
+                result = {"loss": float(loss.detach())}
+            passes.add(correction, 1.0 / trainer.cfg.grad_accum)
         self.trace.append(stats)
-        scale = 1.0 / trainer.cfg.grad_accum
-        with torch.no_grad():
-            for p, before, extra in zip(params, earlier, correction):
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = before + grad + scale * extra
         return {**result, **stats}

@@ -1,6 +1,7 @@
 """Pieces several defenses share: an endless stream of batches from an extra data set (the
 provider's harmful QA, alignment data), the decoder blocks of a model, gradient bookkeeping
-over the trainable parameters, and forward hooks that add a tensor to a module's output."""
+over the trainable parameters (extra passes: :mod:`hftlab.train_grads`), and forward hooks that
+add a tensor to a module's output."""
 
 from __future__ import annotations
 
@@ -58,9 +59,8 @@ class BatchStream:
 def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
     """Batches of the provider's own harmful QA (``provider_harmful`` in the config), tokenised
     like the stage's training data; ``who`` names the defense in the error."""
-    ctx = trainer.context
     return _provider_stream(
-        trainer, ctx.data.provider_harmful if ctx is not None else [], batch_size, 1,
+        trainer, trainer.run.provider_harmful, batch_size, 1,
         f"defense '{who}' needs the provider's harmful QA: set provider_harmful "
         "(e.g. provider_harmful={kind: demo_harmful_qa, n: 90}, or see configs/cpu_sst2.yaml)",
     )
@@ -69,9 +69,8 @@ def provider_harmful_stream(trainer: SFTTrainer, batch_size: int, who: str) -> B
 def alignment_stream(trainer: SFTTrainer, batch_size: int, who: str) -> BatchStream:
     """Batches of the provider's alignment data (the run's ``alignment.data``, refusals), for
     fine-tuning-stage defenses that keep training on it (Lisa, VLGuard mixing, EWC's Fisher)."""
-    ctx = trainer.context
     return _provider_stream(
-        trainer, ctx.data.alignment if ctx is not None else [], batch_size, 4,
+        trainer, trainer.run.alignment, batch_size, 4,
         f"defense '{who}' needs the provider's alignment data during fine-tuning: "
         "set alignment.enabled: true and alignment.data",
     )
@@ -82,9 +81,10 @@ def _provider_stream(
 ) -> BatchStream:
     """A stream of ``rows`` tokenised like the stage's training data, shuffled from the trainer's
     seed + ``seed_offset`` (one offset per data set); ConfigError(``missing``) if empty."""
-    if not rows:
+    tokenize = trainer.run.tokenize
+    if not rows or tokenize is None:
         raise ConfigError(missing)
-    items = trainer.context.tokenize(rows, trainer.cfg.max_length)
+    items = tokenize(rows, trainer.cfg.max_length)
     return BatchStream(items, batch_size, trainer.pad_id, trainer.device,
                        trainer.seed + seed_offset)
 
@@ -156,15 +156,6 @@ def _block_parts(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.n
 
 def named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Detach the current ``.grad`` of each parameter (zeros where none) and clear them."""
-    grads = []
-    for p in params:
-        grads.append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-        p.grad = None
-    return grads
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -239,15 +239,6 @@ def fisher_of_weights(
     return fisher
 
 
-def add_to_grads(params: list[torch.nn.Parameter], extra: list[torch.Tensor], scale: float
-                 ) -> None:
-    """p.grad += scale · extra (kept in the parameter's dtype); earlier gradients stay."""
-    with torch.no_grad():
-        for p, value in zip(params, extra):
-            step = (scale * value).to(p.dtype)
-            p.grad = step if p.grad is None else p.grad + step
-
-
 @DEFENSES.register("ewc")
 class EWC(Defense):
     summary = "fine-tuning stage: Fisher-weighted ℓ2 pull towards the aligned weights (EWC)"
@@ -373,9 +364,10 @@ class EWC(Defense):
         if stage != FINETUNE:
             return super().training_step(stage, trainer, batch)
         value, params, grads = self.penalty()  # at w, before this micro-batch's backward
-        ce = trainer.compute_loss(batch)
-        trainer.backward(ce)
-        add_to_grads(params, grads, 1.0 / trainer.cfg.grad_accum)
+        with trainer.extra_passes(params) as passes:
+            ce = trainer.compute_loss(batch)
+            trainer.backward(ce)
+            passes.add(grads, 1.0 / trainer.cfg.grad_accum)
         self.trace.append({"ewc_penalty": value})
         return {"loss": float(ce.detach()), "ewc_penalty": value}
 

@@ -111,13 +111,13 @@ from hftlab.defenses.common import (
     first_last_means,
     global_norm,
     provider_harmful_stream,
-    take_grads,
 )
 from hftlab.defenses.weights import layer_index, plain_name
 
 if TYPE_CHECKING:
     from hftlab.context import RunContext
     from hftlab.train import Batch, SFTTrainer
+    from hftlab.train_grads import ExtraPasses
 
 EPSILON_FILE = "panacea_epsilon.safetensors"
 SCRIPT = "w-yibo/Panacea script/finetune/panacea_gsm8k.sh"
@@ -192,27 +192,24 @@ def trainable_named(trainer: SFTTrainer) -> tuple[list[str], list[torch.nn.Param
 
 
 def panacea_gradients(
-    trainer: SFTTrainer, batch: Batch, harmful: Batch, lamb: float, rho: float,
-    harmful_loss_max: float,
+    trainer: SFTTrainer, passes: ExtraPasses, batch: Batch, harmful: Batch, lamb: float,
+    rho: float, harmful_loss_max: float,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, float]]:
-    """(∇f(w) − λ(∇min(h(w+ε), max) − ∇h(w)) per trainable parameter, ε, stats) for one
+    """(∇f(w) − λ(∇min(h(w+ε), max) − ∇h(w)) per parameter of ``passes``, ε, stats) for one
     micro-batch, undivided by grad_accum. Weights are back at w and ``.grad`` is empty when it
     returns."""
-    _, params = trainable_named(trainer)
+    params = passes.params
     loss_f = trainer.compute_loss(batch)
-    trainer.accelerator.backward(loss_f)
-    grad_f = take_grads(params)
+    grad_f = passes.grads(loss_f)
     loss_h = trainer.compute_loss(harmful)
-    trainer.accelerator.backward(loss_h)
-    grad_h = take_grads(params)
+    grad_h = passes.grads(loss_h)
     eps = ascent_perturbation(grad_h, rho)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, e in zip(params, eps):
             p.add_(e)
     loss_h_eps = trainer.compute_loss(harmful)
-    trainer.accelerator.backward(torch.clamp(loss_h_eps, max=harmful_loss_max))
-    grad_h_eps = take_grads(params)
+    grad_h_eps = passes.grads(torch.clamp(loss_h_eps, max=harmful_loss_max))
     with torch.no_grad():
         for p, value in zip(params, saved):
             p.copy_(value)
@@ -324,25 +321,22 @@ class Panacea(Defense):
                                                self.name)
         self.trace = []
         self.epsilon = {}
-        ctx = trainer.context
-        self.epsilon_path = (ctx.stage_dir(FINETUNE) / EPSILON_FILE
-                             if hasattr(ctx, "stage_dir") else None)
-        self.is_main = bool(getattr(ctx, "is_main", True))
+        folder = trainer.run.folder
+        self.epsilon_path = folder / EPSILON_FILE if folder is not None else None
+        self.is_main = trainer.run.is_main
 
     def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
         if stage != FINETUNE:
             return super().training_step(stage, trainer, batch)
         assert self.harmful is not None
         names, params = trainable_named(trainer)
-        earlier = take_grads(params)  # earlier micro-batches of this optimizer step
         opts = self.options
-        applied, eps, stats = panacea_gradients(
-            trainer, batch, self.harmful.next(), opts.lamb, opts.rho, opts.harmful_loss_max
-        )
-        scale = 1.0 / trainer.cfg.grad_accum
-        with torch.no_grad():
-            for p, before, grad in zip(params, earlier, applied):
-                p.grad = before + scale * grad
+        with trainer.extra_passes(params) as passes:
+            applied, eps, stats = panacea_gradients(
+                trainer, passes, batch, self.harmful.next(), opts.lamb, opts.rho,
+                opts.harmful_loss_max,
+            )
+            passes.add(applied, 1.0 / trainer.cfg.grad_accum)
         self.epsilon = dict(zip(names, eps))
         self.trace.append({k: v for k, v in stats.items() if k != "loss"})
         if trainer.step == trainer.total_steps - 1 and self.epsilon_path and self.is_main:

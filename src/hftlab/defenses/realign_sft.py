@@ -108,7 +108,7 @@ class RealignSFT(Defense):
             model.requires_grad_(True)
         trainer = SFTTrainer(
             model, cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, POST_FINETUNE,
-            DEFENSES.get("sft")(), ctx.config.seed, precision=ctx.precision, context=ctx,
+            DEFENSES.get("sft")(), ctx.config.seed, precision=ctx.precision,
         )
         n_trainable = sum(p.numel() for p in trainer.trainable_parameters())
         result = trainer.train(items)

@@ -91,10 +91,9 @@ the other keys are diagnostics of the simulated attack.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +106,11 @@ from hftlab.defenses.common import (
     BatchStream,
     first_last_means,
     frozen_copy_if_full,
-    global_norm,
     provider_harmful_stream,
     stage_start_model,
-    take_grads,
 )
+from hftlab.defenses.tar_adversary import Batches, tamper_resistance_gradient, tamper_weights
+from hftlab.defenses.tar_adversary import entropy_loss as entropy_loss
 from hftlab.model import causal_lm_parts
 from hftlab.train import supervised_logits
 
@@ -122,102 +121,9 @@ if TYPE_CHECKING:
 STARTS = ("sft", "base")
 TR_LOSSES = ("entropy",)
 WEIGHTINGS = ("schedule", "uniform")
-ADVERSARY_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, as the reference's inner optimizer
 CPU_PRESET: dict[str, Any] = {"inner_steps": 4, "tr_every": 2}
 # benign answered instructions (Qi et al.'s Alpaca subset, see ../shared/data/alpaca/README.md)
 RETAIN_PATH = "alpaca/alpaca_data_safety_only.json"
-
-
-class Batches(Protocol):
-    def next(self) -> Batch: ...
-
-
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Minus the mean entropy of softmax(logits) over the leading positions (reference
-    ``max_entropy_loss``): minimising it makes the predictions more uniform."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
-    return -entropy.mean()
-
-
-def tamper_weights(
-    inner_steps: int, tr_every: int, tamper_weight: float, weighting: str,
-    schedule_lambda: float, tasks: int = 1,
-) -> dict[int, float]:
-    """{inner step i (0-based, after i + 1 adversary updates): weight of ∇L_TR there}, as the
-    reference's ``meta_grad_scale = grad_scale · schedule(i, K, λ) / num_tasks`` at the steps
-    with (i + 1) % subsample == 0 (the last step when ``tr_every`` > K)."""
-    every = min(tr_every, inner_steps)
-    weights = {}
-    for i in range(inner_steps):
-        if (i + 1) % every:
-            continue
-        if weighting == "schedule":
-            s = math.exp(schedule_lambda * (i - (inner_steps - 1)))
-        else:
-            s = 1.0 / inner_steps
-        weights[i] = tamper_weight * s / tasks
-    return weights
-
-
-def tamper_resistance_gradient(
-    trainer: SFTTrainer,
-    params: list[torch.nn.Parameter],
-    adversary: Batches,
-    heldout: Batch,
-    steps: int,
-    lr: float,
-    weights: dict[int, float],
-) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Simulate ``steps`` AdamW steps of a fine-tuning attack on ``adversary`` batches from the
-    current weights and return Σ_i weights[i] · ∇ entropy_loss(w_i; heldout) per parameter
-    (float32), first order. The weights are restored exactly and every ``.grad`` is None when
-    this returns (the caller's gradients must be saved first)."""
-    model = trainer.model
-    backward = trainer.accelerator.backward
-    saved = [p.detach().clone() for p in params]
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=ADVERSARY_WEIGHT_DECAY)
-    stats = {"adversary_lr": lr, "tamper_resistance_loss": 0.0}
-    try:
-        for p in params:
-            p.grad = None
-        for i in range(steps):
-            loss = trainer.compute_loss(adversary.next())
-            backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i == 0:
-                stats["adversary_loss_first"] = float(loss.detach())
-            stats["adversary_loss_last"] = float(loss.detach())
-            if i not in weights:
-                continue
-            with trainer.autocast():
-                logits, targets, _ = supervised_logits(model, heldout)
-            tr = entropy_loss(logits)
-            backward(weights[i] * tr)
-            with torch.no_grad():
-                for acc, p in zip(total, params):
-                    if p.grad is not None:
-                        acc.add_(p.grad.float())
-                    p.grad = None
-            stats["tamper_resistance_loss"] += weights[i] * float(tr.detach())
-            stats["harmful_entropy_after_attack"] = -float(tr.detach())
-            stats["harmful_loss_after_attack"] = float(
-                F.cross_entropy(logits.detach(), targets)
-            )
-        with torch.no_grad():
-            stats["attack_shift"] = float(
-                global_norm([p.detach() - s for p, s in zip(params, saved)])
-            )
-    finally:
-        optimizer.state.clear()
-        del optimizer
-        with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
-                p.grad = None
-    return total, stats
 
 
 def representation_distance(
@@ -449,33 +355,29 @@ class TAR(Defense):
         assert self.adversary is not None and self.heldout is not None
         o = self.options
         params = trainer.trainable_parameters()
-        earlier = take_grads(params)  # earlier micro-batches of this optimizer step
         tamper = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         attack: dict[str, float] = {}
-        if o.tamper_weight > 0:  # 0: the term is off, no attack is simulated
-            weights = tamper_weights(o.inner_steps, o.tr_every, o.tamper_weight, o.weighting,
-                                     o.schedule_lambda, o.tasks_per_step)
-            for _ in range(o.tasks_per_step):
-                heldout = self.heldout.next()
-                lr = self.rng.choice(o.adversary_lrs)
-                grads, attack = tamper_resistance_gradient(
-                    trainer, params, self.adversary, heldout, o.inner_steps, lr, weights
-                )
-                for acc, g in zip(tamper, grads):
-                    acc.add_(g)
-        if o.retain_weight > 0:
-            loss, stats = self.retain_loss(trainer, batch)
-            trainer.backward(o.retain_weight * loss)
-            stats["retain_loss"] = float(loss.detach())
-        else:  # the term is off: one no-grad forward, only for the logged loss
-            with torch.no_grad(), trainer.autocast():
-                logits, targets, _ = supervised_logits(trainer.model, batch)
-            stats = {"loss": float(F.cross_entropy(logits, targets))}
-        scale = 1.0 / trainer.cfg.grad_accum
-        with torch.no_grad():
-            for p, before, extra in zip(params, earlier, tamper):
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = before + grad + (scale * extra).to(p.dtype)
+        with trainer.extra_passes(params) as passes:
+            if o.tamper_weight > 0:  # 0: the term is off, no attack is simulated
+                weights = tamper_weights(o.inner_steps, o.tr_every, o.tamper_weight,
+                                         o.weighting, o.schedule_lambda, o.tasks_per_step)
+                for _ in range(o.tasks_per_step):
+                    heldout = self.heldout.next()
+                    lr = self.rng.choice(o.adversary_lrs)
+                    grads, attack = tamper_resistance_gradient(
+                        trainer, params, self.adversary, heldout, o.inner_steps, lr, weights
+                    )
+                    for acc, g in zip(tamper, grads):
+                        acc.add_(g)
+            if o.retain_weight > 0:
+                loss, stats = self.retain_loss(trainer, batch)
+                trainer.backward(o.retain_weight * loss)
+                stats["retain_loss"] = float(loss.detach())
+            else:  # the term is off: one no-grad forward, only for the logged loss
+                with torch.no_grad(), trainer.autocast():
+                    logits, targets, _ = supervised_logits(trainer.model, batch)
+                stats = {"loss": float(F.cross_entropy(logits, targets))}
+            passes.add(tamper, 1.0 / trainer.cfg.grad_accum)
         stats.update(attack)
         self.trace.append(stats)
         return stats

@@ -45,7 +45,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
     if setting != "auto":
         return getattr(torch, setting)
-    from hftlab.context import resolve_precision
+    from hftlab.devices import resolve_precision
 
     return torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
 
