@@ -44,10 +44,10 @@ def run(config: Any = None, out: str | Path | None = None,
     else:
         where, stem = str(config or "defaults"), Path(config).stem if config else "run"
         config = load_config(config, items)
-    build_experiment(config, where)  # every plug-in and check, before any file is written
+    experiment = build_experiment(config, where)  # every check, before any file is written
     run_dir = Path(out or config.out_dir or Path("runs") / stem)
     check_out_dir(run_dir, "out" if out else "out_dir" if config.out_dir else "run folder")
-    metrics = run_pipeline(config, run_dir, force=force)
+    metrics = run_pipeline(config, run_dir, force=force, experiment=experiment)
     write_report(run_dir)
     return metrics
 

@@ -200,10 +200,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hftlab.report import write_report
 
     config = load_config(args.config, args.overrides)
-    build_experiment(config, str(args.config))  # every plug-in and check, before any file
+    experiment = build_experiment(config, str(args.config))  # every check, before any file
     run_dir = args.out or Path(config.out_dir or Path("runs") / args.config.stem)
     check_out_dir(run_dir, "--out" if args.out else "out_dir" if config.out_dir else "run folder")
-    run_pipeline(config, run_dir, force=args.force)
+    run_pipeline(config, run_dir, force=args.force, experiment=experiment)
     print(write_report(run_dir))
     print(f"\nrun folder: {run_dir} (metrics.json, report.md, report.html, eval/completions.jsonl)")
     return 0

@@ -26,6 +26,7 @@ from hftlab.cache import verify_entry
 from hftlab.config import Config, ConfigError, dump_config, load_config, read_yaml_mapping
 from hftlab.context import RunContext
 from hftlab.devices import seed_everything
+from hftlab.experiment import Experiment
 from hftlab.faults import announce_change
 from hftlab.metrics import collect_metrics
 from hftlab.run_metrics import RunMetrics
@@ -45,11 +46,12 @@ log = logging.getLogger(__name__)
 stage_post_finetune = stage_repair  # the repair stage, by its folder's name
 
 
-def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> RunMetrics:
+def run_pipeline(config: Config, run_dir: Path, force: bool = False,
+                 experiment: Experiment | None = None) -> RunMetrics:
     """Run (or resume) every stage and return the metrics written to ``metrics.json``. The whole
     experiment (plug-ins, model, data) is built and checked before anything in ``run_dir`` is
     written or deleted."""
-    ctx = RunContext(config, run_dir, force)
+    ctx = RunContext(config, run_dir, force, experiment)
     prepare_run_dir(ctx)
     # looked up here, at call time, so that a test can replace one stage's function
     stage_fns: dict[Stage, Callable[[RunContext], dict[str, Any]]] = {

@@ -56,7 +56,7 @@ def test_late_overrides_apply_in_order(tmp_path: Path, monkeypatch) -> None:
 
     seen = {}
 
-    def fake_run_pipeline(config, run_dir, force=False):
+    def fake_run_pipeline(config, run_dir, force=False, experiment=None):
         seen.update(seed=config.seed, n=config.finetune.n, run_dir=run_dir, force=force)
         raise ConfigError("stopped by the test")
 
