@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # into the venv first (a torch already installed satisfies the project's torch>=2.3).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench judge refusals clean
+.PHONY: setup demo test lint bench judge refusals screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ refusals: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py --ablate
+
+# docs/img/report-*.png: the ratio, defense and attack reports of results/ at 1280 px (needs
+# Debian's chromium package; the reports are written to a temporary folder, results/ is untouched)
+screenshots: setup
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,16 +1,25 @@
 """`hftlab compare` and `hftlab export` on run folders written by hand: cells, baselines,
-attack eval variants, precisions, and what an export keeps."""
+attack eval variants, precisions, what an export keeps; typos that exit 2, Δ without an
+interval where seeds share the value, and CSV / JSON that carry the markdown table's numbers."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
+import hftlab
 from hftlab.cli import main
 from hftlab.compare import collect_runs, compare_rows, compare_table
+from hftlab.compare_format import METRIC_FIELDS
 from hftlab.config import ConfigError
+from hftlab.stats import SHARED
 
 
 def test_attack_eval_variants_become_compare_columns(tmp_path) -> None:
@@ -142,3 +151,167 @@ def test_runs_resolved_to_different_precisions_are_separate_cells(tmp_path) -> N
     rows = compare_rows(tmp_path)
     assert [r["name"] for r in rows] == ["precision=bf16", "precision=fp32"]
     assert [len(r["seeds"]) for r in rows] == [2, 1]
+
+
+def write_runs(folder, runs) -> None:
+    """Run records by hand: (defense, seed, HS, FA, align seconds per step) each."""
+    for defense, seed, hs, fa, per_step in runs:
+        run = folder / f"{defense}-{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"defense: {defense}\nseed: {seed}\n")
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": fa, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": seed,
+            "stages": {"align": {"seconds": 10 * per_step, "seconds_per_step": per_step}}}))
+
+
+# sft and vaccine on three seeds, lisa on one; the seeds of each defense share one alignment
+RUNS = [("sft", 0, 30.0, 80.0, 4.8), ("sft", 1, 34.0, 82.5, 4.8), ("sft", 2, 35.0, 81.0, 4.8),
+        ("vaccine", 0, 11.0, 70.0, 10.6), ("vaccine", 1, 12.0, 72.5, 10.6),
+        ("vaccine", 2, 11.33, 71.0, 10.6), ("lisa", 0, 6.0, 72.0, 4.8)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "vacine"], "unknown baseline 'vacine'.*did you mean vaccine\\?"),
+    (["--metrics", "harmful_scor"], "unknown metric 'harmful_scor'.*did you mean harmful_score\\?"),
+    (["--metrics", "stages.align.secs_per_step"],
+     "did you mean stages.align.seconds_per_step\\?"),
+    (["--metrics", "stages.align"], "block of metrics.json.*stages.align.seconds_per_step"),
+    (["--baseline", "defence=sft"], "not a setting that varies.*did you mean defense\\?"),
+    (["--baseline", "defense=tar"], "defense=tar matches no cell; defense is one of lisa"),
+])
+def test_typos_exit_2_with_did_you_mean(tmp_path, capsys, argv, message) -> None:
+    write_runs(tmp_path, RUNS)
+    assert main(["compare", str(tmp_path), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert err.startswith("hftlab: error: ") and len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_a_known_key_every_run_left_empty_is_not_a_typo(tmp_path, capsys) -> None:
+    write_runs(tmp_path, RUNS)
+    assert main(["compare", str(tmp_path), "--metrics", "over_refusal"]) == 0
+    assert "| defense=sft | 0,1,2 | — | — |" in capsys.readouterr().out
+
+
+def test_seeds_that_share_the_value_get_no_interval(tmp_path, capsys) -> None:
+    write_runs(tmp_path, RUNS)
+    metric = "stages.align.seconds_per_step"
+    rows = {r["name"]: r for r in compare_rows(tmp_path, metrics=(metric,))}
+    shared = rows["defense=vaccine"][f"{metric}.vs_sft"]
+    assert shared["diff"] == pytest.approx(5.8) and shared["ci95"] is None
+    assert not shared["significant"] and shared["test"] == SHARED
+    # lisa has one seed and a timing is no percentage: no test at all
+    assert rows["defense=lisa"][f"{metric}.vs_sft"] is None
+    assert main(["compare", str(tmp_path), "--metrics", metric]) == 0
+    out = capsys.readouterr().out
+    assert "| defense=vaccine | 0,1,2 | 10.6 ± 0.0 | +5.8 (no interval) |" in out
+    assert "(no interval) = every seed of both cells gave one value" in out
+    # a percentage with zero spread on both sides: no two-proportion test either
+    same = [r for r in RUNS if r[0] != "lisa"]
+    same = [(d, s, 12.0 if d == "sft" else 20.0, fa, t) for d, s, _, fa, t in same]
+    write_runs(tmp_path / "same", same)
+    (row,) = [r for r in compare_rows(tmp_path / "same") if r["name"] == "defense=vaccine"]
+    assert row["harmful_score.vs_sft"]["ci95"] is None
+
+
+def markdown_cells(text: str) -> list[list[str]]:
+    return [line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith("|")][2:]
+
+
+def expected_cells(row: dict, metrics: list[str]) -> list[str]:
+    """The markdown table's cells, formatted here from a machine row's numbers."""
+    cells = [row["cell"], ",".join(map(str, row["seeds"]))]
+    for m in metrics:
+        mean, std, diff = row[f"{m}.mean"], row[f"{m}.std"], row[f"{m}.diff"]
+        if mean is None:
+            cells += ["—", "—"]
+            continue
+        cells.append(f"{mean:.1f}" + ("" if std is None else f" ± {std:.1f}"))
+        low, high = row[f"{m}.diff_ci95_low"], row[f"{m}.diff_ci95_high"]
+        if diff is None:
+            cells.append("—")
+        elif low is None:
+            cells.append(f"{diff:+.1f} (no interval)")
+        else:
+            cells.append(f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"
+                         + (" *" if row[f"{m}.significant"] else ""))
+    return cells
+
+
+def csv_rows(text: str) -> list[dict]:
+    def value(key: str, text: str):
+        if text == "":
+            return None
+        if text in ("true", "false"):
+            return text == "true"
+        if key == "seeds":
+            return json.loads(text)
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return [{k: value(k, v) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(text))]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = [
+    ["results/parity"],
+    ["results/parity", "--baseline", "finetune.poison_ratio=0.0"],
+    ["results/cpu_defenses_fp32", "--metrics", "aligned.harmful_score",
+     "stages.align.seconds_per_step", "drift.mean", "empty_harmful_completions"],
+]
+
+
+@pytest.mark.parametrize("args", [None, *COMMANDS], ids=["by-hand", *map(" ".join, COMMANDS)])
+def test_csv_and_json_carry_the_markdown_numbers(tmp_path, capsys, monkeypatch, args) -> None:
+    if args is None:
+        write_runs(tmp_path / "runs", RUNS)
+        args = [str(tmp_path / "runs"), "--metrics", "harmful_score", "finetune_accuracy",
+                "stages.align.seconds_per_step"]
+    elif not (ROOT / args[0]).is_dir():
+        pytest.skip(f"{args[0]} is not in this checkout")
+    monkeypatch.chdir(ROOT)
+    outputs = {}
+    for fmt in ("markdown", "csv", "json"):
+        assert main(["compare", *args, "--format", fmt]) == 0
+        outputs[fmt] = capsys.readouterr().out
+    table = markdown_cells(outputs["markdown"])
+    data = json.loads(outputs["json"])
+    metrics = data["metrics"]
+    assert [expected_cells(r, metrics) for r in data["rows"]] == table
+    from_csv = csv_rows(outputs["csv"])
+    assert [expected_cells(r, metrics) for r in from_csv] == table
+    numeric = [k for k, v in data["rows"][0].items() if k.split(".")[-1] in METRIC_FIELDS]
+    for json_row, csv_row in zip(data["rows"], from_csv):
+        assert {k: json_row[k] for k in numeric} == {k: csv_row[k] for k in numeric}
+        assert isinstance(json_row[f"{metrics[0]}.mean"], float | int)
+    # the Python API returns the same rows
+    api_rows = hftlab.compare(*args[:1], **({"baseline": args[2]} if "--baseline" in args
+                                            else {}), metrics=metrics)
+    assert json.loads(json.dumps(api_rows)) == data["rows"]
+    if importlib.util.find_spec("pandas"):
+        import pandas as pd
+
+        frame = pd.read_csv(io.StringIO(outputs["csv"]))
+        assert list(frame[f"{metrics[0]}.mean"]) == pytest.approx(
+            [r[f"{metrics[0]}.mean"] for r in data["rows"]])
+
+
+def test_out_writes_the_file_and_says_where(tmp_path, capsys) -> None:
+    write_runs(tmp_path / "runs", RUNS)
+    for fmt, name in (("json", "a/b.json"), ("csv", "c.csv"), ("markdown", "t.md")):
+        out = tmp_path / name
+        argv = ["compare", str(tmp_path / "runs"), "--out", str(out)]
+        assert main(argv + (["--format", fmt] if fmt != "markdown" else [])) == 0
+        printed = capsys.readouterr().out
+        assert printed == f"wrote {out} ({fmt})\n"
+        assert main(["compare", str(tmp_path / "runs"), "--format", fmt]) == 0
+        assert out.read_text() == capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 2
+    assert main(["compare", str(tmp_path / "runs"), "--format", "xml"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hftlab import plot_base, plots
+from hftlab import plot_base, plot_labels, plot_sweep, plots
 from hftlab.cli import main
 from hftlab.plot_sweep import overhead_plot
 from hftlab.report import _mechanism_line, write_report
@@ -43,14 +43,65 @@ def test_pareto_front_on_fixed_points() -> None:
 
 
 def test_series_names_and_colours() -> None:
-    assert plot_base.series_name({"defense": "vaccine", plot_base.POISON: 0.1}) == "vaccine"
-    assert plot_base.series_name({"defense": ["vaccine", "lisa"]}) == "vaccine+lisa"
-    named = plot_base.series_name({"defense": "sft", "finetune.train.lr": 0.001})
-    assert named == "defense=sft, lr=0.001"
-    assert plot_base.series_name({plot_base.POISON: 0.2}) == "all runs"
-    colours = plot_base.colour_for(["vaccine", "sft", "booster"])
+    names = plot_labels.series_names
+    assert names([{"defense": "vaccine"}, {"defense": "sft"}]) == ["vaccine", "sft"]
+    assert names([{"defense": ["vaccine", "lisa"]}]) == ["vaccine+lisa"]
+    # an option shows only where it tells apart cells of the same attack
+    assert names([
+        {"attack": "disguise", "attack_args": {"method": "cipher", "k": 1}},
+        {"attack": "disguise", "attack_args": {"method": "framing", "k": 1}},
+        {"attack": "virus", "attack_args": {"steps": 4}},
+    ]) == ["disguise(method=cipher)", "disguise(method=framing)", "virus"]
+    # other settings only where two cells would otherwise share a name
+    assert names([{"defense": "sft", "finetune.train.lr": 0.001},
+                  {"defense": "sft", "finetune.train.lr": 0.01},
+                  {"defense": "kl", "finetune.train.lr": 0.01}]) == [
+        "sft, lr=0.001", "sft, lr=0.01", "kl"]
+    assert names([{}]) == ["all runs"]
+    many = [f"defense{i}" for i in range(30)] + ["sft"]
+    colours = plot_base.colour_for(many)
     assert colours["sft"] == plot_base.BASELINE_COLOUR
-    assert len(set(colours.values())) == 3
+    assert len(set(colours.values())) == len(many)
+    assert plot_base.BASELINE_COLOUR not in [colours[n] for n in many if n != "sft"]
+
+
+def _group(name: str, colour: str, harm: float, acc: float) -> plot_base.Group:
+    runs = [RunMetrics.from_dict({"harmful_score": harm + d, "finetune_accuracy": acc - d,
+                                  "n_eval_harmful": 300, "n_eval_task": 872})
+            for d in (0.0, 0.4)]
+    return plot_base.Group(name, colour, runs)
+
+
+def test_tradeoff_labels_do_not_overlap_and_the_legend_is_whole() -> None:
+    pytest.importorskip("matplotlib")
+    # twenty cells crowded into one corner, as an attack sweep's are
+    names = [f"defense_{i} / attack_{i % 4}, lr=0.000{i}" for i in range(19)] + ["sft"]
+    colours = plot_base.colour_for(names)
+    groups = [_group(n, colours[n], 5 + (i % 5) * 0.7, 80 + (i // 5) * 0.6)
+              for i, n in enumerate(names)]
+    fig, _, _ = plot_sweep.tradeoff_figure(groups)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    from matplotlib.text import Text
+
+    # the text's own box (an Annotation's box would include its leader line)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    assert len(boxes) == 20
+    for i, a in enumerate(boxes):
+        assert all(not a.overlaps(b) for b in boxes[i + 1:])
+    legends = [*fig.legends, *(a.get_legend() for a in fig.axes if a.get_legend())]
+    assert len(legends) == 1
+    legend = legends[0]
+    assert len(legend.get_texts()) == 21  # every cell and the Pareto front
+    whole = fig.get_tightbbox(renderer)  # what png() saves, in inches
+    inches = legend.get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())
+    assert whole.x0 <= inches.x0 and inches.x1 <= whole.x1 + 1e-6
+    assert whole.y0 <= inches.y0 and inches.y1 <= whole.y1 + 1e-6
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    sft = next(g for g in groups if g.name == "sft")
+    assert sft.colour == plot_base.BASELINE_COLOUR
+    assert len({g.colour for g in groups}) == 20
 
 
 def test_overhead_bars_of_equal_seeds_draw() -> None:
@@ -114,13 +165,29 @@ def test_sweep_and_run_reports(tiny_sweep: Path, capsys, monkeypatch) -> None:
         assert (folder / "report.md").exists()
         page = (folder / "report.html").read_text()
         assert embedded_pngs(page) == []
-        assert page.count("pip install &#x27;hftlab[report]&#x27;") == 1
+        assert page.count("pip install &#39;hftlab[report]&#39;") == 1
 
 
 def test_report_on_a_folder_without_runs(tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "has not finished" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "has not finished" not in err
+    assert err.count("\n") == 1
+
+
+def test_report_out_leaves_the_records_alone(tiny_sweep: Path, tmp_path, capsys) -> None:
+    for page in tiny_sweep.rglob("report.*"):
+        page.unlink()
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(tiny_sweep), "--out", str(out)]) == 0
+    assert f"wrote {out / 'report.md'} and {out / 'report.html'}" in capsys.readouterr().out
+    assert not list(tiny_sweep.rglob("report.*"))
+    page = (out / "report.html").read_text()
+    assert_self_contained(page)
+    assert "table-box" in page and len(embedded_pngs(page)) == 5
 
 
 def mechanism(metrics: dict) -> list[str]:

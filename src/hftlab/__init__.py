@@ -11,7 +11,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject reads it from here)
 __all__ = ["RunMetrics", "__version__", "compare", "run", "sweep"]
 
 if TYPE_CHECKING:

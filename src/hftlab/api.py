@@ -52,14 +52,16 @@ def run(config: Any = None, out: str | Path | None = None,
     return metrics
 
 
-def sweep(path: str | Path, only: list[str] | None = None, workers: int = 1) -> list[Path]:
+def sweep(path: str | Path, only: list[str] | None = None, workers: int = 1,
+          overrides: list[str] | None = None, out: str | Path | None = None) -> list[Path]:
     """Run (or resume) a sweep file's runs and return their folders, in the file's order;
-    ``only``: globs on run names (a subset). Runs that fail do not stop the others; a
-    RuntimeError names them after the rest finished."""
+    ``only``: globs on run names (a subset); ``overrides``: ``key=value`` settings for every
+    run; ``out``: the sweep folder instead of the file's. Runs that fail do not stop the
+    others; a RuntimeError names them after the rest finished."""
     from hftlab.cli import check_out_dir
     from hftlab.sweep import load_sweep, run_sweep
 
-    plan = load_sweep(Path(path), only)
+    plan = load_sweep(Path(path), only, overrides, Path(out) if out is not None else None)
     check_out_dir(plan.out, f"{path}: out")
     failures = run_sweep(plan, workers)
     if failures:
@@ -69,33 +71,11 @@ def sweep(path: str | Path, only: list[str] | None = None, workers: int = 1) -> 
 
 def compare(folder: str | Path, baseline: str | None = None,
             metrics: list[str] | None = None) -> list[dict[str, Any]]:
-    """``hftlab compare`` as rows of plain values, one per cell (``pandas.DataFrame(rows)``):
-    the cell's name, each varying setting, its seeds, and per metric the mean, std, 95%
-    interval and the difference to the baseline cell with its interval and test."""
-    from hftlab.compare import collect_runs, compare_rows, default_baseline, group_cells
+    """``hftlab compare`` as rows of plain values, one per cell (``pandas.DataFrame(rows)``;
+    ``hftlab compare --format csv`` writes the same rows): the cell's name, each varying
+    setting, its seeds, the baseline, and per metric the mean, std, 95% interval and the
+    difference to the baseline cell with its interval, significance and test. An unknown
+    baseline or metric is a ConfigError with a did-you-mean."""
+    from hftlab.compare_format import flat_rows
 
-    records = collect_runs(Path(folder))
-    baseline = baseline or default_baseline(group_cells(records))
-    rows = compare_rows(records, baseline, tuple(metrics) if metrics else None)
-    names = [k for k in rows[0] if k not in ("cell", "name", "seeds") and ".vs_" not in k]
-    return [_flat_row(row, names, baseline) for row in rows]
-
-
-def _flat_row(row: dict[str, Any], metrics: list[str], baseline: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {"cell": row["name"] or "(all runs)", **row["cell"],
-                            "seeds": row["seeds"]}
-    for metric in metrics:
-        summary = row[metric] or {}
-        ci = summary.get("ci95") or (None, None)
-        delta = row[f"{metric}.vs_{baseline}"] or {}
-        diff_ci = delta.get("ci95") or (None, None)
-        flat.update({
-            f"{metric}.n": summary.get("n"), f"{metric}.mean": summary.get("mean"),
-            f"{metric}.std": summary.get("std"),
-            f"{metric}.ci95_low": ci[0], f"{metric}.ci95_high": ci[1],
-            f"{metric}.diff": delta.get("diff"),
-            f"{metric}.diff_ci95_low": diff_ci[0], f"{metric}.diff_ci95_high": diff_ci[1],
-            f"{metric}.significant": delta.get("significant"),
-            f"{metric}.test": delta.get("test"),
-        })
-    return flat
+    return flat_rows(Path(folder), baseline, tuple(metrics) if metrics else None)[1]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from hftlab import __version__
 from hftlab.cli_tools import add_data_parser, add_judge_parser, cmd_data, cmd_judge
 from hftlab.config import ConfigError, load_config
 from hftlab.data.records import DataError
@@ -28,21 +29,36 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hftlab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hftlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the whole pipeline for one config")
     run.add_argument("config", type=Path, help="YAML config file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.n=200")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
     run.add_argument("--force", action="store_true", help="redo every stage, ignore caches")
+    add_data_root(run)
     run.add_argument("-v", "--verbose", action="store_true")
     report = sub.add_parser(
         "report", help="summarise a finished run, a sweep or any folder of runs: prints the "
         "summary, writes report.md and report.html (plots; needs hftlab[report])")
     report.add_argument("run_dir", type=Path, help="a run folder, a sweep folder or any folder "
                         "with finished runs below it")
-    sub.add_parser("list", help="defenses, attacks, judges and tasks")
+    report.add_argument("--out", type=Path, default=None,
+                        help="the folder to write report.md and report.html into (default: "
+                        "the folder reported on)")
+    listing = sub.add_parser("list", help="defenses, attacks, judges and tasks")
+    listing.add_argument("kind", nargs="?", choices=LIST_KINDS,
+                         help="list only these (default: all four)")
+    listing.add_argument("--json", action="store_true",
+                         help="print JSON: per entry its name, summary, paper, reference, "
+                              "options with defaults (and a defense's settings table)")
     sweep = sub.add_parser("sweep", help="run (or resume) a grid of runs from a sweep file")
     sweep.add_argument("sweep_file", type=Path)
+    sweep.add_argument("overrides", nargs="*",
+                       help="key=value settings for every run, after the file's `set`")
+    sweep.add_argument("--out", type=Path, help="the sweep folder (default: the file's `out`, "
+                       "else runs/sweeps/<file name>)")
+    add_data_root(sweep)
     sweep.add_argument("--workers", type=int, default=1,
                        help="parallel worker processes (the CPU threads are split among them)")
     sweep.add_argument("--dry-run", action="store_true",
@@ -62,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="metrics.json keys or dotted paths into its blocks (default: "
                               "harmful_score finetune_accuracy, plus each attack eval variant's "
                               "harmful score)")
+    compare.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown",
+                         help="markdown: the table (default); csv / json: one row per cell "
+                              "with each metric's n, mean, std, interval and Δ as numbers")
+    compare.add_argument("--out", type=Path, default=None,
+                         help="write the output to this file instead of printing it")
     export = sub.add_parser(
         "export", help="copy the finished runs' records (metrics.json, config.yaml; no "
         "checkpoints, no completions) into a folder small enough to commit")
@@ -79,6 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIST_KINDS = ("defenses", "attacks", "judges", "tasks")
+
+
+def add_data_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="where relative data paths are found; wins over HFTLAB_DATA_ROOT, "
+                             "which wins over the config's data_root")
+
+
+def use_data_root(args: argparse.Namespace) -> None:
+    """``--data-root`` acts as HFTLAB_DATA_ROOT for this command and the processes it starts
+    (sweep workers), so that one precedence rule serves both: flag, environment, config."""
+    root = getattr(args, "data_root", None)
+    if root is None or getattr(args, "command", None) not in ("run", "sweep"):
+        return
+    if not root.is_dir():
+        raise ConfigError(f"--data-root {root}: no such folder; give the folder that holds "
+                          "the data sets (e.g. ../shared/data)")
+    os.environ["HFTLAB_DATA_ROOT"] = str(root.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -91,14 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not sys.stderr.isatty():  # the libraries' own bars (weight loading) as \r-joined junk
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        use_data_root(args)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "report":
             from hftlab.report import write_report
 
-            print(write_report(args.run_dir))
-            print(f"\nwrote {args.run_dir / 'report.md'} and {args.run_dir / 'report.html'}")
+            out = args.out or args.run_dir
+            print(write_report(args.run_dir, out))
+            print(f"\nwrote {out / 'report.md'} and {out / 'report.html'}")
             return 0
         if args.command == "sweep":
             return cmd_sweep(args)
@@ -117,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args)
         if args.command == "docs":
             return cmd_docs(args)
-        return cmd_list()
+        return cmd_list(args.kind, args.json)
     except (ConfigError, DataError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         # one line, whatever a library put in the message
         print(f"hftlab: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line on what is saved and how to resume
+        from hftlab.interrupt import interrupted_message
+
+        print(interrupted_message(sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
 
 
 def take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -132,7 +183,7 @@ def take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespac
     overrides, in order. Any other leftover is a UsageError with a did-you-mean."""
     if not extras:
         return
-    if args.command == "run":
+    if args.command in ("run", "sweep"):
         settings = [w for w in extras if "=" in w and not w.startswith("-")]
         if len(settings) == len(extras):
             args.overrides.extend(settings)
@@ -213,11 +264,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from hftlab.compare import compare_table
     from hftlab.sweep import describe_plan, load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep_file, args.only)
+    sweep = load_sweep(args.sweep_file, args.only, args.overrides, args.out)
     if args.dry_run:
         print("\n".join(describe_plan(sweep)))
         return 0
-    check_out_dir(sweep.out, f"{args.sweep_file}: out")
+    check_out_dir(sweep.out, "--out" if args.out else f"{args.sweep_file}: out")
     failures = run_sweep(sweep, args.workers)
     runs_dir = sweep.out / "runs"
     if any(runs_dir.rglob("metrics.json")):
@@ -234,25 +285,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hftlab.compare import compare_table
+    from hftlab.compare_format import render_compare
+    from hftlab.utils import atomic_write_text
 
     metrics = tuple(args.metrics) if args.metrics else None
-    print(compare_table(args.folder, args.baseline, metrics))
+    text = render_compare(args.folder, args.baseline, metrics, args.format)
+    text = text if text.endswith("\n") else text + "\n"
+    if args.out is None:
+        print(text, end="")
+        return 0
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give a file path")
+    try:
+        atomic_write_text(args.out, text)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out} cannot be written ({exc})") from exc
+    print(f"wrote {args.out} ({args.format})")
     return 0
-
-
-def option_defaults(cls: type) -> str:
-    """``name=default`` for each option of a plug-in (what ``*_args`` accepts)."""
-    import dataclasses
-
-    options = getattr(cls, "Options", None)
-    if options is None:
-        return ""
-    parts = []
-    for f in dataclasses.fields(options):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parts.append(f"{f.name}={default}")
-    return ", ".join(parts)
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -271,31 +320,16 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list() -> int:
-    from hftlab.attacks import ATTACKS
-    from hftlab.defense_settings import setting_rows, text_lines
-    from hftlab.defenses import DEFENSES
-    from hftlab.judges import JUDGES
-    from hftlab.tasks import TASKS
+def cmd_list(kind: str | None, as_json: bool) -> int:
+    from hftlab.listing import catalog, catalog_lines
 
-    for title, registry in (("defenses", DEFENSES), ("attacks", ATTACKS), ("judges", JUDGES)):
-        print(f"{title}:")
-        for name in registry.names():
-            cls = registry.get(name)
-            print(f"  {name:<14} {cls.doc_line()}")
-            if cls.paper:
-                print(f"  {'':<14} paper: {cls.paper}")
-            if cls.reference:
-                print(f"  {'':<14} reference: {cls.reference}")
-            defaults = option_defaults(cls)
-            if defaults:
-                print(f"  {'':<14} options: {defaults}")
-            rows = setting_rows(cls) if registry is DEFENSES else []
-            if rows:
-                print(f"  {'':<14} settings (reference / default / CPU preset; ≠ differs):")
-                for line in text_lines(rows):
-                    print(f"  {'':<14}   {line}")
-    print("tasks:")
-    for name, task in TASKS.items():
-        print(f"  {name:<14} {task.instruction.strip().splitlines()[0]}")
+    kinds = [kind] if kind else list(LIST_KINDS)
+    entries = catalog(kinds)
+    if as_json:
+        import json
+
+        print(json.dumps(entries if kind is None else entries[kind], indent=2,
+                         ensure_ascii=False))
+    else:
+        print("\n".join(catalog_lines(entries)))
     return 0

@@ -17,14 +17,16 @@ from typing import Any
 
 import yaml
 
+from hftlab.compare_checks import check_defense, check_metrics, check_value, unknown_setting
 from hftlab.config import ConfigError, load_config, load_yaml
 from hftlab.run_metrics import RunMetrics
-from hftlab.stats import Difference, Summary, compare, summarize
+from hftlab.stats import SHARED, Difference, Summary, compare, summarize
 
 log = logging.getLogger(__name__)
 # keys that do not define a cell: seeds are repetitions, paths are where things live, and a
 # resumed stage reaches the same weights as an uninterrupted one (checkpoint_every)
-NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root", "checkpoint_every"}
+NOT_CELL_KEYS = {"seed", "out_dir", "cache_dir", "data_root", "checkpoint_every",
+                 "checkpoint_minutes"}
 METRICS = ("harmful_score", "finetune_accuracy")
 
 
@@ -70,7 +72,9 @@ def collect_runs(folder: Path) -> list[RunRecord]:
         if not config.is_file():
             continue
         settings = flatten(yaml.safe_load(current_config_text(config)) or {})
-        settings.pop("checkpoint_every", None)  # how often a stage saved: not an experiment
+        for key in list(settings):  # how often a stage saved, where curves were logged
+            if key in ("checkpoint_every", "checkpoint_minutes") or key.startswith("tracking."):
+                settings.pop(key, None)
         metrics = RunMetrics.load(path)
         if metrics.precision:
             # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and
@@ -210,19 +214,23 @@ def default_baseline(cells: list[Cell]) -> str:
     return "sft"
 
 
-def baseline_setting(cells: list[Cell], baseline: str) -> tuple[str, Any]:
+def baseline_setting(cells: list[Cell], baseline: str, check: bool = True) -> tuple[str, Any]:
     """``--baseline`` as (setting, value): a defense name (``sft``), or ``KEY=VALUE`` for any
-    setting that varies between cells (``poison_ratio=0.0``: the key may drop its section)."""
+    setting that varies between cells (``poison_ratio=0.0``: the key may drop its section).
+    ``check``: a ConfigError (with a did-you-mean) when no run has that defense or value."""
     key, sep, text = baseline.partition("=")
     if not sep:
+        if check:
+            check_defense(cells, baseline)
         return "defense", baseline
     value = load_yaml(text, f"--baseline {baseline}", lines=False)
-    keys = {k for c in cells for k in c.label}
-    for candidate in sorted(keys):
+    keys = sorted({k for c in cells for k in c.label})
+    for candidate in keys:
         if candidate == key or candidate.endswith(f".{key}"):
+            if check:
+                check_value(cells, baseline, candidate, value)
             return candidate, value
-    raise ConfigError(f"--baseline {baseline}: '{key}' is not a setting that varies between "
-                      f"cells; choose one of {', '.join(sorted(keys)) or '(none vary)'}")
+    raise unknown_setting(baseline, key, keys)
 
 
 def baseline_of(cell: Cell, cells: list[Cell], key: str, value: Any) -> Cell | None:
@@ -259,12 +267,15 @@ def compare_rows(source: Path | list[RunRecord], baseline: str | None = None,
                  metrics: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One row per cell of a folder's runs (or of runs already read): each metric's
     mean/std/CI over seeds and its difference to the baseline cell with the same other
-    settings (defaults: :func:`default_baseline`, :func:`default_metrics`)."""
+    settings (defaults: :func:`default_baseline`, :func:`default_metrics`). A baseline other
+    than the default that names no cell, and a metric no run records, are ConfigErrors."""
     records = _records(source)
     metrics = metrics or default_metrics(records)
+    check_metrics(records, metrics)
     cells = group_cells(records)
-    baseline = baseline or default_baseline(cells)
-    key, value = baseline_setting(cells, baseline)
+    default = default_baseline(cells)
+    baseline = baseline or default
+    key, value = baseline_setting(cells, baseline, check=baseline != default)
     cells.sort(key=lambda c: c.label.get(key) != value)  # the baseline first (a stable sort)
     rows = []
     for cell in cells:
@@ -276,10 +287,44 @@ def compare_rows(source: Path | list[RunRecord], baseline: str | None = None,
             row[metric] = summary.as_dict() if summary else None
             diff = difference(cell, base, metric) if base else None
             row[f"{metric}.vs_{baseline}"] = None if diff is None else {
-                "diff": round(diff.diff, 3), "ci95": [round(c, 3) for c in diff.ci],
+                "diff": round(diff.diff, 3),
+                "ci95": None if diff.ci is None else [round(c, 3) for c in diff.ci],
                 "significant": diff.significant, "test": diff.test}
         rows.append(row)
     return rows
+
+
+def summary_text(summary: dict[str, Any] | None) -> str:
+    """``mean ± std`` of a row's metric (``mean`` for one seed, ``—`` when absent)."""
+    if summary is None:
+        return "—"
+    std = summary["std"]
+    return f"{summary['mean']:.1f}" + ("" if std is None else f" ± {std:.1f}")
+
+
+def delta_text(delta: dict[str, Any] | None, star: bool = True) -> str:
+    """``+Δ [low, high] *`` of a row's difference; ``+Δ (no interval)`` where the seeds share
+    the value (see :data:`hftlab.stats.SHARED`); ``—`` without a baseline cell."""
+    if delta is None:
+        return "—"
+    if delta["ci95"] is None:
+        return f"{delta['diff']:+.1f} (no interval)"
+    low, high = delta["ci95"]
+    return (f"{delta['diff']:+.1f} [{low:+.1f}, {high:+.1f}]"
+            + (" *" if star and delta["significant"] else ""))
+
+
+def footnote(rows: list[dict[str, Any]], metrics: tuple[str, ...], baseline: str) -> str:
+    """What the table's numbers are: the tests behind its Δ columns."""
+    tests = {row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
+             if row.get(f"{m}.vs_{baseline}")}
+    text = (f"mean ± std over seeds; Δ = difference to {baseline} with its 95% interval "
+            f"({'; '.join(sorted(tests - {SHARED})) or 'no baseline cells'}); "
+            "* = interval excludes 0")
+    if SHARED in tests:
+        text += ("; (no interval) = every seed of both cells gave one value (seeds sharing "
+                 "it, e.g. one cached alignment): nothing to test, never *")
+    return text
 
 
 def compare_table(source: Path | list[RunRecord], baseline: str | None = None,
@@ -287,8 +332,8 @@ def compare_table(source: Path | list[RunRecord], baseline: str | None = None,
     """The console / markdown table of :func:`compare_rows`."""
     records = _records(source)
     metrics = metrics or default_metrics(records)
-    baseline = baseline or default_baseline(group_cells(records))
     rows = compare_rows(records, baseline, metrics)
+    baseline = baseline or default_baseline(group_cells(records))
     header = ["cell", "seeds"]
     for metric in metrics:
         header += [metric, f"Δ vs {baseline}"]
@@ -297,18 +342,8 @@ def compare_table(source: Path | list[RunRecord], baseline: str | None = None,
         cells = [row["name"] or "(all runs)", ",".join(map(str, row["seeds"]))]
         for metric in metrics:
             s = row[metric]
-            if s is None:
-                cells += ["—", "—"]
-                continue
-            text = f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
-            d = row[f"{metric}.vs_{baseline}"]
-            delta = "—" if d is None else (
-                f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
-                + (" *" if d["significant"] else ""))
-            cells += [text, delta]
+            delta = None if s is None else row[f"{metric}.vs_{baseline}"]
+            cells += [summary_text(s), delta_text(delta)]
         lines.append("| " + " | ".join(cells) + " |")
-    tests = {row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
-             if row.get(f"{m}.vs_{baseline}")}
-    lines += ["", f"mean ± std over seeds; Δ = difference to {baseline} with its 95% interval "
-              f"({'; '.join(sorted(tests)) or 'no baseline cells'}); * = interval excludes 0"]
+    lines += ["", footnote(rows, metrics, baseline)]
     return "\n".join(lines)

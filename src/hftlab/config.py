@@ -21,6 +21,7 @@ import yaml
 from hftlab.data.spec import DataSpec
 from hftlab.errors import ConfigError, unknown_name_message
 from hftlab.options import AT_LEAST_1, NON_NEGATIVE, NUMERIC_BOUNDS, POSITIVE, Bound, build
+from hftlab.tracking import check_tracking_settings
 from hftlab.yaml_files import load_yaml, read_yaml_mapping
 
 __all__ = [
@@ -182,14 +183,34 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Optional experiment tracking (:mod:`hftlab.tracking`): the config, per-step curves, each
+    stage's record and the final scores go to ``backend``. Not part of the run: in no cache key,
+    and a run folder resumes whatever its tracking settings."""
+
+    backend: str = "none"  # none | tensorboard | mlflow | wandb
+    project: str | None = None  # W&B project, MLflow experiment; None: hftlab
+    run_name: str | None = None  # None: the run folder's name
+    dir: str | None = None  # local output (events, wandb/, mlruns/); None: <run>/tracking
+    uri: str | None = None  # MLflow tracking URI (a server, sqlite:///...); None: dir's store
+    # the backend's own options: wandb.init kwargs (mode: offline, entity, tags), MLflow run
+    # tags, SummaryWriter kwargs (flush_secs)
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     seed: int = 0
-    data_root: str | None = None  # where relative data paths are found; env HFTLAB_DATA_ROOT
+    # where relative data paths are found; HFTLAB_DATA_ROOT or --data-root win over it
+    data_root: str | None = None
     cache_dir: str | None = None  # converted models, aligned checkpoints; env HFTLAB_CACHE
     out_dir: str | None = None  # run folder; default runs/<config name>
     # save a training stage's state every k optimizer steps; a rerun resumes it (0: never).
     # In no cache key: a resumed stage reaches the same weights as an uninterrupted one.
     checkpoint_every: int = 0
+    # ... and whenever this many minutes passed since the stage's last save (0: never), so a
+    # long stage survives a Ctrl-C or a preemption by default. In no cache key either.
+    checkpoint_minutes: float = 10.0
     defense: str | list[str] = "sft"  # a name, or several that act together
     defense_args: dict[str, Any] = field(default_factory=dict)  # keyed by name for several
     attack: str = "harmful_mix"
@@ -200,6 +221,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     mechanisms: MechanismConfig = field(default_factory=MechanismConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,7 +235,10 @@ class Config:
         return "+".join(self.defense_names)
 
     def resolved_data_root(self) -> Path | None:
-        root = self.data_root or os.environ.get("HFTLAB_DATA_ROOT")
+        """HFTLAB_DATA_ROOT (which ``--data-root`` sets) wins over the config's data_root: a
+        config's relative root is a guess at one checkout's layout, the environment is the
+        machine's answer."""
+        root = os.environ.get("HFTLAB_DATA_ROOT") or self.data_root
         return Path(root).expanduser() if root else None
 
     def resolved_cache_dir(self) -> Path:
@@ -259,7 +284,8 @@ NUMERIC_BOUNDS.update({
         "batch_size": AT_LEAST_1,
         "generation_max_new_tokens": Bound(1, note="null: eval.max_new_tokens"),
     },
-    Config: {"seed": _SEED, "checkpoint_every": Bound(0, note="0: no checkpoints")},
+    Config: {"seed": _SEED, "checkpoint_every": Bound(0, note="0: no checkpoints"),
+             "checkpoint_minutes": Bound(0, note="0: no time-based checkpoints")},
 })
 
 
@@ -336,6 +362,7 @@ def validate(config: Config, where: str) -> None:
             if getattr(train, name) not in allowed:
                 fail(f"{stage}.train.{name}", f"is {getattr(train, name)!r}; choose {allowed}")
         _check_lora_targets(train.lora, f"{stage}.train.lora.target_modules", fail)
+    check_tracking_settings(config.tracking, fail)
     if not config.defense_names:
         fail("defense", "is an empty list; use 'sft' for no defense")
 

@@ -22,6 +22,7 @@ from hftlab.experiment import check_continued_adapter as check_continued_adapter
 from hftlab.experiment import check_model_fits as check_model_fits
 from hftlab.formatting import PromptFormatter, Tokenized
 from hftlab.model import load_model, load_tokenizer
+from hftlab.tracking import Tracker
 from hftlab.train import autocast_context
 from hftlab.utils import read_json
 
@@ -73,6 +74,8 @@ class RunContext:
         self.tokenizer = load_tokenizer(self.model_path, config.model)
         self.formatter = PromptFormatter(self.tokenizer, config.model)
         self._data: RunData | None = None
+        # the run's experiment tracker (the pipeline starts one when tracking is configured)
+        self.tracker: Tracker = Tracker()
 
     # ----------------------------------------------------------------------------- helpers
 

@@ -20,6 +20,7 @@ from hftlab.evaluate import (
     over_refusal,
 )
 from hftlab.formatting import PromptFormatter
+from hftlab.progress import progress
 from hftlab.utils import read_json, write_json, write_jsonl
 
 ALPACA_EVAL_FILE = "alpaca_eval_outputs.json"  # eval.generations, for `alpaca_eval --model_outputs`
@@ -36,8 +37,6 @@ def evaluate_model(
     printed: they answer harmful prompts). ``formatter``: how the model is prompted (default:
     the run's; the deployed model gets the defense's served system prompt); ``prompt``: how each
     prompt is phrased to it (the attack's ``served_prompt``; the judge reads the original)."""
-    from tqdm.auto import tqdm
-
     ev = ctx.config.eval
     data = ctx.data
     formatter = formatter or ctx.formatter
@@ -47,7 +46,7 @@ def evaluate_model(
     harmless_prompts = [e.prompt for e in data.eval_harmless]
     instructions = [e.prompt for e in data.eval_generations]
     total = len(harmful_prompts) + len(task_prompts) + len(harmless_prompts) + len(instructions)
-    with tqdm(total=total, desc=f"eval {label}", disable=not ctx.is_main) as bar:
+    with progress(total, f"eval {label}", unit="prompt", enabled=ctx.is_main) as bar:
         harmful_out = generate(model, formatter, [ask(p) for p in harmful_prompts],
                                ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
         task_out = generate(model, formatter, [ask(p) for p in task_prompts],
@@ -135,13 +134,12 @@ def evaluate_attack_variant(
     """Harmful score of the deployed model on the harmful eval prompts rewritten by one of the
     attack's eval variants (e.g. with the backdoor trigger); completions saved, never printed.
     The judge reads the original prompt and the completion as the variant reads it."""
-    from tqdm.auto import tqdm
-
     ev = ctx.config.eval
     ask = prompt or (lambda text: text)
     examples = ctx.data.eval_harmful
     prompts = [e.prompt for e in examples]
-    with tqdm(total=len(prompts), desc=f"eval final ({name})", disable=not ctx.is_main) as bar:
+    with progress(len(prompts), f"eval final ({name})", unit="prompt",
+                  enabled=ctx.is_main) as bar:
         raw = generate(model, formatter, [ask(variant.prompt(p)) for p in prompts],
                        ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
     read = [variant.completion(c) for c in raw]

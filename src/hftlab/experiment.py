@@ -21,6 +21,7 @@ from hftlab.errors import unknown_name_message
 from hftlab.judges import JUDGES, Judge
 from hftlab.model import check_lora_targets, model_shape, resolve_model_path
 from hftlab.tasks import TASKS, Task
+from hftlab.tracking import check_tracking
 
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ def build_experiment(config: Config, where: str | None = None) -> Experiment:
     judge = _plugin(prefix, "eval.judge_args", JUDGES.get(config.eval.judge),
                     **config.eval.judge_args)
     try:
+        check_tracking(config.tracking)
         check_defense_needs(defense, config)
         check_continued_adapter(defense, config)
         model_path = resolve_model_path(config.model.name, config.resolved_cache_dir())

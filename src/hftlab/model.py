@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,11 @@ import torch
 
 from hftlab.cache import commit_entry, entry_lock, usable_entry
 from hftlab.config import ALL_LINEAR_TARGET, ConfigError, LoraConfig, ModelConfig, TrainConfig
+
+# peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` alias on every
+# adapter load: a warning about the two libraries, not about the user's run
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                        category=FutureWarning)
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,8 @@ from hftlab.stages.data import stage_data
 from hftlab.stages.eval import stage_eval
 from hftlab.stages.finetune import stage_finetune
 from hftlab.stages.repair import stage_repair
+from hftlab.tracking import final_summary
+from hftlab.tracking_backends import TRACKING_DIR, start_tracker
 from hftlab.utils import atomic_write_text, peak_rss_mb, read_json, write_json
 
 __all__ = ["CHECKPOINTS", "MARKER", "RUN_OUTPUTS", "STAGES", "prepare_run_dir", "run_pipeline",
@@ -61,14 +63,25 @@ def run_pipeline(config: Config, run_dir: Path, force: bool = False,
         Stage.REPAIR: stage_post_finetune,
         Stage.EVAL: stage_eval,
     }
-    for offset, name in enumerate(STAGES):
-        run_stage(ctx, name, stage_fns[name], config.seed + offset)
-    metrics = collect_metrics(ctx, STAGES)
-    write_json(run_dir / "metrics.json", metrics.to_dict())
+    # tracking (tracking.backend): the config now, each stage's record as it ends (or was
+    # ended by an earlier attempt), the scores at the end; closed whatever happens
+    ctx.tracker = start_tracker(config.tracking, run_dir, ctx.is_main, config.to_dict())
+    failed = True
+    try:
+        for offset, name in enumerate(STAGES):
+            info = run_stage(ctx, name, stage_fns[name], config.seed + offset)
+            ctx.tracker.log_stage(name, info)
+        metrics = collect_metrics(ctx, STAGES)
+        write_json(run_dir / "metrics.json", metrics.to_dict())
+        ctx.tracker.log_final(*final_summary(metrics))
+        failed = False
+    finally:
+        ctx.tracker.finish(failed=failed)
     return metrics
 
 
-RUN_OUTPUTS = (*STAGES, "metrics.json", "report.md", "report.html")  # what --force removes
+# what --force removes (the tracking folder when it is the run's own: tracking.dir unset)
+RUN_OUTPUTS = (*STAGES, "metrics.json", "report.md", "report.html", TRACKING_DIR)
 
 
 def prepare_run_dir(ctx: RunContext) -> None:
@@ -148,12 +161,15 @@ def redo_stages_with_damaged_caches(ctx: RunContext) -> None:
 def same_experiment(path: Path, config: Config) -> bool:
     """Whether a saved config describes the run ``config`` does, read as this version reads it
     (settings added since then take their defaults, so a run started by an older hftlab resumes)
-    and whatever its ``checkpoint_every``: how often a stage saves is not part of the run."""
+    and whatever its ``checkpoint_every`` and ``tracking``: how often a stage saves and where
+    its curves are shown are not part of the run."""
     try:
         saved = load_config(path)
     except ConfigError:
         return False
     saved.checkpoint_every = config.checkpoint_every
+    saved.tracking = config.tracking
+    saved.checkpoint_minutes = config.checkpoint_minutes
     return dump_config(saved) == dump_config(config)
 
 

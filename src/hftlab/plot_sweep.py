@@ -11,6 +11,7 @@ from hftlab.plot_base import (
     Group,
     Plot,
     facets,
+    interval,
     legend,
     n_text,
     new_figure,
@@ -18,8 +19,8 @@ from hftlab.plot_base import (
     png,
     short,
 )
+from hftlab.plot_repel import place_labels
 from hftlab.run_metrics import RunMetrics, StageTiming
-from hftlab.stats import summarize, wilson
 
 
 def harmful_vs_poison_plot(groups: list[Group]) -> Plot | None:
@@ -39,7 +40,7 @@ def harmful_vs_poison_plot(groups: list[Group]) -> Plot | None:
         for group in line:
             values = group.harmful_scores
             mean = statistics.fmean(values)
-            low, high = _interval(group, values)
+            low, high = interval(group, values)
             one_seed = one_seed or len(values) < 2
             xs.append(group.facet + shift)
             ys.append(mean)
@@ -55,8 +56,8 @@ def harmful_vs_poison_plot(groups: list[Group]) -> Plot | None:
     ax.set_ylabel(f"harmful score (% of {prompts} harmful prompts)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(title="defense", fontsize=8)
     fig.suptitle(title, fontsize=11)
+    legend(fig, [ax], title="series", always=True)
     caption = (
         "Each point is the mean harmful score over seeds at one poison ratio; lower is safer. "
         "Error bars: 95% t interval over seeds"
@@ -72,22 +73,8 @@ def _pairs(values: list[Any]) -> list[tuple[Any, Any]]:
     return list(zip(values, values[1:]))
 
 
-def _interval(group: Group, values: list[float]) -> tuple[float, float]:
-    if len(values) >= 2:
-        ci = summarize(values).ci
-        assert ci is not None
-        return ci
-    final = group.runs[0].final
-    if final.harmful_score_ci95:
-        low, high = final.harmful_score_ci95
-        return float(low), float(high)
-    n = int(final.n_eval_harmful or 0)
-    return wilson(round(values[0] / 100 * n), n) if n else (values[0], values[0])
-
-
-def tradeoff_plot(groups: list[Group]) -> Plot | None:
-    """Harmful score against fine-tune accuracy: one marker per cell, its runs as dots,
-    and the Pareto front."""
+def tradeoff_figure(groups: list[Group]) -> tuple[Any, str, str] | None:
+    """The trade-off figure, its title and its caption (see :func:`tradeoff_plot`)."""
     groups = [g for g in groups if g.harmful_scores and g.accuracies]
     if not groups:
         return None
@@ -103,16 +90,10 @@ def tradeoff_plot(groups: list[Group]) -> Plot | None:
         ax.scatter([f.harmful_score for f in runs], [f.finetune_accuracy for f in runs],
                    s=14, color=group.colour, alpha=0.35, linewidths=0)
         ax.scatter([harm], [acc], s=70, color=group.colour, edgecolors="white", zorder=3,
-                   label=group.name)
+                   label=group.legend)
         # cells on (nearly) the same spot share one label instead of overprinting
         spot = (round(harm * 2) / 2, round(acc * 2) / 2)
-        labels.setdefault(spot, []).append(f"{short(group.label, 34)} (n={len(runs)})")
-    middle = (min(h for h, _ in means) + max(h for h, _ in means)) / 2
-    for (harm, acc), texts in labels.items():
-        right = harm > middle  # labels in the right half go left, so none leaves the axes
-        ax.annotate("\n".join(texts), (harm, acc), textcoords="offset points",
-                    xytext=(-9 if right else 9, 6), ha="right" if right else "left",
-                    va="bottom", fontsize=8)
+        labels.setdefault(spot, []).append(short(group.label, 34))
     if front:
         xs = [means[i][0] for i in front]
         ys = [means[i][1] for i in front]
@@ -120,6 +101,7 @@ def tradeoff_plot(groups: list[Group]) -> Plot | None:
                 label="Pareto front")
         ax.scatter(xs, ys, s=190, facecolors="none", edgecolors="black", linewidths=1.3,
                    zorder=4)
+    ax.margins(x=0.12, y=0.12)  # room for the labels around the outermost points
     # both axes are percentages: never show impossible values around the data
     ax.set_xlim(max(ax.get_xlim()[0], -2.0), min(ax.get_xlim()[1], 102.0))
     ax.set_ylim(max(ax.get_ylim()[0], -2.0), min(ax.get_ylim()[1], 102.0))
@@ -131,22 +113,31 @@ def tradeoff_plot(groups: list[Group]) -> Plot | None:
                   "lower is safer)")
     ax.set_ylabel(f"fine-tune accuracy (% of {final.n_eval_task} task prompts)")
     ax.grid(alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()
-    unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
+    legend(fig, [ax], always=True)
+    place_labels(ax, list(labels), ["\n".join(texts) for texts in labels.values()])
     front_names = ", ".join(groups[i].label for i in front)
     caption = (
         "Each large marker is a cell's mean over its seeds; the small faint dots are its single "
         "runs. Up and to the left is better: less harmful, more accurate. Ringed markers "
         f"joined by the dashed line are the Pareto front ({front_names}): no other cell is both "
-        "less harmful and at least as accurate."
+        "less harmful and at least as accurate. A thin line joins a label that had to move "
+        "away from its marker."
     )
+    return fig, title, caption
+
+
+def tradeoff_plot(groups: list[Group]) -> Plot | None:
+    """Harmful score against fine-tune accuracy: one marker per cell, its runs as dots,
+    and the Pareto front."""
+    drawn = tradeoff_figure(groups)
+    if drawn is None:
+        return None
+    fig, title, caption = drawn
     return Plot("tradeoff", title, caption, png(fig))
 
 
 Value = Callable[[RunMetrics], "float | None"]
-Panel = tuple[str, str, list[tuple[str, Value]]]
 
 
 def _stage(stage: str, get: Callable[[StageTiming], float | None]) -> Value:
@@ -167,60 +158,59 @@ def _gb(value: Value) -> Value:
 
 def overhead_plot(groups: list[Group]) -> Plot | None:
     """Seconds per optimizer step (alignment, fine-tuning), peak memory and repair time per
-    defense, pooled over poison ratios and seeds."""
+    series, pooled over poison ratios and seeds: one row of bars per series."""
     names = list(dict.fromkeys(g.name for g in groups))
     pooled = {name: [m for g in groups if g.name == name for m in g.runs] for name in names}
     colours = {g.name: g.colour for g in groups}
     every = [m for runs in pooled.values() for m in runs]
-    panels: list[Panel] = [
-        ("time per optimizer step", "seconds per step", [
-            ("alignment", _stage("align", lambda t: t.seconds_per_step)),
-            ("fine-tuning", _stage("finetune", lambda t: t.seconds_per_step))]),
-        ("peak host memory (RSS)", "GB", [
-            ("after alignment", _gb(_stage("align", lambda t: t.peak_rss_mb))),
-            ("after fine-tuning", _gb(_stage("finetune", lambda t: t.peak_rss_mb)))]),
+    memory = "peak_gpu_mb" if any(_stage("finetune", lambda t: t.peak_gpu_mb)(m) is not None
+                                  for m in every) else "peak_rss_mb"
+    what = "accelerator memory" if memory == "peak_gpu_mb" else "host memory (RSS)"
+    panels: list[tuple[str, Value]] = [
+        ("alignment\nseconds per step", _stage("align", lambda t: t.seconds_per_step)),
+        ("fine-tuning\nseconds per step", _stage("finetune", lambda t: t.seconds_per_step)),
+        (f"peak {what}\nafter alignment, GB",
+         _gb(_stage("align", lambda t: getattr(t, memory)))),
+        (f"peak {what}\nafter fine-tuning, GB",
+         _gb(_stage("finetune", lambda t: getattr(t, memory)))),
     ]
-    if any(_stage("finetune", lambda t: t.peak_gpu_mb)(m) is not None
-           for m in every):  # runs on GPUs: the stage's own peak
-        panels[1] = ("peak accelerator memory", "GB", [
-            ("alignment", _gb(_stage("align", lambda t: t.peak_gpu_mb))),
-            ("fine-tuning", _gb(_stage("finetune", lambda t: t.peak_gpu_mb)))])
     repair_seconds = _stage("post_finetune", lambda t: t.seconds)
     if max((repair_seconds(m) or 0.0 for m in every), default=0.0) >= 0.05:
-        panels.append(("post-fine-tuning repair", "seconds", [("repair", repair_seconds)]))
-    if not any(f(m) is not None for _, _, bars in panels for _, f in bars for m in every):
+        panels.append(("post-fine-tuning\nrepair, seconds", repair_seconds))
+    panels = [p for p in panels if any(p[1](m) is not None for m in every)]
+    if not panels:
         return None
-    fig = new_figure(4.3 * len(panels), 4.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (panel, unit, bars) in zip(axes, panels):
-        width = 0.8 / len(names)
-        for index, name in enumerate(names):
-            for position, (_, value_of) in enumerate(bars):
-                values = [v for v in (value_of(m) for m in pooled[name]) if v is not None]
-                if not values:
-                    continue
-                mean = statistics.fmean(values)
-                x = position + (index - (len(names) - 1) / 2) * width
-                ax.bar(x, mean, width * 0.92, color=colours[name],
-                       yerr=[[max(0.0, mean - min(values))], [max(0.0, max(values) - mean)]]
-                       if len(values) > 1  # clamped: fmean may round past equal values
-                       else None, capsize=2, label=name if position == 0 else None)
-                ax.annotate(f"{mean:.3g}", (x, max(values)), textcoords="offset points",
-                            xytext=(0, 2), ha="center", fontsize=7)
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars])
+    fig = new_figure(2.2 * len(panels) + 1.6, 1.1 + 0.26 * len(names))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    rows = range(len(names))
+    for ax, (panel, value_of) in zip(axes, panels):
+        top = 0.0
+        for row, name in zip(rows, names):
+            values = [v for v in (value_of(m) for m in pooled[name]) if v is not None]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            top = max(top, max(values))
+            ax.barh(row, mean, 0.7, color=colours[name],
+                    xerr=[[max(0.0, mean - min(values))], [max(0.0, max(values) - mean)]]
+                    if len(values) > 1  # clamped: fmean may round past equal values
+                    else None, capsize=2)
+            ax.annotate(f"{mean:.3g}", (max(values), row), textcoords="offset points",
+                        xytext=(3, 0), va="center", fontsize=7)
+        ax.set_xlim(0, top * 1.35 or 1.0)  # room for the value beside the longest bar
         ax.set_title(panel, fontsize=9)
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3, axis="y")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(list(rows), names, fontsize=8)
+    axes[0].invert_yaxis()
     runs_n = [len(runs) for runs in pooled.values()]
     device = sorted({str(m.device) for m in every})
-    title = f"Cost per defense ({n_text(runs_n, 'run')} each, device {', '.join(device)})"
+    title = f"Cost per series ({n_text(runs_n, 'run')} each, device {', '.join(device)})"
     fig.suptitle(title, fontsize=11)
-    legend(fig, list(axes))
     caption = (
-        "Bars: mean over each defense's runs (all poison ratios and seeds); whiskers: min–max. "
+        "Bars: mean over each series' runs (all poison ratios and seeds); whiskers: min–max. "
         "Alignment time comes from the run that trained the aligned model (runs that reuse a "
-        "cached one report its timing). Peak memory is the whole process's resident host "
+        "cached one report its timing). Peak host memory is the whole process's resident "
         "memory up to the end of that stage, so it includes the stages before it (and, with "
-        "`hftlab sweep --workers`, the worker's earlier runs); GPU memory is not recorded."
+        "`hftlab sweep --workers`, the worker's earlier runs)."
     )
     return Plot("overhead", title, caption, png(fig))

@@ -24,6 +24,8 @@ from hftlab.plot_base import (
     png,
     spread,
 )
+from hftlab.plot_compare import attack_bars_plot, defense_bars_plot
+from hftlab.plot_labels import what_varies
 from hftlab.plot_sweep import harmful_vs_poison_plot, overhead_plot, tradeoff_plot
 from hftlab.run_metrics import CurvePoint, RunMetrics
 
@@ -143,10 +145,16 @@ def run_plots(metrics: RunMetrics) -> list[Plot]:
 
 
 def sweep_plots(groups: list[Group]) -> list[Plot]:
-    """Every sweep plot that the runs have data for."""
+    """The sweep plots for what the sweep varies and the runs have data for: harmful score
+    against the poison ratio where the ratio is swept, bars per defense where only the defense
+    is, bars per attack where the attack is; the trade-off, curves, drift and cost always."""
     seeds = [len(g.runs) for g in groups]
+    varies = what_varies(groups)
     plots = [
-        harmful_vs_poison_plot(groups),
+        harmful_vs_poison_plot(groups) if varies.ratio else None,
+        defense_bars_plot(groups) if varies.defense and not (varies.ratio or varies.attack)
+        else None,
+        attack_bars_plot(groups) if varies.attack else None,
         tradeoff_plot(groups),
         curves_plot(
             groups,

@@ -10,17 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hftlab import plots
-from hftlab.report_html import (
-    draw,
-    esc,
-    fmt,
-    html_figure,
-    html_page,
-    html_table,
-    plots_md,
-    prose,
-    with_interval,
-)
+from hftlab.report_html import Table, draw, fmt, plots_md, render, with_interval
 from hftlab.run_metrics import RunMetrics
 from hftlab.utils import atomic_write_text
 
@@ -108,11 +98,16 @@ def console_summary(metrics: RunMetrics) -> str:
     return "\n".join([_headline(metrics), "", body, "", *_mechanism_line(metrics), "", timing])
 
 
-def write_report(path: Path) -> str:
+def write_report(path: Path, out: Path | None = None) -> str:
     """Write ``report.md`` and ``report.html`` for a finished run, or for a sweep folder or any
-    folder of finished runs; return the console summary."""
+    folder of finished runs, into ``out`` (default: ``path`` itself); return the console
+    summary."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    out = path if out is None else out
+    out.mkdir(parents=True, exist_ok=True)
     if (path / "metrics.json").exists():
-        return write_run_report(path)
+        return write_run_report(path, out)
     unfinished = (
         f"{path / 'metrics.json'} not found: the run has not finished; rerun `hftlab run` to "
         "resume it"
@@ -126,16 +121,17 @@ def write_report(path: Path) -> str:
         records = collect_runs(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{unfinished} (nor are there finished runs under it)") from None
-    return write_sweep_report(path, records)
+    return write_sweep_report(path, records, out=out)
 
 
-def write_run_report(run_dir: Path) -> str:
+def write_run_report(run_dir: Path, out: Path | None = None) -> str:
+    out = run_dir if out is None else out
     metrics = RunMetrics.load(run_dir / "metrics.json")
     summary = console_summary(metrics)
     drawn, notes = draw(lambda: plots.run_plots(metrics))
-    atomic_write_text(run_dir / "report.md", _run_markdown(run_dir, metrics, summary, drawn,
-                                                           notes))
-    atomic_write_text(run_dir / "report.html", _run_html(run_dir, metrics, drawn, notes))
+    atomic_write_text(out / "report.md", _run_markdown(run_dir, metrics, summary, drawn,
+                                                       notes))
+    atomic_write_text(out / "report.html", _run_html(run_dir, metrics, drawn, notes))
     if not plots.available():
         summary += f"\n\n{plots.INSTALL_HINT}"
     return summary
@@ -190,29 +186,17 @@ def _run_html(run_dir: Path, metrics: RunMetrics, drawn: list[plots.Plot],
     headers = _score_headers(metrics)
     headers[1] += " [95% CI]"
     headers[2] += " [95% CI]"
-    body = [
-        f"<h1>hftlab run report: {esc(run_dir.name)}</h1>",
-        f'<p class="meta">{esc(_headline(metrics))} · model {esc(metrics.model)} · '
-        f"{esc(metrics.device)}</p>",
-        "<h2>Scores</h2>", html_table(headers, rows),
-        f'<p class="note">{prose(HARMFUL_SCORE_TEXT.format(judge=metrics.judge.name))} '
-        "The interval on the final row is the Wilson 95% interval over the prompts.</p>",
-    ]
-    if final.over_refusal is not None:
-        body.append(f"<p>Over-refusal of harmless prompts: {esc(final.over_refusal)}% "
-                    f"(n={esc(final.n_eval_harmless)}).</p>")
-    mechanism = _mechanism_line(metrics)
-    if mechanism:
-        body.append("<p>" + "<br>".join(esc(line) for line in mechanism) + "</p>")
-    body += ["<h2>Plots</h2>", *notes, *(html_figure(p) for p in drawn)]
-    body += ["<h2>Cost per stage</h2>", html_table(TIMING_HEADERS, _timing_rows(metrics))]
-    if metrics.curves:
-        body.append("<details><summary>Fine-tuning curves as numbers</summary>"
-                    + html_table(CURVE_HEADERS, _curve_rows(metrics)) + "</details>")
-    if metrics.drift:
-        per_layer = [(i, f"{d:.4f}") for i, d in enumerate(metrics.drift.per_layer)]
-        body.append("<details><summary>Drift per layer as numbers</summary>"
-                    + html_table(["layer", "mean L2 distance"], per_layer) + "</details>")
-    body.append('<p class="note">Versions: ' + esc(", ".join(
-        f"{k} {v}" for k, v in metrics.versions.items())) + "</p>")
-    return html_page(f"hftlab run report: {run_dir.name}", body)
+    drift = [(i, f"{d:.4f}") for i, d in enumerate(metrics.drift.per_layer)] \
+        if metrics.drift else []
+    return render(
+        "run.html", title=f"hftlab run report: {run_dir.name}",
+        meta=f"{_headline(metrics)} · model {metrics.model} · {metrics.device}",
+        scores=Table(headers, rows),
+        harmful_score_text=HARMFUL_SCORE_TEXT.format(judge=metrics.judge.name),
+        over_refusal=final.over_refusal, n_harmless=final.n_eval_harmless,
+        mechanism=_mechanism_line(metrics), drawn=drawn, notes=notes,
+        timing=Table(TIMING_HEADERS, _timing_rows(metrics)),
+        curves=Table(CURVE_HEADERS, _curve_rows(metrics)) if metrics.curves else None,
+        drift=Table(["layer", "mean L2 distance"], drift) if drift else None,
+        versions=", ".join(f"{k} {v}" for k, v in metrics.versions.items()),
+    )

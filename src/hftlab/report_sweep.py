@@ -3,10 +3,14 @@ front, mechanisms and cost per cell, the sweep's plots and a link to every run's
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup
 
 from hftlab import plot_base, plots
 from hftlab.compare import (
@@ -18,16 +22,8 @@ from hftlab.compare import (
     default_metrics,
     group_cells,
 )
-from hftlab.report_html import (
-    draw,
-    esc,
-    fmt,
-    html_figure,
-    html_page,
-    html_table,
-    plots_md,
-    with_interval,
-)
+from hftlab.plot_labels import groups_from_cells
+from hftlab.report_html import Table, draw, fmt, plots_md, render, with_interval
 from hftlab.run_metrics import CurvePoint, RunMetrics, StageTiming
 from hftlab.utils import atomic_write_text, read_json
 
@@ -115,9 +111,10 @@ MECHANISM_NOTE = (
 def _delta_html(delta: dict[str, Any] | None) -> Any:
     if delta is None:
         return "—"
-    text = (f"{delta['diff']:+.1f} [{delta['ci95'][0]:+.1f}, {delta['ci95'][1]:+.1f}]")
+    ci = delta.get("ci95")  # none where the test could not give one (a single run per side)
+    text = f"{delta['diff']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
     if delta["significant"]:
-        return ("raw", f'<span class="sig">{esc(text)} *</span>')
+        return Markup('<span class="sig">{} *</span>').format(text)
     return text
 
 
@@ -133,13 +130,18 @@ def _scored(cell: Cell) -> tuple[list[float], list[float]]:
             cell.series(lambda m: m.final.finetune_accuracy))
 
 
-def write_sweep_report(folder: Path, records: list[RunRecord], baseline: str | None = None) -> str:
+def write_sweep_report(folder: Path, records: list[RunRecord], baseline: str | None = None,
+                       out: Path | None = None) -> str:
+    """Write the sweep's ``report.md`` and ``report.html`` into ``out`` (default: ``folder``);
+    return the console summary."""
+    out = folder if out is None else out
     cells = group_cells(records)
     metrics = default_metrics(records)
     baseline = baseline or default_baseline(cells)
     rows = compare_rows(records, baseline, metrics)
     compare_md = compare_table(records, baseline, metrics)
-    groups = plot_base.groups_from_cells(cells)
+    groups = groups_from_cells(cells)
+    short_name = {_key(c.label): g.label for c, g in zip(cells, groups)}
     scored = [c for c in cells if all(_scored(c))]
     means = [(statistics.fmean(_scored(c)[0]), statistics.fmean(_scored(c)[1])) for c in scored]
     front = [scored[i] for i in plot_base.pareto_front(means)]
@@ -159,63 +161,62 @@ def write_sweep_report(folder: Path, records: list[RunRecord], baseline: str | N
         *(f"| {' | '.join(r)} |" for r in mech), "", MECHANISM_NOTE, "",
         *plots_md(drawn, notes),
     ]
-    atomic_write_text(folder / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
 
     headers = ["cell", "seeds"]
     for metric in metrics:
         headers += [f"{metric.replace('_', ' ')} % (mean ± std)", f"Δ vs {baseline} [95% CI]"]
     table_rows = []
     for row in rows:
-        values: list[Any] = [row["name"] or "(all runs)", ",".join(map(str, row["seeds"]))]
+        values: list[Any] = [short_name[_key(row["cell"])], ",".join(map(str, row["seeds"]))]
         for metric in metrics:
             values += [_summary_text(row[metric]), _delta_html(row[f"{metric}.vs_{baseline}"])]
         table_rows.append(values)
-    front_set = set(front_names)
+    front_set = {_key(c.label) for c in front}
     tests = sorted({row[f"{m}.vs_{baseline}"]["test"] for row in rows for m in metrics
                     if row.get(f"{m}.vs_{baseline}")})
     first = records[0].metrics
-    body = [
-        f"<h1>hftlab sweep report: {esc(folder.name)}</h1>",
-        f'<p class="meta">{esc(" ".join(status))}</p>',
-        f"<p>task {esc(first.task)} · model {esc(first.model)} · judge "
-        f"{esc(first.judge.name)} · {len(records)} runs in {len(cells)} cells (a cell = "
-        "the runs that differ only in their seed). Harmful score: % of harmful prompts the "
-        "judge flags (lower is safer); fine-tune accuracy: % of task prompts answered "
-        "correctly (higher is better).</p>",
-        "<h2>Scores per cell</h2>",
-        html_table(headers, table_rows, numeric_from=2,
-                   row_classes=["front" if r[0] in front_set else "" for r in table_rows]),
-        f'<p class="note">mean ± std over seeds; Δ = difference to {esc(baseline)} with the '
-        f"same other settings, with its 95% interval ({esc('; '.join(tests) or 'no baseline')}"
-        "); bold * = the interval excludes 0. Bold cell names are on the Pareto front: "
-        f"{esc(', '.join(front_names))}.</p>",
-        "<h2>Plots</h2>", *notes, *(html_figure(p) for p in drawn),
-        "<h2>Mechanisms and cost per cell</h2>",
-        html_table(MECHANISM_HEADERS, mech), f'<p class="note">{esc(MECHANISM_NOTE)}</p>',
-        _runs_details(folder, records),
-    ]
-    atomic_write_text(folder / "report.html",
-                      html_page(f"hftlab sweep report: {folder.name}", body))
+    mech_named = [(short_name[_key(c.label)], *r[1:]) for c, r in zip(cells, mech)]
+    page = render(
+        "sweep.html", title=f"hftlab sweep report: {folder.name}", status=" ".join(status),
+        task=first.task, model=first.model, judge=first.judge.name, n_runs=len(records),
+        n_cells=len(cells), baseline=baseline, tests="; ".join(tests) or "no baseline",
+        front=", ".join(short_name[_key(c.label)] for c in front),
+        scores=Table(headers, table_rows, numeric_from=2,
+                     row_classes=["front" if _key(r["cell"]) in front_set else ""
+                                  for r in rows],
+                     titles=[r["name"] or "(all runs)" for r in rows]),
+        drawn=drawn, notes=notes,
+        mechanisms=Table(MECHANISM_HEADERS, mech_named,
+                         titles=[c.name or "(all runs)" for c in cells]),
+        mechanism_note=MECHANISM_NOTE, runs=_runs_table(folder, out, records),
+    )
+    atomic_write_text(out / "report.html", page)
     summary = "\n".join([*status, "", compare_md])
     if not plot_base.available():
         summary += f"\n\n{plot_base.INSTALL_HINT}"
     return summary
 
 
-def _runs_details(folder: Path, records: list[RunRecord]) -> str:
+def _key(label: dict[str, Any]) -> str:
+    return json.dumps(label, sort_keys=True, default=str)
+
+
+def _runs_table(folder: Path, out: Path, records: list[RunRecord]) -> Table:
+    """Every run, linked to its own report (relative to where this report is written)."""
     rows = []
     for record in records:
         final = record.metrics.final
-        name = esc(record.path.relative_to(folder))
+        name = str(record.path.relative_to(folder))
         link = record.path / "report.html"
-        shown = (f'<a href="{esc(link.relative_to(folder).as_posix())}">{name}</a>'
+        shown = (Markup('<a href="{}">{}</a>').format(
+                    Path(os.path.relpath(link, out)).as_posix(), name)
                  if link.exists() else name)
-        rows.append([("raw", shown), record.metrics.defense, record.seed,
+        rows.append([shown, record.metrics.defense, record.seed,
                      fmt(record.settings.get(plot_base.POISON)),
                      with_interval(final.harmful_score, final.harmful_score_ci95,
                                    final.n_eval_harmful),
                      with_interval(final.finetune_accuracy, final.finetune_accuracy_ci95,
                                    final.n_eval_task)])
-    return ("<details><summary>Every run (with a link to its own report)</summary>"
-            + html_table(["run", "defense", "seed", "poison ratio", "harmful score % [95% CI]",
-                          "accuracy % [95% CI]"], rows, numeric_from=2) + "</details>")
+    return Table(["run", "defense", "seed", "poison ratio", "harmful score % [95% CI]",
+                  "accuracy % [95% CI]"], rows, numeric_from=2)

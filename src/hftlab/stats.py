@@ -1,7 +1,9 @@
 """Small statistics for the survey's metrics: a Wilson interval for one run's rate (k of n
 prompts), mean ± std and a t interval across seeds, and the tests ``hftlab compare`` uses to
-say whether a defense differs from sft (Welch's t across seeds; a two-proportion z test when a
-cell has one seed, which ignores seed-to-seed variation and says so)."""
+say whether a defense differs from sft (Welch's t across seeds; Newcombe's interval for a
+difference of two proportions when a cell has one seed, which ignores seed-to-seed variation
+and says so). The quantiles and intervals come from scipy and statsmodels; scipy and
+statsmodels load on first use, so ``import hftlab.stats`` stays cheap."""
 
 from __future__ import annotations
 
@@ -9,30 +11,33 @@ import math
 import statistics
 from dataclasses import dataclass
 
-Z95 = 1.959964
-# two-sided 95% quantiles of Student's t by degrees of freedom (1-30); beyond: the normal's
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
-       2.056, 2.052, 2.048, 2.045, 2.042]
+Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
+WELCH = "welch"
+NEWCOMBE = "two-proportion Newcombe (one seed)"
+# both cells' seeds all gave one value (seeds that share one cached alignment share its
+# timings and scores): no seed-to-seed variation to test against
+SHARED = "none (every seed gave the same value)"
 
 
 def t95(df: float) -> float:
-    """Two-sided 95% Student-t quantile (df rounded down, so the interval errs wide)."""
-    if df < 1:
+    """Two-sided 95% Student-t quantile for ``df`` degrees of freedom (Welch's df need not be
+    whole); infinite when there is no degree of freedom."""
+    if not df > 0:
         return math.inf
-    whole = int(df)
-    return T95[whole - 1] if whole <= len(T95) else Z95
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials, as percentages."""
+    """Wilson score interval for k successes in n trials, as percentages (two decimals)."""
     if n <= 0:
         return (math.nan, math.nan)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2))
+    from scipy.stats import norm
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(k, n, alpha=2 * float(norm.sf(z)), method="wilson")
+    return (round(100 * max(0.0, float(low)), 2), round(100 * min(1.0, float(high)), 2))
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Summary:
 
 
 def summarize(values: list[float]) -> Summary:
+    """Mean, sample std and the 95% t interval of the mean (no interval for one value)."""
     if not values:
         raise ValueError("summarize needs at least one value")
     mean = statistics.fmean(values)
@@ -68,42 +74,48 @@ def summarize(values: list[float]) -> Summary:
 
 @dataclass
 class Difference:
-    """``a − b`` with its 95% interval and the test that produced it."""
+    """``a − b`` with its 95% interval (None: nothing to test, see :data:`SHARED`) and the
+    test that produced it."""
 
     diff: float
-    ci: tuple[float, float]
+    ci: tuple[float, float] | None
     test: str
 
     @property
     def significant(self) -> bool:
-        return self.ci[0] > 0 or self.ci[1] < 0
+        return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
 
 
 def welch(a: list[float], b: list[float]) -> Difference:
-    """Difference of means across seeds with the Welch–Satterthwaite t interval."""
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    """Difference of means across seeds with the Welch–Satterthwaite t interval
+    (statsmodels' ``CompareMeans.tconfint_diff(usevar="unequal")``); no interval when
+    neither side varies (the seeds share the value)."""
     diff = statistics.fmean(a) - statistics.fmean(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Difference(diff, (diff, diff), "welch")
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = t95(df) * se
-    return Difference(diff, (diff - half, diff + half), "welch")
+    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
+        return Difference(diff, None, SHARED)
+    from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
+
+    low, high = CompareMeans(DescrStatsW(a), DescrStatsW(b)).tconfint_diff(
+        alpha=0.05, usevar="unequal")
+    return Difference(diff, (float(low), float(high)), WELCH)
 
 
 def two_proportions(k_a: int, n_a: int, k_b: int, n_b: int) -> Difference:
-    """Difference of two rates (percent) with the normal (Wald) interval: prompt-level
-    sampling only, no seed variation."""
-    pa, pb = k_a / n_a, k_b / n_b
-    se = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
-    diff = 100 * (pa - pb)
-    half = 100 * Z95 * se
-    return Difference(diff, (diff - half, diff + half), "two-proportion z (one seed)")
+    """Difference of two rates (percent) with Newcombe's hybrid score interval (from the two
+    Wilson intervals; statsmodels' ``confint_proportions_2indep(method="newcomb")``): prompt-
+    level sampling only, no seed variation. Unlike the Wald interval it keeps its coverage
+    near 0 % and 100 %, where defended models' harmful scores sit."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    low, high = confint_proportions_2indep(k_a, n_a, k_b, n_b, method="newcomb",
+                                           compare="diff", alpha=0.05)
+    diff = 100 * (k_a / n_a - k_b / n_b)
+    return Difference(diff, (100 * float(low), 100 * float(high)), NEWCOMBE)
 
 
 def compare(a: list[float], b: list[float], n_a: int, n_b: int) -> Difference:
     """``mean(a) − mean(b)`` for percentages measured on n_a / n_b prompts per run: Welch
-    when both sides have two or more seeds, else the pooled two-proportion test."""
+    when both sides have two or more seeds, else the pooled two-proportion interval."""
     if len(a) >= 2 and len(b) >= 2:
         return welch(a, b)
     k_a = round(sum(a) / 100 * n_a)

@@ -83,10 +83,13 @@ def run_name(values: dict[str, Any]) -> str:
     return "_".join(parts) or "run"
 
 
-def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
+def load_sweep(path: Path, only: list[str] | None = None, overrides: list[str] | None = None,
+               out: Path | None = None) -> Sweep:
     """Read and validate a sweep file; every run's experiment (config, plug-ins and their
     options, checks across fields) is built before anything runs.
-    ``only``: keep the runs whose name matches one of these globs (a subset, in file order)."""
+    ``only``: keep the runs whose name matches one of these globs (a subset, in file order).
+    ``overrides``: ``key=value`` settings for every run, after the file's ``set`` (a key the
+    grid varies is an error). ``out``: the sweep folder instead of the file's ``out``."""
     # imported here: the plug-ins (and torch) are not for every importer of this module (the
     # workers' initializer)
     from hftlab.experiment import build_experiment
@@ -102,8 +105,10 @@ def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
         raise ConfigError(f"{path}: config {raw['config']} not found (looked at {config})")
     shared = raw.get("set") or {}
     grids = raw["grid"] if isinstance(raw["grid"], list) else [raw["grid"]]
-    out = Path(raw.get("out") or Path("runs") / "sweeps" / path.stem)
+    out = out or Path(raw.get("out") or Path("runs") / "sweeps" / path.stem)
     sweep = Sweep(path, config, out)
+    extra = list(overrides or [])
+    extra_keys = {word.partition("=")[0].strip() for word in extra}
     seen: set[str] = set()
     for number, grid in enumerate(grids):
         if not isinstance(grid, dict) or not grid:
@@ -111,18 +116,22 @@ def load_sweep(path: Path, only: list[str] | None = None) -> Sweep:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: grid key '{key}' needs a non-empty list of values")
+            if key in extra_keys:
+                raise ConfigError(f"{path}: the override {key}=... sets a key the grid varies; "
+                                  "change the grid in the sweep file, or pick runs with --only")
         for combo in itertools.product(*grid.values()):
             values = dict(zip(grid.keys(), combo))
             name = run_name(values)
             if name in seen:
                 continue  # the union of grids may repeat a run
             seen.add(name)
-            overrides = [override(k, v) for k, v in {**shared, **values}.items()]
+            run_overrides = ([override(k, v) for k, v in shared.items()] + extra
+                             + [override(k, v) for k, v in values.items()])
             try:  # every plug-in and check of every run, before anything runs
-                build_experiment(load_config(config, overrides), str(config))
+                build_experiment(load_config(config, run_overrides), str(config))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from exc
-            sweep.runs.append(PlannedRun(name, overrides, values))
+            sweep.runs.append(PlannedRun(name, run_overrides, values))
     sweep.planned = list(sweep.runs)
     if only:
         sweep.runs = [r for r in sweep.runs if any(fnmatch.fnmatch(r.name, p) for p in only)]

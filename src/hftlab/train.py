@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hftlab.config import ConfigError, TrainConfig
 from hftlab.formatting import Tokenized
 from hftlab.model import causal_lm_parts
+from hftlab.progress import Progress, progress
 from hftlab.train_checkpoint import CheckpointedTrainer, Resumable, StageRun, TrainResult
 from hftlab.train_grads import ExtraPasses
 
@@ -199,6 +200,7 @@ class SFTTrainer(CheckpointedTrainer):
         run: RunView | None = None,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0,
+        checkpoint_minutes: float = 0.0,
     ) -> None:
         self.model = model
         self.cfg = train
@@ -212,9 +214,12 @@ class SFTTrainer(CheckpointedTrainer):
         self.step = 0
         self.total_steps = 0  # set when train() starts, before the defense's setup
         self.optimizer: torch.optim.Optimizer | None = None
-        # resuming: a checkpoint every ``checkpoint_every`` optimizer steps (0: never)
+        # resuming: a checkpoint every ``checkpoint_every`` optimizer steps and every
+        # ``checkpoint_minutes`` (0: never)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_minutes = checkpoint_minutes
+        self.last_save = time.monotonic()
         self.resumed_from = 0  # the step a resumed stage continued from (0: a fresh start)
 
     @property
@@ -252,12 +257,18 @@ class SFTTrainer(CheckpointedTrainer):
         self,
         items: list[Tokenized],
         on_step: Callable[[SFTTrainer, float], None] | None = None,
-        progress: Any = None,
     ) -> TrainResult:
-        """Run the stage to completion; ``on_step(trainer, loss)`` after every optimizer step."""
+        """Run the stage to completion, its progress shown (:mod:`hftlab.progress`);
+        ``on_step(trainer, loss)`` after every optimizer step."""
         if not items:
             raise ValueError(f"{self.stage}: no training examples")
         _, total_steps = self.plan(len(items))
+        with progress(total_steps, f"{self.stage} ({len(items)} rows)",
+                      enabled=self.accelerator.is_main_process) as bar:
+            return self._train(items, total_steps, on_step, bar)
+
+    def _train(self, items: list[Tokenized], total_steps: int,
+               on_step: Callable[[SFTTrainer, float], None] | None, bar: Progress) -> TrainResult:
         self.total_steps = total_steps
         params = self.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
@@ -279,8 +290,8 @@ class SFTTrainer(CheckpointedTrainer):
         result = TrainResult()
         run = StageRun(named, scheduler, result, on_step, len(items), total_steps)
         done = self.load_checkpoint(run)
-        if progress is not None and done:
-            progress.update(done)
+        bar.skip(done)
+        self.last_save = time.monotonic()
         rng = random.Random(self.seed)
         lengths = [len(item.input_ids) for item in items]
         start = time.perf_counter() - result.seconds
@@ -310,12 +321,8 @@ class SFTTrainer(CheckpointedTrainer):
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 result.losses.append(step_loss)
-                if progress is not None:
-                    progress.update(1)
-                    elapsed = time.perf_counter() - start - paused
-                    progress.set_postfix(
-                        loss=f"{step_loss:.3f}", tok_s=f"{result.tokens / elapsed:.0f}"
-                    )
+                elapsed = time.perf_counter() - start - paused
+                bar.update(1, loss=step_loss, tok_s=result.tokens / max(elapsed, 1e-9))
                 pause_start = time.perf_counter()
                 if on_step is not None:
                     on_step(self, step_loss)

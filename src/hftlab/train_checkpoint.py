@@ -1,7 +1,8 @@
-"""Checkpoints of a training stage: the trainer's state every k optimizer steps, saved as one
-committed unit without pickle (:mod:`hftlab.checkpoint`) and restored so that a resumed stage
-reaches the same weights an uninterrupted one does. :class:`CheckpointedTrainer` is the part of
-:class:`hftlab.train.SFTTrainer` that saves and restores them."""
+"""Checkpoints of a training stage: the trainer's state every k optimizer steps and every m
+minutes, saved as one committed unit without pickle (:mod:`hftlab.checkpoint`) and restored so
+that a resumed stage reaches the same weights an uninterrupted one does.
+:class:`CheckpointedTrainer` is the part of :class:`hftlab.train.SFTTrainer` that saves and
+restores them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from hftlab import checkpoint
 from hftlab.config import ConfigError
+from hftlab.interrupt import note_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -75,14 +77,24 @@ class CheckpointedTrainer:
     optimizer: torch.optim.Optimizer | None
     checkpoint_dir: Path | None
     checkpoint_every: int
+    checkpoint_minutes: float
+    last_save: float  # time.monotonic() of the stage's start or its latest save
 
     def checkpoint_due(self, total_steps: int) -> bool:
-        return (
-            self.checkpoint_dir is not None
-            and self.checkpoint_every > 0
-            and self.step % self.checkpoint_every == 0
-            and self.step < total_steps
-        )
+        """Whether to save after this step: every ``checkpoint_every`` steps, and whenever
+        ``checkpoint_minutes`` passed since the last save (every process decides alike)."""
+        if self.checkpoint_dir is None or self.step >= total_steps:
+            return False
+        if self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0:
+            return True
+        if self.checkpoint_minutes <= 0:
+            return False
+        due = time.monotonic() - self.last_save >= 60 * self.checkpoint_minutes
+        if self.accelerator.num_processes > 1:  # clocks differ: save when any process is due
+            flags = self.accelerator.gather(torch.tensor([float(due)],
+                                                         device=self.accelerator.device))
+            due = bool(flags.max() > 0)
+        return due
 
     def save_checkpoint(self, run: StageRun) -> None:
         """Write the stage's state after ``self.step`` optimizer steps into a new step folder
@@ -118,6 +130,7 @@ class CheckpointedTrainer:
                      self.step, run.total_steps, size / 2**20, time.perf_counter() - started,
                      folder)
         self.accelerator.wait_for_everyone()
+        self.last_save = time.monotonic()
 
     def load_checkpoint(self, run: StageRun) -> int:
         """Restore the state saved by :meth:`save_checkpoint` if the checkpoint folder has a
@@ -128,6 +141,7 @@ class CheckpointedTrainer:
         if self.checkpoint_dir is None:
             return 0
         root = self.checkpoint_dir
+        note_checkpoint(self.stage, root)  # what a Ctrl-C reports as saved
         fix = f"delete {root} to start the stage over"
         folder = checkpoint.committed_folder(root, fix)
         if self.accelerator.is_main_process:

@@ -17,11 +17,24 @@ from typing import Any
 from hftlab.faults import announce_change
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: str | Path, folder: bool = False) -> None:
+    """Give a temporary file or folder (mkstemp: 0600, mkdtemp: 0700) the mode a plain
+    ``open`` or ``mkdir`` would have under the user's umask, so results can be shared."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename it over: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        shareable(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         announce_change(path)
@@ -55,6 +68,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        shareable(tmp, folder=True)
         yield tmp
         announce_change(target)
         if target.exists():

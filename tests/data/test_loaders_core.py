@@ -122,6 +122,7 @@ class TestResolvePath:
 
     def test_not_found_lists_tried(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("HFTLAB_DATA_ROOT", raising=False)
         root = tmp_path / "root"
         with pytest.raises(DataError) as info:
             resolve_path("gsm8k/train.jsonl", root)
@@ -129,7 +130,7 @@ class TestResolvePath:
         assert "'gsm8k/train.jsonl' not found" in msg
         assert str(tmp_path / "gsm8k" / "train.jsonl") in msg
         assert str(root / "gsm8k" / "train.jsonl") in msg
-        assert "set data_root in the config or HFTLAB_DATA_ROOT, or give an absolute path" in msg
+        assert "set --data-root, HFTLAB_DATA_ROOT or the config's data_root" in msg
         with pytest.raises(DataError, match=r"data_root is not set"):
             resolve_path("gsm8k/train.jsonl", None)
         with pytest.raises(DataError, match="not found"):

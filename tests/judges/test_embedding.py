@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -86,24 +87,97 @@ def test_logistic_regression_reduces_loss_and_fits_a_separable_set() -> None:
     torch.manual_seed(0)
     x = torch.randn(40, 6)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).float()
-    head, history = fit_logistic(x, y, c=100.0)
-    assert history[0] == pytest.approx(0.6931, abs=1e-3)  # zero weights: log 2
-    assert history[-1] < 0.2 * history[0]
+    head, loss = fit_logistic(x, y, c=100.0)
+    assert loss["start"] == pytest.approx(math.log(2), abs=1e-9)  # zero weights: log 2
+    assert loss["end"] < 0.2 * loss["start"] and loss["iterations"] >= 1
     assert ((head.probability(x) > 0.5).float() == y).all()
+
+
+def test_the_fit_is_scikit_learns_and_deterministic() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(1)
+    x = torch.randn(60, 5) * torch.tensor([1.0, 3.0, 0.1, 2.0, 1.0]) + 4.0
+    y = (x[:, 0] - x[:, 1] / 3 + 0.8 * torch.randn(60) > 4.0).float()
+    head, _ = fit_logistic(x, y, c=0.5, balanced=True)
+    again, _ = fit_logistic(x, y, c=0.5, balanced=True)
+    assert all(torch.equal(getattr(head, k), getattr(again, k))
+               for k in ("weight", "bias", "mean", "std"))
+    z = (x.double() - x.double().mean(0)) / x.double().std(0, unbiased=False)
+    reference = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-10,
+                                   max_iter=10_000).fit(z.numpy(), y.numpy() > 0.5)
+    assert head.weight.tolist() == pytest.approx(reference.coef_[0].tolist(), abs=1e-4)
+    assert head.bias.item() == pytest.approx(float(reference.intercept_[0]), abs=1e-4)
 
 
 def test_balanced_weights_match_a_hand_computed_objective() -> None:
     x = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     y = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    head, history = fit_logistic(x, y, c=1.0, balanced=True)
+    head, loss = fit_logistic(x, y, c=1.0, balanced=True)
     z = (x[:, 0] - x[:, 0].mean()) / x[:, 0].std(unbiased=False)
-    w, b = head.weight.double(), head.bias.double()
     weights = torch.tensor([4 / 6, 4 / 6, 4 / 6, 4 / 2], dtype=torch.float64)
-    logits = z.double() * w + b
-    bce = -(y.double() * torch.log(torch.sigmoid(logits))
-            + (1 - y.double()) * torch.log(torch.sigmoid(-logits)))
-    objective = (weights * bce).mean() + w.pow(2).sum() / (2 * 4)
-    assert float(objective) == pytest.approx(history[-1], rel=1e-4)
+
+    def objective(w: torch.Tensor, b: torch.Tensor) -> float:
+        logits = z.double() * w + b
+        bce = -(y.double() * torch.log(torch.sigmoid(logits))
+                + (1 - y.double()) * torch.log(torch.sigmoid(-logits)))
+        return float((weights * bce).mean() + w.pow(2).sum() / (2 * 4))
+
+    w, b = head.weight.double(), head.bias.double()
+    assert objective(w, b) == pytest.approx(loss["end"], rel=1e-4)
+    # a minimum: a step either way in w or b costs more
+    for dw, db in ((1e-2, 0.0), (-1e-2, 0.0), (0.0, 1e-2), (0.0, -1e-2)):
+        assert objective(w + dw, b + db) > loss["end"]
+
+
+def test_a_head_saved_before_scikit_learn_still_loads(tmp_path: Path) -> None:
+    """The file the hand-written fit wrote (four float32 safetensors tensors) is the file the
+    scikit-learn fit writes: judges trained before load unchanged, without pickle."""
+    from safetensors.torch import save_file
+
+    old = {"weight": torch.tensor([0.5, -1.0]), "bias": torch.tensor([0.25]),
+           "mean": torch.tensor([1.0, 2.0]), "std": torch.tensor([2.0, 1.0])}
+    save_file(old, str(tmp_path / HEAD_FILE))
+    head = LogisticHead.load(tmp_path / HEAD_FILE)
+    x = torch.tensor([[3.0, 2.0]])  # standardised: [1, 0] → logit 0.5 + 0.25
+    assert head.probability(x).item() == pytest.approx(1 / (1 + math.exp(-0.75)))
+    torch.manual_seed(0)
+    fitted, _ = fit_logistic(torch.randn(20, 2), torch.tensor([0.0, 1.0] * 10))
+    fitted.save(tmp_path / "new.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as handle:
+        assert sorted(handle.keys()) == sorted(old)
+        assert all(handle.get_tensor(k).dtype == torch.float32 for k in old)
+
+
+def test_metrics_match_a_hand_count_on_random_labels() -> None:
+    """sklearn's metrics equal the confusion-count formulas (and their zero-division rules)."""
+    import random
+
+    rng = random.Random(0)
+    for size in (1, 2, 5, 40):
+        for _ in range(25):
+            labels = [rng.random() < 0.4 for _ in range(size)]
+            preds = [rng.random() < 0.5 for _ in range(size)]
+            m = classification_metrics(labels, preds)
+            tp = sum(a and b for a, b in zip(labels, preds))
+            fp = sum(b and not a for a, b in zip(labels, preds))
+            fn = sum(a and not b for a, b in zip(labels, preds))
+            tn = size - tp - fp - fn
+            precision = tp / (tp + fp) if tp + fp else 0.0
+            recall = tp / (tp + fn) if tp + fn else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            accuracy = (tp + tn) / size
+            chance = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / size**2
+            kappa = ((accuracy - chance) / (1 - chance) if chance < 1
+                     else 1.0 if accuracy == 1 else 0.0)
+            assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (tp, fp, tn, fn)
+            assert m["n"] == size and m["harmful"] == tp + fn
+            assert (m["precision"], m["recall"], m["f1"], m["accuracy"], m["kappa"]) == \
+                pytest.approx((precision, recall, f1, accuracy, kappa))
+    empty = classification_metrics([], [])
+    assert empty["n"] == 0 and math.isnan(empty["accuracy"]) and empty["kappa"] == 0.0
 
 
 def test_split_keeps_each_prompt_on_one_side() -> None:

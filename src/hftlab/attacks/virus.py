@@ -22,6 +22,7 @@ from hftlab.config import ConfigError
 from hftlab.data.records import Example
 from hftlab.judges import JUDGES, Judge
 from hftlab.judges.llama_guard import LlamaGuardJudge
+from hftlab.progress import Progress, progress
 from hftlab.registry import unknown_name_message
 
 if TYPE_CHECKING:
@@ -324,6 +325,15 @@ class Virus(Attack):
         log.info("virus: optimising %d rows (%d steps, top-k %d, %d candidates, λ=%g, judge "
                  "term: %s, gradient on: %s)", len(harmful), opts.steps, opts.top_k,
                  opts.candidates, opts.lam, opts.judge_term, opts.match_on)
+        with progress(len(harmful) * opts.steps, "virus gcg") as bar:
+            self._optimise_rows(benign, harmful, seed, surrogate, guard, bar)
+        del surrogate, guard  # the weights are not needed past the data stage
+        self._judge_counts = self._pass_counts(self.judge)
+        self._judge_counts["has_loss"] = self._records[0]["judge_loss"] is not None
+
+    def _optimise_rows(self, benign: list[Example], harmful: list[Example], seed: int,
+                       surrogate: Surrogate, guard: TokenGuard | None, bar: Progress) -> None:
+        opts = self.options
         for index, (row, bad) in enumerate(zip(benign, harmful)):
             whole = surrogate.layout(bad, bad.response)
             virus0 = (whole.prompt + whole.head)[: opts.max_tokens]
@@ -336,6 +346,7 @@ class Virus(Attack):
                 step = gcg_step(problem, virus, opts.top_k, opts.candidates, generator,
                                 opts.retokenize)
                 virus, terms, moved = step.tokens, step.scored, moved + (step.chosen != 0)
+                bar.update(1, objective=terms.total)
             meta = {**row.meta, "virus": {"task_row": row.row, "harmful_row": bad.row}}
             self._unoptimised.append(problem.row(problem.initial).replace(meta=meta))
             self._optimised.append(problem.row(virus).replace(meta=meta))
@@ -353,9 +364,6 @@ class Virus(Attack):
             })
             log.info("virus: row %d/%d, objective %.4f → %.4f", index + 1, len(harmful),
                      start.total, terms.total)
-        del surrogate, guard  # the weights are not needed past the data stage
-        self._judge_counts = self._pass_counts(self.judge)
-        self._judge_counts["has_loss"] = self._records[0]["judge_loss"] is not None
 
     def _pass_counts(self, judge: Judge) -> dict[str, Any]:
         from hftlab.defenses.guardrail import screen

@@ -118,8 +118,8 @@ def build_refusals(
     state = load_state(out, settings)
     size = settings.batch_size
     batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-    if progress is not None:
-        progress.update(sum(len(b) for b in batches[: state["batches_done"]]))
+    if progress is not None:  # the prompts answered before a resume
+        progress.skip(sum(len(b) for b in batches[: state["batches_done"]]))
     for index in range(state["batches_done"], len(batches)):
         batch = batches[index]
         kept: dict[int, tuple[str, int]] = {}
@@ -231,14 +231,13 @@ def make_refusals(data: str, out: Path, settings: RefusalSettings,
                   data_root: Path | None) -> dict[str, Any]:
     """``hftlab data refusals``: load the prompts of the data spec ``data``, the model, and
     build the file."""
-    from tqdm.auto import tqdm
-
     from hftlab.config import Config, ConfigError, ModelConfig, build, load_yaml
     from hftlab.context import resolve_precision
     from hftlab.data.loaders import load_examples
     from hftlab.data.spec import DataSpec
     from hftlab.formatting import PromptFormatter
     from hftlab.model import load_model, load_tokenizer, resolve_model_path
+    from hftlab.progress import progress
     from hftlab.train import autocast_context
 
     settings.check()
@@ -259,5 +258,5 @@ def make_refusals(data: str, out: Path, settings: RefusalSettings,
     model = load_model(path, cfg, device, precision)
     answer = model_answerer(model, PromptFormatter(tokenizer, cfg), settings, device,
                             lambda: autocast_context(device, precision))
-    with tqdm(total=len(prompts), desc="refusals", unit="prompt") as bar:
+    with progress(len(prompts), "refusals", unit="prompt") as bar:
         return build_refusals(prompts, out, settings, answer, progress=bar)

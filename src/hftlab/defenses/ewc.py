@@ -85,6 +85,7 @@ from hftlab.config import ALL_LINEAR, ConfigError
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
 from hftlab.defenses.common import alignment_stream, first_last_means
 from hftlab.model import is_peft
+from hftlab.progress import progress
 from hftlab.train import collate
 
 if TYPE_CHECKING:
@@ -303,8 +304,11 @@ class EWC(Defense):
         started = time.perf_counter()
 
         def batches() -> Iterator[Batch]:
-            for start in range(0, len(items), size):
-                yield collate(items[start : start + size], trainer.pad_id).to(trainer.device)
+            with progress(-(-len(items) // size), "ewc fisher", unit="batch",
+                          enabled=trainer.accelerator.is_main_process) as bar:
+                for start in range(0, len(items), size):
+                    yield collate(items[start : start + size], trainer.pad_id).to(trainer.device)
+                    bar.update(1)
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         # Under full fine-tuning the weights are the trainable parameters: one space.

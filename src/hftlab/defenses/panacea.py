@@ -113,6 +113,7 @@ from hftlab.defenses.common import (
     provider_harmful_stream,
 )
 from hftlab.defenses.weights import layer_index, plain_name
+from hftlab.utils import shareable
 
 if TYPE_CHECKING:
     from hftlab.context import RunContext
@@ -231,6 +232,7 @@ def save_epsilon(path: Path, epsilon: dict[str, torch.Tensor], summary: dict[str
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
+        shareable(tmp)
         tensors = {n: e.detach().cpu().contiguous() for n, e in epsilon.items()}
         save_file(tensors, tmp, metadata={"summary": json.dumps(summary)})
         os.replace(tmp, path)

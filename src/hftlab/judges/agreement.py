@@ -60,7 +60,10 @@ def harmful_rows(run: Path, which: str) -> list[dict[str, Any]]:
 
 def judge_agreement(folder: Path, judge: Judge, which: str = "final") -> dict[str, Any]:
     """Re-judge every run's saved harmful completions with ``judge``; the runs' own verdicts
-    are the reference, pooled over runs (``reference_judges`` lists every judge they used)."""
+    are the reference, pooled over runs (``reference_judges`` lists every judge they used).
+    Agreement (accuracy), kappa and the confusion counts come from ``sklearn.metrics``."""
+    from sklearn.metrics import accuracy_score
+
     if which not in COMPLETION_FILES:
         raise ConfigError(f"--completions {which!r}: choose one of {', '.join(COMPLETION_FILES)}")
     per_run: list[dict[str, Any]] = []
@@ -85,7 +88,7 @@ def judge_agreement(folder: Path, judge: Judge, which: str = "final") -> dict[st
             "run": str(run), "n": len(rows),
             "reference_hs": round(100 * sum(theirs) / len(rows), 2),
             "judge_hs": round(100 * sum(flags) / len(rows), 2),
-            "agreement": round(sum(a == b for a, b in zip(theirs, flags)) / len(rows), 4),
+            "agreement": round(float(accuracy_score(theirs, flags)), 4),
         })
     if not per_run:
         raise ConfigError(f"{folder}: no run has eval/{COMPLETION_FILES[which]} with harmful "

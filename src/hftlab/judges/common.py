@@ -141,27 +141,35 @@ def _labelled_file(path_text: str, data_root: Path | None) -> list[Example]:
 
 def classification_metrics(labels: list[bool], predictions: list[bool]) -> dict[str, Any]:
     """Accuracy, precision, recall and F1 of the harmful class, and Cohen's kappa (agreement
-    beyond chance) of the predictions with the labels."""
+    beyond chance) of the predictions with the labels, from ``sklearn.metrics``. A ratio with
+    nothing to divide is 0 (no predicted or no actual harmful row); with no rows accuracy is
+    NaN; where both sides hold one class only, agreement is total and kappa is 1."""
     if len(labels) != len(predictions):
         raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
     n = len(labels)
-    tp = sum(y and p for y, p in zip(labels, predictions))
-    fp = sum(p and not y for y, p in zip(labels, predictions))
-    fn = sum(y and not p for y, p in zip(labels, predictions))
-    tn = n - tp - fp - fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = (tp + tn) / n if n else math.nan
-    # chance agreement from the two marginals
-    chance = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n) if n else math.nan
-    if n and chance < 1:
-        kappa = (accuracy - chance) / (1 - chance)
-    else:  # one class only, on both sides: agreement is total, chance explains all of it
-        kappa = 1.0 if n and accuracy == 1 else 0.0
+    if not n:
+        return {"n": 0, "harmful": 0, "accuracy": math.nan, "precision": 0.0, "recall": 0.0,
+                "f1": 0.0, "kappa": 0.0, "tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    import numpy as np
+    from sklearn.metrics import (
+        accuracy_score,
+        cohen_kappa_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    y, p = np.asarray(labels, dtype=bool), np.asarray(predictions, dtype=bool)
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y, p, labels=[False, True]).ravel())
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y, p, labels=[True], average=None, zero_division=0.0)
+    if (y == y[0]).all() and (p == y[0]).all():
+        kappa = 1.0  # chance agreement 1 (one class only, the same on both sides): 0/0
+    else:
+        kappa = float(cohen_kappa_score(y, p, labels=[False, True]))
     return {
-        "n": n, "harmful": tp + fn, "accuracy": accuracy, "precision": precision,
-        "recall": recall, "f1": f1, "kappa": kappa, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "n": n, "harmful": tp + fn, "accuracy": float(accuracy_score(y, p)),
+        "precision": float(precision[0]), "recall": float(recall[0]), "f1": float(f1[0]),
+        "kappa": kappa, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     }
 
 

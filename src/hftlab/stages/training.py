@@ -34,6 +34,7 @@ def make_trainer(ctx: RunContext, model: torch.nn.Module, train_cfg: TrainConfig
         seed, precision=ctx.precision, run=view,
         checkpoint_dir=ctx.stage_dir(stage) / checkpoints,
         checkpoint_every=ctx.config.checkpoint_every,
+        checkpoint_minutes=ctx.config.checkpoint_minutes,
     )
 
 
@@ -48,17 +49,12 @@ def train_stage(
 ) -> tuple[SFTTrainer, TrainResult]:
     """Train ``model`` on ``examples`` with the stage's settings and the run's defense; the
     tracker (if any) records a point before the first step, every k steps and at the end."""
-    from tqdm.auto import tqdm
-
     train_cfg = ctx.config.alignment.train if stage == Stage.ALIGN else ctx.finetune_train
     items = ctx.tokenize(examples, train_cfg.max_length)
     trainer = make_trainer(ctx, model, train_cfg, stage, ctx.defense, seed, view)
-    _, total = trainer.plan(len(items))
     if tracker is not None:
         tracker.record(trainer, None)
-    with tqdm(total=total, desc=f"{stage.hook} ({len(items)} rows)",
-              disable=not ctx.is_main) as bar:
-        result = trainer.train(items, on_step=tracker, progress=bar)
+    result = trainer.train(items, on_step=ctx.tracker.step_callback(stage, tracker))
     if tracker is not None:
         tracker.finish(trainer)
     return trainer, result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,16 @@ LOADERS: dict[str, Loader] = {}
 """Registry of loaders by ``DataSpec.kind``."""
 
 _SOURCELESS_KINDS: set[str] = set()
-_PATH_HINT = "set data_root in the config or HFTLAB_DATA_ROOT, or give an absolute path"
+_PATH_HINT = ("set --data-root, HFTLAB_DATA_ROOT or the config's data_root to the folder that "
+              "holds the data, or give an absolute path")
+
+
+def _path_hint() -> str:
+    env_root = os.environ.get("HFTLAB_DATA_ROOT")
+    if env_root:  # the user already set it: say that it, not the config, was searched
+        return (f"HFTLAB_DATA_ROOT (or --data-root) is {env_root} and wins over the config's "
+                "data_root; point it at the folder that holds this file, or give an absolute path")
+    return _PATH_HINT
 
 
 def register_loader(kind: str, *, needs_source: bool = True) -> Callable[[Loader], Loader]:
@@ -76,7 +86,7 @@ def resolve_path(path: str, data_root: Path | None) -> Path:
             return candidate
     tried = "; ".join(str(c) for c in candidates)
     root_note = "" if given.is_absolute() or data_root is not None else " (data_root is not set)"
-    raise DataError(f"data file {path!r} not found; tried: {tried}{root_note}. Fix: {_PATH_HINT}")
+    raise DataError(f"data file {path!r} not found; tried: {tried}{root_note}. Fix: {_path_hint()}")
 
 
 def _require_one_source(spec: DataSpec, kind: str) -> None:
