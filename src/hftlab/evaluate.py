@@ -9,6 +9,13 @@ from typing import Any
 import torch
 
 from hftlab.data.records import Example
+from hftlab.eval_prefix import (
+    MIN_SHARED_PREFIX,
+    SharedPrefix,
+    prefix_padded,
+    shared_prefix_length,
+    sharing_is_exact,
+)
 from hftlab.formatting import PromptFormatter
 from hftlab.judges.base import Judge
 from hftlab.model import causal_lm_parts
@@ -31,9 +38,14 @@ def generate(
     device: torch.device,
     autocast: Callable[[], Any],
     progress: Any = None,
+    share_prefix: bool | None = None,
 ) -> list[str]:
     """Greedy completions, batched with left padding; prompts sorted by length so that a batch
-    wastes little on padding, and the KV cache reused across decoding steps."""
+    wastes little on padding, the KV cache reused across decoding steps, and a batch done once
+    every row has ended. ``share_prefix``: encode the tokens all of a batch's prompts open with
+    (chat header, system prompt) once and copy their KV cache into the batch
+    (:mod:`hftlab.eval_prefix`); None: only where that leaves the completions unchanged (fp32 on
+    the CPU)."""
     from transformers import GenerationConfig
 
     tokenizer = formatter.tokenizer
@@ -48,6 +60,8 @@ def generate(
         pad_token_id=pad_id,
         use_cache=True,
     )
+    if share_prefix is None:
+        share_prefix = sharing_is_exact(model, device, autocast)
     was_training = model.training
     model.eval()
     # generate() projects only the last position (hidden[:, -1:, :], a strided view). With a
@@ -56,16 +70,26 @@ def generate(
     # the embedded model. A contiguous input keeps it one matrix product.
     hook = causal_lm_parts(model)[1].register_forward_pre_hook(contiguous_input)
     completions = [""] * len(prompts)
+    prefix = SharedPrefix(model, device, autocast)
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_ids, attention = left_padded([encoded[i] for i in chunk], pad_id)
+            rows = [encoded[i] for i in chunk]
+            shared = shared_prefix_length(rows) if share_prefix else 0
+            if shared >= MIN_SHARED_PREFIX:
+                input_ids, attention = prefix_padded(rows, shared, pad_id)
+                cached = prefix.generate_kwargs(rows[0][:shared], len(rows))
+            else:
+                input_ids, attention = left_padded(rows, pad_id)
+                cached = {}
             width = input_ids.shape[1]
             with autocast():
+                # generate stops once every row has produced a stop token
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     generation_config=generation,
+                    **cached,
                 )
             for row, i in enumerate(chunk):
                 text = tokenizer.decode(output[row, width:], skip_special_tokens=True)

@@ -57,6 +57,9 @@ class Defense(Plugin):
     reads_stage_start_model: ClassVar[bool] = False
     # the reference run's setup, setting by setting (docs/defenses.md, `hftlab list`)
     reference_settings: ClassVar[tuple[ReferenceSetting, ...]] = ()
+    # work in a training step that the token-work floor of benchmarks/defense_overhead.py does
+    # not count, each with its measured share of the step (read and shown by the benchmark)
+    irreducible: ClassVar[tuple[str, ...]] = ()
 
     def finetune_train(self, train: TrainConfig) -> TrainConfig:
         """The fine-tuning stage's training settings under this defense: the config's, unless

@@ -64,15 +64,19 @@ def booster_gradients(
     grad_h = passes.grads(loss_h)
     norm = global_norm(grad_h) + 1e-7
     saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, g in zip(params, grad_h):
-            p.sub_(alpha * g / norm.to(g.dtype))
+    with torch.no_grad():  # one multi-tensor op per arithmetic step, not one per parameter
+        shift = torch._foreach_mul(grad_h, alpha)
+        if len({s.dtype for s in shift}) == 1:
+            torch._foreach_div_(shift, norm.to(shift[0].dtype))
+        else:
+            shift = [s / norm.to(s.dtype) for s in shift]
+        torch._foreach_sub_(params, shift)
     loss_h_shifted = trainer.compute_loss(harmful)
     grad_h_shifted = passes.grads(loss_h_shifted)
     with torch.no_grad():
-        for p, value in zip(params, saved):
-            p.copy_(value)
-    correction = [lamb * (a - b) for a, b in zip(grad_h, grad_h_shifted)]
+        torch._foreach_copy_(params, saved)
+        correction = torch._foreach_sub(grad_h, grad_h_shifted)
+        torch._foreach_mul_(correction, lamb)
     stats = {
         "harmful_loss": float(loss_h.detach()),
         "harmful_loss_after_step": float(loss_h_shifted.detach()),

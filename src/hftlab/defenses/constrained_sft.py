@@ -203,11 +203,15 @@ class ConstrainedSFT(Defense):
         if not self._sums:
             return
         prefix = positions < max(self.options.bias_length, 1)
+        keys, parts = [], []
         for name, mask in (("prefix", prefix), ("rest", ~prefix)):
-            self._sums[f"n_{name}"] += float(mask.sum())
-            self._sums[f"w_{name}"] += float(weights[mask].sum())
-            self._sums[f"shift_{name}"] += float(shift[mask].sum())
-        self._sums["clamped"] += float((weights <= MIN_WEIGHT).sum())
+            keys += [f"n_{name}", f"w_{name}", f"shift_{name}"]
+            parts += [mask.sum(), weights[mask].sum(), shift[mask].sum()]
+        keys.append("clamped")
+        parts.append((weights <= MIN_WEIGHT).sum())
+        # one read-back per micro-batch (float64 holds each sum exactly)
+        for key, value in zip(keys, torch.stack([p.double() for p in parts]).tolist()):
+            self._sums[key] += value
 
     def report(self, stage: str) -> dict[str, Any]:
         """Token-weighted means over the stage of w_t and Δ_t on the first bias_length response

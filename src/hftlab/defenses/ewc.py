@@ -240,6 +240,21 @@ def fisher_of_weights(
     return fisher
 
 
+@torch.no_grad()
+def add_to_grads(params: list[torch.nn.Parameter], extra: list[torch.Tensor], scale: float
+                 ) -> None:
+    """``.grad += scale · extra`` (in the parameter's dtype; ``.grad`` None counts as zeros),
+    the sum ``ExtraPasses`` forms (earlier + this backward + scale · extra) without setting the
+    earlier gradients aside: the backward has already added to them."""
+    scaled = [(scale * e).to(p.dtype) for p, e in zip(params, extra)]
+    have = [i for i, p in enumerate(params) if p.grad is not None]
+    if have:
+        torch._foreach_add_([params[i].grad for i in have], [scaled[i] for i in have])
+    for i, p in enumerate(params):
+        if p.grad is None:
+            p.grad = scaled[i]
+
+
 @DEFENSES.register("ewc")
 class EWC(Defense):
     summary = "fine-tuning stage: Fisher-weighted ℓ2 pull towards the aligned weights (EWC)"
@@ -340,38 +355,39 @@ class EWC(Defense):
 
     @torch.no_grad()
     def penalty(self) -> tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]:
-        """(λ·Σ F (w − w_init)², the parameters, the penalty's gradient for each), float32."""
+        """(λ·Σ F (w − w_init)², the parameters, the penalty's gradient for each), float32.
+        The per-tensor sums are read back once (one ``tolist``) and added in the same order
+        as a Python loop would."""
         lamb = self.options.lamb
-        value = 0.0
         if self.space != "weights":
-            grads = []
-            for p, fisher, start in zip(self.params, self.fisher, self.start):
-                weighted = fisher * (p.float() - start)
-                value += lamb * float((weighted * (p.float() - start)).sum())
-                grads.append(2 * lamb * weighted)
-            return value, self.params, grads
+            diffs = torch._foreach_sub([p.float() for p in self.params], self.start)
+            weighted = torch._foreach_mul(self.fisher, diffs)
+            sums = torch.stack([(w * d).sum() for w, d in zip(weighted, diffs)]).tolist()
+            value = sum((lamb * s for s in sums), 0.0)
+            return value, self.params, torch._foreach_mul(weighted, 2 * lamb)
         params: list[torch.nn.Parameter] = []
         grads = []
+        sums = []
         for layer, fisher, start in zip(self.layers, self.fisher, self.start_delta):
             delta = delta_weight(layer)
             if start is not None:
                 delta = delta - start
             weighted = fisher * delta
-            value += lamb * float((weighted * delta).sum())
+            sums.append((weighted * delta).sum())
             factor = 2 * lamb * layer.scaling
             params += [layer.lora_B, layer.lora_A]
             grads += [factor * weighted @ layer.lora_A.float().T,
                       factor * layer.lora_B.float().T @ weighted]
+        value = sum((lamb * s for s in torch.stack(sums).tolist()), 0.0) if sums else 0.0
         return value, params, grads
 
     def training_step(self, stage: str, trainer: SFTTrainer, batch: Batch) -> dict[str, float]:
         if stage != FINETUNE:
             return super().training_step(stage, trainer, batch)
         value, params, grads = self.penalty()  # at w, before this micro-batch's backward
-        with trainer.extra_passes(params) as passes:
-            ce = trainer.compute_loss(batch)
-            trainer.backward(ce)
-            passes.add(grads, 1.0 / trainer.cfg.grad_accum)
+        ce = trainer.compute_loss(batch)
+        trainer.backward(ce)
+        add_to_grads(params, grads, 1.0 / trainer.cfg.grad_accum)
         self.trace.append({"ewc_penalty": value})
         return {"loss": float(ce.detach()), "ewc_penalty": value}
 

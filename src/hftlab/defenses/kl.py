@@ -36,7 +36,8 @@ Departures from the reference, and why:
 
 Returned per micro-batch: ``loss`` is the cross-entropy (comparable with the other defenses) and
 ``kl`` the (unweighted) KL term. Cost: one extra no-grad forward of the aligned model and the LM
-head at every position of both models (float32 logits of size positions × vocabulary).
+head at every position of both models (float32 logits of size positions × vocabulary); the CE
+and the KL share one log_softmax and one hand-written gradient (:class:`CrossEntropyAndKL`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,39 @@ def kl_batchmean(aligned_logits: torch.Tensor, logits: torch.Tensor, n_rows: int
     log_p = F.log_softmax(aligned_logits.float(), dim=-1)
     log_q = F.log_softmax(logits.float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum() / n_rows
+
+
+class CrossEntropyAndKL(torch.autograd.Function):
+    """(CE, KL) of float32 ``logits`` whose rows are all KL positions, sharing one log_softmax
+    and writing one gradient: CE the mean −log q(target) over the rows of ``ce_rows`` (their
+    ``targets``), KL = Σ_rows Σ_v p (log p − log q) / n_rows with p = exp(``aligned_logp``)
+    constant. Equal to ``cross_entropy(logits[ce_rows], targets)`` and :func:`kl_batchmean` up
+    to rounding order; saves the row-subset copies whose backward scatters into zeros, the
+    second log_softmax and the autograd intermediates of the vocabulary-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, aligned_logp: torch.Tensor, ce_rows: torch.Tensor,
+                targets: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        log_q = F.log_softmax(logits, dim=-1)
+        p = aligned_logp.exp()
+        kl = (p * (aligned_logp - log_q)).sum() / n_rows
+        rows = ce_rows.nonzero().squeeze(1)
+        ce = -log_q[rows, targets].mean()
+        ctx.save_for_backward(log_q, p, rows, targets)
+        ctx.n_rows = n_rows
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, grad_kl: torch.Tensor):
+        log_q, p, rows, targets = ctx.saved_tensors
+        # d/dz of Σ_v g_v log_softmax(z)_v is g − softmax(z)·Σ_v g_v, per row
+        kl_scale = grad_kl / ctx.n_rows
+        ce_scale = grad_ce / rows.numel()
+        row_sum = p.sum(-1, keepdim=True) * kl_scale
+        row_sum[rows] += ce_scale
+        grad = log_q.exp().mul_(row_sum).sub_(p * kl_scale)
+        grad[rows, targets] -= ce_scale
+        return grad, None, None, None, None
 
 
 @DEFENSES.register("kl")
@@ -178,12 +212,19 @@ class KL(Defense):
             logits = logits_at(trainer.model, batch, both)
         targets = torch.full_like(batch.labels, IGNORE_INDEX)
         targets[:, :-1] = batch.labels[:, 1:]
-        # Boolean indexing is row-major, so a mask of ``both`` picks each subset in order.
-        ce = F.cross_entropy(logits[supervised[both]], targets[supervised])
-        kl = kl_batchmean(aligned_logits, logits[select[both]], batch.labels.shape[0])
+        n_rows = batch.labels.shape[0]
+        if torch.equal(both, select):  # always, unless an answer token is masked out
+            with torch.no_grad():
+                aligned_logp = F.log_softmax(aligned_logits.float(), dim=-1)
+            ce, kl = CrossEntropyAndKL.apply(logits, aligned_logp, supervised[select],
+                                             targets[supervised], n_rows)
+        else:  # Boolean indexing is row-major: a mask of ``both`` picks each subset in order
+            ce = F.cross_entropy(logits[supervised[both]], targets[supervised])
+            kl = kl_batchmean(aligned_logits, logits[select[both]], n_rows)
         trainer.backward(ce + self.options.lamb * kl)
-        self.trace.append({"kl": float(kl.detach())})
-        return {"loss": float(ce.detach()), "kl": float(kl.detach())}
+        value = float(kl.detach())
+        self.trace.append({"kl": value})
+        return {"loss": float(ce.detach()), "kl": value}
 
     def report(self, stage: str) -> dict[str, object]:
         """The unweighted KL term averaged over the first and last tenth of the stage: how far

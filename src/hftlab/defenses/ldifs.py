@@ -72,13 +72,13 @@ def feature_terms(
 
 
 def kept_terms(terms: list[torch.Tensor], max_term: float | None) -> list[torch.Tensor]:
-    """The terms the reference keeps: finite and (with a threshold) below it."""
-    kept = []
-    for term in terms:
-        value = float(term.detach())
-        if math.isfinite(value) and (max_term is None or value < max_term):
-            kept.append(term)
-    return kept
+    """The terms the reference keeps: finite and (with a threshold) below it (the values read
+    back at once, not one synchronisation per layer)."""
+    if not terms:
+        return []
+    values = torch.stack([term.detach() for term in terms]).tolist()
+    return [term for term, value in zip(terms, values)
+            if math.isfinite(value) and (max_term is None or value < max_term)]
 
 
 @DEFENSES.register("ldifs")

@@ -99,6 +99,14 @@ def lisa_state(step: int, alignment_step: int, finetune_step: int) -> str:
     return ALIGN_STATE if in_cycle < alignment_step else FINETUNE_STATE
 
 
+def squared_distance(diffs: list[torch.Tensor]) -> float:
+    """Σ ‖d‖² over the tensors: float32 sums per tensor, read back at once and added in order
+    in Python (as a loop of ``float(d.pow(2).sum())`` would)."""
+    if not diffs:
+        return 0.0
+    return sum(torch.stack([d.float().pow(2).sum() for d in diffs]).tolist(), 0.0)
+
+
 @DEFENSES.register("lisa")
 class Lisa(Defense):
     summary = "fine-tuning stage: alternate alignment and user steps with a proximal term (ρ)"
@@ -237,8 +245,8 @@ class Lisa(Defense):
     def switch(self, params: list[torch.nn.Parameter], state: str) -> None:
         """Enter ``state``: the weights of the state being left become w̃."""
         with torch.no_grad():
-            drift = sum(float((p.detach() - a).float().pow(2).sum())
-                        for p, a in zip(params, self.anchor))
+            drift = squared_distance(torch._foreach_sub([p.detach() for p in params],
+                                                        self.anchor))
             self.anchor = [p.detach().clone() for p in params]
         self.switch_drift.append(drift)
         self.state = state
@@ -270,15 +278,16 @@ class Lisa(Defense):
 
     def add_proximal_grad(self, params: list[torch.nn.Parameter], scale: float) -> float:
         """.grad += scale · (w − w̃); returns ρ/2·‖w − w̃‖² (ρ = scale · grad_accum)."""
-        total = 0.0
         with torch.no_grad():
-            for p, anchor in zip(params, self.anchor):
-                diff = p.detach() - anchor
-                total += float(diff.float().pow(2).sum())
+            diffs = torch._foreach_sub([p.detach() for p in params], self.anchor)
+            total = squared_distance(diffs)
+            have = [i for i, p in enumerate(params) if p.grad is not None]
+            if have:
+                torch._foreach_add_([params[i].grad for i in have], [diffs[i] for i in have],
+                                    alpha=scale)
+            for p, diff in zip(params, diffs):
                 if p.grad is None:
                     p.grad = scale * diff
-                else:
-                    p.grad.add_(diff, alpha=scale)
         return self.options.rho / 2 * total
 
     def report(self, stage: str) -> dict[str, object]:

@@ -206,15 +206,15 @@ def panacea_gradients(
     grad_h = passes.grads(loss_h)
     eps = ascent_perturbation(grad_h, rho)
     saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
+    with torch.no_grad():  # one multi-tensor op per arithmetic step, not one per parameter
+        torch._foreach_add_(params, eps)
     loss_h_eps = trainer.compute_loss(harmful)
     grad_h_eps = passes.grads(torch.clamp(loss_h_eps, max=harmful_loss_max))
     with torch.no_grad():
-        for p, value in zip(params, saved):
-            p.copy_(value)
-    applied = [f - lamb * (he - h) for f, h, he in zip(grad_f, grad_h, grad_h_eps)]
+        torch._foreach_copy_(params, saved)
+        rise = torch._foreach_sub(grad_h_eps, grad_h)
+        torch._foreach_mul_(rise, lamb)
+        applied = torch._foreach_sub(grad_f, rise)
     stats = {
         "loss": float(loss_f.detach()),
         "harmful_loss": float(loss_h.detach()),

@@ -112,6 +112,7 @@ from hftlab.defenses.repnoise_losses import (
     FusedLensCE,
     ce_rows,
     fusable_head,
+    lens_weight,
     mmd_loss,
 )
 from hftlab.defenses.repnoise_losses import masked_ce as masked_ce
@@ -203,7 +204,8 @@ def harmful_terms(
         return ce_rows(logits, targets)
 
     if targets.numel() and fusable_head(head, softcap):
-        lens_terms = [FusedLensCE.apply(norm(state[:, :-1][keep_target]), head.weight, targets,
+        weight = lens_weight(head.weight)  # cast once for the L + 1 states
+        lens_terms = [FusedLensCE.apply(norm(state[:, :-1][keep_target]), weight, targets,
                                         LENS_CHUNK) for state in states]
     else:
         lens_terms = [checkpoint(lens_ce, state[:, :-1][keep_target], use_reentrant=False)
@@ -255,6 +257,9 @@ class RepNoise(Defense):
     stages = (ALIGNMENT,)
     resume_attributes = ("harmful", "noise", "trace")
     needs_provider_harmful = True
+    irreducible = ("logit-lens projections of all L + 1 hidden states onto the vocabulary and "
+                   "their softmax gradients (FusedLensCE; ≈75% of the step, measured with "
+                   "torch.profiler on configs/quickstart.yaml, bf16)",)
 
     @dataclass
     class Options:

@@ -41,6 +41,26 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 UNDERFLOW_LOG_PROB = -80.0  # FusedLensCE's softmax is exactly 0 below e^-80
+# the largest float32 below -80: log-probabilities at or under it are the ones dropped
+_BELOW_UNDERFLOW = torch.nextafter(torch.tensor(UNDERFLOW_LOG_PROB),
+                                   torch.tensor(float("-inf"))).item()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype matrix products run in under the active autocast on ``device`` (None: off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def lens_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The LM-head weight to hand :class:`FusedLensCE` for all the states of one step: a frozen
+    weight cast once to the autocast dtype (autocast would cast the vocabulary × hidden matrix
+    again at every product, two per state), else the weight itself."""
+    low = autocast_dtype(weight.device)
+    if low is None or weight.requires_grad:
+        return weight
+    return weight.to(low)
 
 
 class FusedLensCE(torch.autograd.Function):
@@ -56,27 +76,36 @@ class FusedLensCE(torch.autograd.Function):
     def forward(ctx, rows, weight, targets, chunk):  # type: ignore[override]
         n = rows.shape[0]
         want_rows, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        low = autocast_dtype(rows.device)
+        # one cast of the weight for every chunk's two products (what autocast does to each)
+        projection = weight.to(low) if low is not None else weight
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if want_rows else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if want_weight else None
         for start in range(0, n, chunk):
             part, part_targets = rows[start:start + chunk], targets[start:start + chunk]
-            log_probs = torch.log_softmax(F.linear(part, weight).float(), dim=-1)
+            log_probs = torch.log_softmax(F.linear(part, projection).float(), dim=-1)
             total -= log_probs.gather(1, part_targets[:, None]).sum()
             if not (want_rows or want_weight):
                 continue
             # exp of log-probabilities below e^-80 (≈ 1.8e-35, nothing next to a row's largest
             # probability ≥ 1/V) lands in the CPU's slow denormal range: once the ascent spreads
-            # the lens logits, exp over the chunk ran ~7× slower. Those entries are set to 0.
-            grad = log_probs.clamp(min=UNDERFLOW_LOG_PROB).exp_()
-            grad.masked_fill_(log_probs < UNDERFLOW_LOG_PROB, 0.0)
+            # the lens logits, exp over the chunk ran ~7× slower. Those entries become -inf
+            # (exp: exactly 0) in one pass.
+            grad = F.threshold(log_probs, _BELOW_UNDERFLOW, float("-inf")).exp_()
             grad[torch.arange(len(part_targets), device=grad.device), part_targets] -= 1.0
-            grad /= n
+            if low is None:
+                grad /= n
+                factor = projection.to(grad.dtype)
+            else:  # divide and cast to the product dtype in one pass (autocast's cast, fused)
+                scaled = torch.empty(grad.shape, dtype=low, device=grad.device)
+                grad = torch.div(grad, n, out=scaled)
+                factor = projection
             if want_rows:
-                grad_rows[start:start + chunk] = (grad @ weight.to(grad.dtype)).to(rows.dtype)
+                grad_rows[start:start + chunk] = (grad @ factor).to(rows.dtype)
             if want_weight:
-                grad_weight += grad.T @ part.float()
+                grad_weight += grad.T @ part.to(grad.dtype)
         ctx.save_for_backward(grad_rows, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / n

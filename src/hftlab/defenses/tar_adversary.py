@@ -69,7 +69,9 @@ def tamper_resistance_gradient(
     backward = trainer.accelerator.backward
     saved = [p.detach().clone() for p in params]
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=ADVERSARY_WEIGHT_DECAY)
+    # multi-tensor AdamW (torch's default on GPUs; a per-parameter loop on CPUs otherwise)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=ADVERSARY_WEIGHT_DECAY,
+                                  foreach=True)
     stats = {"adversary_lr": lr, "tamper_resistance_loss": 0.0}
     try:
         for p in params:
@@ -89,9 +91,11 @@ def tamper_resistance_gradient(
             tr = entropy_loss(logits)
             backward(weights[i] * tr)
             with torch.no_grad():
-                for acc, p in zip(total, params):
-                    if p.grad is not None:
-                        acc.add_(p.grad.float())
+                have = [i for i, p in enumerate(params) if p.grad is not None]
+                if have:
+                    torch._foreach_add_([total[i] for i in have],
+                                        [params[i].grad.float() for i in have])
+                for p in params:
                     p.grad = None
             stats["tamper_resistance_loss"] += weights[i] * float(tr.detach())
             stats["harmful_entropy_after_attack"] = -float(tr.detach())
@@ -106,7 +110,7 @@ def tamper_resistance_gradient(
         optimizer.state.clear()
         del optimizer
         with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
+            torch._foreach_copy_(params, saved)
+            for p in params:
                 p.grad = None
     return total, stats

@@ -129,9 +129,9 @@ class VlguardMix(Defense):
         user_loss = trainer.compute_loss(batch)
         alignment_loss = trainer.compute_loss(self.alignment.next())
         trainer.backward(user_loss + self.options.lamb * alignment_loss)
-        self.trace.append({"alignment_loss": float(alignment_loss.detach())})
-        return {"loss": float(user_loss.detach()),
-                "alignment_loss": float(alignment_loss.detach())}
+        value = float(alignment_loss.detach())
+        self.trace.append({"alignment_loss": value})
+        return {"loss": float(user_loss.detach()), "alignment_loss": value}
 
     def report(self, stage: str) -> dict[str, object]:
         """The alignment loss averaged over the first and last tenth of the stage."""
