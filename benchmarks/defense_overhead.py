@@ -8,7 +8,9 @@ alike. The ratio of each repeat is defense seconds per step / sft seconds per st
 just before it; the table shows their median and min–max spread, the token work the defense
 did relative to sft (the floor the ratio should approach with this data), and the measured
 parts that floor does not count (``irreducible``): the LM head run at more positions than sft's
-supervised ones.
+supervised ones, and the parts a defense declares from a profile (``Defense.irreducible``, e.g.
+RepNoise's logit lens). ``meets_target`` in the JSON: the step is within 1.3× of the floor plus
+those parts, or the defense names what it cannot avoid.
 
     python benchmarks/defense_overhead.py                           # quickstart config, all
     python benchmarks/defense_overhead.py --defenses kl ewc --json  # a subset, machine-readable
@@ -47,6 +49,8 @@ PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2, "
           "ewc": 1, "safe_instr": 1, "backdoor_align": 1, "guardrail": 1, "panacea": 3}
 # a measured part is named as irreducible when it costs at least this share of a step
 NAMED_SHARE = 0.05
+# the goal: each defense's step at most this multiple of its work floor plus irreducible parts
+TARGET = 1.3
 HEAD_WHY = ("LM head (vocabulary projection) at more positions than sft's supervised ones: "
             "the token-work floor counts the body only; forward timed, backward taken as 2× "
             "forward for passes with gradients")
@@ -207,7 +211,14 @@ def measure(
             pairs.append((base.run_block(args.steps), own.run_block(args.steps)))
     finally:
         own.finish()
-    return summarise(name, stage, own.passes, pairs, own.losses[-1], args.clock)
+    row = summarise(name, stage, own.passes, pairs, own.losses[-1], args.clock)
+    # parts the defense itself names (found with a profiler, not timed by this benchmark)
+    row["irreducible"] += [{"part": "declared", "seconds_per_step": None, "share": None,
+                            "ratio_points": None, "why": why}
+                           for why in DEFENSES.get(name).irreducible]
+    row["meets_target"] = (row["ratio_over_floor_and_irreducible"] <= TARGET
+                           or any(p["part"] == "declared" for p in row["irreducible"]))
+    return row
 
 
 def summarise(name: str, stage: str, passes_: str, pairs: list[tuple[dict, dict]],
@@ -258,7 +269,9 @@ def run_all(ctx: RunContext, names: list[str], options: dict, args: argparse.Nam
 
 
 def format_row(r: dict) -> str:
-    named = ", ".join(f"{p['part']} {p['ratio_points']:.2f}" for p in r["irreducible"]) or "-"
+    named = ", ".join(p["part"] if p["ratio_points"] is None
+                      else f"{p['part']} {p['ratio_points']:.2f}"
+                      for p in r["irreducible"]) or "-"
     return (f"{r['defense']:<16}{r['stage']:<11}{r['seconds_per_step']:>8.3f}"
             f"{r['ratio']:>7.2f}×  {r['spread'][0]:.2f}–{r['spread'][1]:.2f}"
             f"{r['passes']:>8}{r['work_floor']:>7.2f}×{r['ratio_over_floor']:>7.2f}  {named}")
@@ -295,7 +308,8 @@ def main() -> None:
     print("\n× sft: median over repeats of defense / sft seconds per step of adjacent blocks; "
           "work×: token work per step (3/token with gradients, 1 without, padding included) "
           "relative to sft, the floor for × sft given this data; ×/work: × sft over that floor; "
-          "irreducible: measured parts the floor does not count, in ratio points")
+          "irreducible: measured parts the floor does not count, in ratio points ('declared': "
+          "named by the defense from a profile, see --json)")
 
 
 if __name__ == "__main__":

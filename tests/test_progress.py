@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from hftlab.progress import INTERVAL_ENV, current, format_seconds, progress
+from hftlab.progress import INTERVAL_ENV, current, forget, format_seconds, latest, progress
 
 
 def test_off_a_terminal_it_logs_lines_with_step_loss_and_eta(monkeypatch, caplog) -> None:
@@ -55,6 +55,17 @@ def test_skipped_work_counts_but_stays_out_of_the_eta() -> None:
         bar.update(1)
         assert bar.n == 9 and bar.eta() is not None
         assert "prompt 9/10 (90%)" in bar.line()
+
+
+def test_the_latest_ended_step_stays_readable_until_forgotten() -> None:
+    forget()
+    assert latest() is None
+    with progress(3, "finetune", enabled=False) as bar:
+        bar.update(3)
+        assert latest() is bar
+    assert current() is None and latest() is bar and (bar.n, bar.total) == (3, 3)
+    forget()
+    assert latest() is None
 
 
 def test_format_seconds() -> None:

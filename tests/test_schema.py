@@ -28,7 +28,9 @@ def without_none(value: Any) -> Any:
 def records() -> list[tuple[Path, dict[str, Any]]]:
     if not RECORDS:
         pytest.skip("no committed results/ records in this checkout")
-    return [(path, json.loads(path.read_text())) for path in RECORDS]
+    # the v1 shapes; records exported since are written in the current schema already
+    rows = [(path, json.loads(path.read_text())) for path in RECORDS]
+    return [(path, old) for path, old in rows if "schema_version" not in old]
 
 
 def test_every_committed_record_loads_and_keeps_every_value(records) -> None:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from hftlab import __version__
+from hftlab.cli_cluster import add_backend_options, add_plan_parser, cmd_plan, run_sweep_backend
 from hftlab.cli_tools import add_data_parser, add_judge_parser, cmd_data, cmd_judge
 from hftlab.config import ConfigError, load_config
 from hftlab.data.records import DataError
+from hftlab.serve.cli import add_serve_parser, cmd_serve
 
 
 class UsageError(Exception):
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--only", nargs="*", default=None, metavar="PATTERN",
                        help="run only the runs whose name matches one of these globs")
     sweep.add_argument("-v", "--verbose", action="store_true")
+    add_backend_options(sweep)
     compare = sub.add_parser(
         "compare", help="mean ± std over seeds per cell and each defense's difference to sft")
     compare.add_argument("folder", type=Path, help="a sweep folder or any folder of runs")
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     add_judge_parser(sub)
     add_data_parser(sub)
+    add_plan_parser(sub)
+    add_serve_parser(sub)
     docs = sub.add_parser("docs", help="write docs/defenses.md: each defense's reference "
                           "settings beside hftlab's default and CPU preset")
     docs.add_argument("--out", type=Path, default=Path("docs/defenses.md"),
@@ -161,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_judge(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command == "docs":
             return cmd_docs(args)
         return cmd_list(args.kind, args.json)
@@ -246,6 +255,7 @@ def check_out_dir(path: Path, option: str = "--out") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hftlab.distributed import is_main_launch
     from hftlab.experiment import build_experiment
     from hftlab.pipeline import run_pipeline
     from hftlab.report import write_report
@@ -255,6 +265,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = args.out or Path(config.out_dir or Path("runs") / args.config.stem)
     check_out_dir(run_dir, "--out" if args.out else "out_dir" if config.out_dir else "run folder")
     run_pipeline(config, run_dir, force=args.force, experiment=experiment)
+    if not is_main_launch():  # data parallel: the main process writes the report
+        return 0
     print(write_report(run_dir))
     print(f"\nrun folder: {run_dir} (metrics.json, report.md, report.html, eval/completions.jsonl)")
     return 0
@@ -262,14 +274,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hftlab.compare import compare_table
-    from hftlab.sweep import describe_plan, load_sweep, run_sweep
+    from hftlab.sweep import describe_plan, load_sweep
 
     sweep = load_sweep(args.sweep_file, args.only, args.overrides, args.out)
     if args.dry_run:
         print("\n".join(describe_plan(sweep)))
         return 0
     check_out_dir(sweep.out, "--out" if args.out else f"{args.sweep_file}: out")
-    failures = run_sweep(sweep, args.workers)
+    failures = run_sweep_backend(sweep, args)
     runs_dir = sweep.out / "runs"
     if any(runs_dir.rglob("metrics.json")):
         from hftlab.report import write_report

@@ -12,6 +12,7 @@ import torch
 
 from hftlab.attacks.base import EvalVariant
 from hftlab.cache import commit_entry, entry_lock, usable_entry
+from hftlab.distributed import Shard
 from hftlab.evaluate import (
     alpaca_eval_records,
     finetune_accuracy,
@@ -46,17 +47,22 @@ def evaluate_model(
     harmless_prompts = [e.prompt for e in data.eval_harmless]
     instructions = [e.prompt for e in data.eval_generations]
     total = len(harmful_prompts) + len(task_prompts) + len(harmless_prompts) + len(instructions)
+    # prompts split across processes, gathered in order (passed only then: older wrappers)
+    shard = Shard.of(ctx.accelerator)
+    split = {"shard": shard} if shard.world > 1 else {}
     with progress(total, f"eval {label}", unit="prompt", enabled=ctx.is_main) as bar:
         harmful_out = generate(model, formatter, [ask(p) for p in harmful_prompts],
-                               ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+                               ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar,
+                       **split)
         task_out = generate(model, formatter, [ask(p) for p in task_prompts],
                             ev.task_max_new_tokens or ev.max_new_tokens, ev.batch_size,
-                            ctx.device, ctx.autocast, bar)
+                            ctx.device, ctx.autocast, bar, **split)
         harmless_out = generate(model, formatter, [ask(p) for p in harmless_prompts],
-                                ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+                                ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar,
+                                **split)
         generations = generate(model, formatter, [ask(p) for p in instructions],
                                ev.generation_max_new_tokens or ev.max_new_tokens, ev.batch_size,
-                               ctx.device, ctx.autocast, bar)
+                               ctx.device, ctx.autocast, bar, **split)
     hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out, ctx.config.eval.hs_plus)
     fa, correct = finetune_accuracy(ctx.task, data.eval_task, task_out)
     refusal_rate, refused = over_refusal(harmless_out)
@@ -110,6 +116,7 @@ def evaluate_model(
                 write_json(tmp / ALPACA_EVAL_FILE,
                            alpaca_eval_records(data.eval_generations, generations, generator))
             write_json(tmp / "metrics.json", metrics)
+    ctx.accelerator.wait_for_everyone()  # the others read the entry the main process wrote
     return metrics
 
 
@@ -138,10 +145,13 @@ def evaluate_attack_variant(
     ask = prompt or (lambda text: text)
     examples = ctx.data.eval_harmful
     prompts = [e.prompt for e in examples]
+    shard = Shard.of(ctx.accelerator)
+    split = {"shard": shard} if shard.world > 1 else {}
     with progress(len(prompts), f"eval final ({name})", unit="prompt",
                   enabled=ctx.is_main) as bar:
         raw = generate(model, formatter, [ask(variant.prompt(p)) for p in prompts],
-                       ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar)
+                       ev.max_new_tokens, ev.batch_size, ctx.device, ctx.autocast, bar,
+                       **split)
     read = [variant.completion(c) for c in raw]
     hs, flags = harmful_score(ctx.judge, prompts, read, ctx.config.eval.hs_plus)
     rows = [
@@ -162,4 +172,5 @@ def evaluate_attack_variant(
         with commit_entry(folder) as tmp:
             write_jsonl(tmp / "completions.jsonl", rows)
             write_json(tmp / "metrics.json", metrics)
+    ctx.accelerator.wait_for_everyone()  # the others read the entry the main process wrote
     return metrics

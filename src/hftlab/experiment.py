@@ -17,6 +17,7 @@ from hftlab.attacks import ATTACKS, Attack
 from hftlab.config import Config, ConfigError, TrainConfig
 from hftlab.defenses import DEFENSES, Defense
 from hftlab.defenses.composite import build_defense
+from hftlab.distributed import check_multi_process, launched_processes
 from hftlab.errors import unknown_name_message
 from hftlab.judges import JUDGES, Judge
 from hftlab.model import check_lora_targets, model_shape, resolve_model_path
@@ -55,6 +56,7 @@ def build_experiment(config: Config, where: str | None = None) -> Experiment:
                     **config.eval.judge_args)
     try:
         check_tracking(config.tracking)
+        check_multi_process(defense, launched_processes(), config.defense_label)
         check_defense_needs(defense, config)
         check_continued_adapter(defense, config)
         model_path = resolve_model_path(config.model.name, config.resolved_cache_dir())

@@ -72,7 +72,8 @@ def run_pipeline(config: Config, run_dir: Path, force: bool = False,
             info = run_stage(ctx, name, stage_fns[name], config.seed + offset)
             ctx.tracker.log_stage(name, info)
         metrics = collect_metrics(ctx, STAGES)
-        write_json(run_dir / "metrics.json", metrics.to_dict())
+        if ctx.is_main:
+            write_json(run_dir / "metrics.json", metrics.to_dict())
         ctx.tracker.log_final(*final_summary(metrics))
         failed = False
     finally:

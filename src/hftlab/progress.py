@@ -27,6 +27,7 @@ DEFAULT_INTERVAL = 30.0
 
 _open: list[Progress] = []  # the steps in progress, innermost last
 _interrupted: list[Progress] = []  # the innermost step a Ctrl-C stopped (for its message)
+_ended: list[Progress] = []  # the latest step that ended, for a reader polling after it
 
 
 def format_seconds(seconds: float) -> str:
@@ -163,7 +164,19 @@ def progress(total: int, desc: str, unit: str = "step", enabled: bool = True,
         raise
     finally:
         _open.remove(bar)
+        _ended[:] = [bar]
         bar.close(finished)
+
+
+def latest() -> Progress | None:
+    """The step in progress, else the latest one that ended; None before any (or after
+    :func:`forget`)."""
+    return current() or (_ended[0] if _ended else None)
+
+
+def forget() -> None:
+    """Drop the ended step, so a long-lived process's next piece of work starts afresh."""
+    _ended.clear()
 
 
 def current() -> Progress | None:

@@ -12,6 +12,8 @@ A sweep file::
       finetune.poison_ratio: [0.0, 0.1]
       seed: [0, 1, 2]
     out: runs/sweeps/NAME             # default: runs/sweeps/<file name>
+    resources: {num_gpus: 1}          # what each run declares with --backend ray (num_cpus,
+                                      # num_gpus, memory); the options --num-cpus ... win
 
 Runs live in ``out/runs/<name>`` (each an ordinary run folder, resumable); ``out/sweep.json`` is
 the plan. Runs that share an aligned checkpoint share it through the alignment cache; with
@@ -40,7 +42,8 @@ from hftlab.config import ConfigError, load_config, read_yaml_mapping
 from hftlab.utils import stable_hash, write_json
 
 log = logging.getLogger(__name__)
-SWEEP_KEYS = {"config", "set", "grid", "out"}
+SWEEP_KEYS = {"config", "set", "grid", "out", "resources"}
+RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}  # per run, for --backend ray
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Sweep:
     config: Path
     out: Path
     runs: list[PlannedRun] = field(default_factory=list)  # what this invocation runs
+    resources: dict[str, Any] = field(default_factory=dict)  # the file's `resources`
     planned: list[PlannedRun] = field(default_factory=list)  # the whole grid (sweep.json)
 
     def run_dir(self, run: PlannedRun) -> Path:
@@ -84,12 +88,14 @@ def run_name(values: dict[str, Any]) -> str:
 
 
 def load_sweep(path: Path, only: list[str] | None = None, overrides: list[str] | None = None,
-               out: Path | None = None) -> Sweep:
+               out: Path | None = None, check: bool = True) -> Sweep:
     """Read and validate a sweep file; every run's experiment (config, plug-ins and their
     options, checks across fields) is built before anything runs.
     ``only``: keep the runs whose name matches one of these globs (a subset, in file order).
     ``overrides``: ``key=value`` settings for every run, after the file's ``set`` (a key the
-    grid varies is an error). ``out``: the sweep folder instead of the file's ``out``."""
+    grid varies is an error). ``out``: the sweep folder instead of the file's ``out``.
+    ``check=False``: each run's config is only read, not built (``hftlab plan`` of a 7B sweep
+    where the model cannot be reached)."""
     # imported here: the plug-ins (and torch) are not for every importer of this module (the
     # workers' initializer)
     from hftlab.experiment import build_experiment
@@ -107,6 +113,10 @@ def load_sweep(path: Path, only: list[str] | None = None, overrides: list[str] |
     grids = raw["grid"] if isinstance(raw["grid"], list) else [raw["grid"]]
     out = out or Path(raw.get("out") or Path("runs") / "sweeps" / path.stem)
     sweep = Sweep(path, config, out)
+    sweep.resources = raw.get("resources") or {}
+    if not isinstance(sweep.resources, dict) or set(sweep.resources) - RESOURCE_KEYS:
+        raise ConfigError(f"{path}: 'resources' must be a mapping with keys among "
+                          f"{sorted(RESOURCE_KEYS)}")
     extra = list(overrides or [])
     extra_keys = {word.partition("=")[0].strip() for word in extra}
     seen: set[str] = set()
@@ -128,7 +138,9 @@ def load_sweep(path: Path, only: list[str] | None = None, overrides: list[str] |
             run_overrides = ([override(k, v) for k, v in shared.items()] + extra
                              + [override(k, v) for k, v in values.items()])
             try:  # every plug-in and check of every run, before anything runs
-                build_experiment(load_config(config, run_overrides), str(config))
+                run_config = load_config(config, run_overrides)
+                if check:
+                    build_experiment(run_config, str(config))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from exc
             sweep.runs.append(PlannedRun(name, run_overrides, values))
@@ -140,7 +152,7 @@ def load_sweep(path: Path, only: list[str] | None = None, overrides: list[str] |
     return sweep
 
 
-def _execute(config_path: str, overrides: list[str], run_dir: str, threads: int | None) -> str:
+def execute_run(config_path: str, overrides: list[str], run_dir: str, threads: int | None) -> str:
     """One run in a worker process (or inline); returns the run folder."""
     if threads:
         import torch
@@ -217,23 +229,16 @@ def describe_plan(sweep: Sweep) -> list[str]:
 def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     """Run every unfinished run; returns (run name, error) for the ones that failed (the
     others keep going). Finished runs (with metrics.json) are skipped: rerun to resume."""
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    write_json(sweep.out / "sweep.json", {
-        "sweep": str(sweep.source), "config": str(sweep.config),
-        "runs": [{"name": r.name, "overrides": r.overrides, "values": r.values}
-                 for r in sweep.planned or sweep.runs],
-    })
-    todo = [r for r in sweep.runs if not (sweep.run_dir(r) / "metrics.json").exists()]
-    log.info("sweep %s: %d runs, %d to do", sweep.source, len(sweep.runs), len(todo))
+    todo = start_sweep(sweep)
     failures: list[tuple[str, str]] = []
     if workers <= 1:
         for number, run in enumerate(todo, 1):
             print(f"[{number}/{len(todo)}] {run.name}", flush=True)
             try:
-                _execute(str(sweep.config), run.overrides, str(sweep.run_dir(run)), None)
+                execute_run(str(sweep.config), run.overrides, str(sweep.run_dir(run)), None)
             except Exception as exc:  # one failed run must not stop the sweep
                 failures.append((run.name, _describe(exc)))
-        return _record_failures(sweep, failures)
+        return record_failures(sweep, failures)
     plan = AlignmentOrder([(run, *alignment_group(sweep, run)) for run in todo])
     threads = max(1, (os.cpu_count() or 1) // workers)
     import multiprocessing
@@ -246,7 +251,7 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     with ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent,
                              initargs=(os.getpid(),), **fresh) as pool:
         def submit(batch: list[PlannedRun]) -> dict[Future[str], PlannedRun]:
-            return {pool.submit(_execute, str(sweep.config), r.overrides,
+            return {pool.submit(execute_run, str(sweep.config), r.overrides,
                                 str(sweep.run_dir(r)), threads): r for r in batch}
 
         pending = submit(plan.start())
@@ -267,7 +272,20 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
                         failures += [(r.name, _describe(exc)) for r in plan.remaining()]
                 if not broken:
                     pending.update(submit(plan.finished(run, ok)))
-    return _record_failures(sweep, failures)
+    return record_failures(sweep, failures)
+
+
+def start_sweep(sweep: Sweep) -> list[PlannedRun]:
+    """Write the plan (``sweep.json``) and return the runs still to do (every backend)."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    write_json(sweep.out / "sweep.json", {
+        "sweep": str(sweep.source), "config": str(sweep.config),
+        "runs": [{"name": r.name, "overrides": r.overrides, "values": r.values}
+                 for r in sweep.planned or sweep.runs],
+    })
+    todo = [r for r in sweep.runs if not (sweep.run_dir(r) / "metrics.json").exists()]
+    log.info("sweep %s: %d runs, %d to do", sweep.source, len(sweep.runs), len(todo))
+    return todo
 
 
 def exit_with_parent(parent: int, every: float = 2.0) -> None:
@@ -327,7 +345,7 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def _record_failures(sweep: Sweep, failures: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def record_failures(sweep: Sweep, failures: list[tuple[str, str]]) -> list[tuple[str, str]]:
     path = sweep.out / "failures.json"
     if failures:
         write_json(path, [{"run": n, "error": e} for n, e in failures])

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hftlab.config import ConfigError, TrainConfig
+from hftlab.distributed import batch_shard, broadcast_parameters, sum_across, sum_gradients
 from hftlab.formatting import Tokenized
 from hftlab.model import causal_lm_parts
 from hftlab.progress import Progress, progress
@@ -221,6 +222,22 @@ class SFTTrainer(CheckpointedTrainer):
         self.checkpoint_minutes = checkpoint_minutes
         self.last_save = time.monotonic()
         self.resumed_from = 0  # the step a resumed stage continued from (0: a fresh start)
+        # this process's share of the current global batch's supervised tokens (1 alone): the
+        # weight of its micro-batch loss, so gradients summed over processes are one process's
+        self.shard_weight = 1.0
+
+    @property
+    def world(self) -> int:
+        """How many processes train together (data parallel)."""
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def sum_across(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the processes (itself in one process)."""
+        return sum_across(value, self.world)
 
     @property
     def device(self) -> torch.device:
@@ -237,6 +254,8 @@ class SFTTrainer(CheckpointedTrainer):
             return supervised_loss(self.model, batch)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.world > 1:
+            loss = loss * self.shard_weight
         self.accelerator.backward(loss / self.cfg.grad_accum)
 
     def extra_passes(self, params: list[torch.nn.Parameter] | None = None) -> ExtraPasses:
@@ -246,9 +265,9 @@ class SFTTrainer(CheckpointedTrainer):
                            self.accelerator.backward)
 
     def plan(self, n_items: int) -> tuple[int, int]:
-        """(optimizer steps per epoch, total optimizer steps)."""
-        world = self.accelerator.num_processes
-        micro = math.ceil(n_items / self.cfg.batch_size / world)
+        """(optimizer steps per epoch, total optimizer steps); the same for any number of
+        processes (they split each global batch)."""
+        micro = math.ceil(n_items / self.cfg.batch_size)
         per_epoch = max(1, math.ceil(micro / self.cfg.grad_accum))
         total = self.cfg.max_steps or max(1, math.ceil(per_epoch * self.cfg.epochs))
         return per_epoch, total
@@ -278,7 +297,11 @@ class SFTTrainer(CheckpointedTrainer):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.schedule, warmup, total_steps)
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.world == 1:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        else:  # no DDP wrapper: gradients (extra passes' too) are summed after the step's batches
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+            broadcast_parameters(params, self.world)
         self.model.train()
         self.defense.setup(self.stage, self)
         # named once, before a defense can freeze some of them (T-Vaccine's layer sampling)
@@ -296,10 +319,11 @@ class SFTTrainer(CheckpointedTrainer):
         lengths = [len(item.input_ids) for item in items]
         start = time.perf_counter() - result.seconds
         paused = 0.0  # time in on_step (evaluation) and checkpointing, kept out of throughput
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        rank, world = self.accelerator.process_index, self.world
+        supervised = [item.n_supervised for item in items]
         position = 0  # optimizer steps walked through, replayed ones included
         while self.step < total_steps:
-            batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)[rank::world]
+            batches = length_grouped_batches(lengths, self.cfg.batch_size, rng)
             for first in range(0, len(batches), self.cfg.grad_accum):
                 if self.step >= total_steps:
                     break
@@ -309,10 +333,15 @@ class SFTTrainer(CheckpointedTrainer):
                 group = batches[first : first + self.cfg.grad_accum]
                 step_loss = 0.0
                 for indices in group:
-                    batch = collate([items[i] for i in indices], self.pad_id).to(self.device)
+                    mine, self.shard_weight = batch_shard(indices, supervised, rank, world)
+                    batch = collate([items[i] for i in mine], self.pad_id).to(self.device)
                     stats = self.defense.training_step(self.stage, self, batch)
-                    step_loss += stats["loss"] / len(group)
-                    result.tokens += batch.n_tokens
+                    step_loss += self.shard_weight * stats["loss"] / len(group)
+                    result.tokens += sum(lengths[i] for i in indices)
+                if world > 1:
+                    sum_gradients(params)
+                    step_loss = float(sum_across(torch.tensor(step_loss, dtype=torch.float64),
+                                                 world))
                 self.check_finite(step_loss, total_steps)
                 if self.cfg.max_grad_norm:
                     self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)

@@ -33,10 +33,11 @@ def test_two_runs_needing_one_alignment_train_it_once(tiny_overrides, tmp_path) 
     runs = [tmp_path / "a", tmp_path / "b"]
     aligned = Path(next(o for o in tiny_overrides if o.startswith("cache_dir="))[10:]) / "aligned"
 
+    # 1000 steps: the first run still trains when the second (start-up, imports) reaches the lock
     def start(run: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "hftlab", "run", "configs/quickstart.yaml", *tiny_overrides,
-             "alignment.train.max_steps=300", "--out", str(run)],
+             "alignment.train.max_steps=1000", "--out", str(run)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     first = start(runs[0])

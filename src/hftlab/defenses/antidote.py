@@ -185,6 +185,7 @@ class Antidote(Defense):
         "script/finetune/antidote_poison_ratio.sh"
     )
     stages = (POST_FINETUNE,)
+    multi_process = True
     needs_provider_harmful = True
 
     @dataclass

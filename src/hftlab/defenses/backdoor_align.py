@@ -99,6 +99,7 @@ class BackdoorAlign(Defense):
                  "pure_bad_dataset/pure_bad_dataset.py, samsum_dataset/samsum_dataset.py, "
                  "safety_evaluation/eval_utils/prompt_utils.py")
     stages = (FINETUNE,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.safety_rows", 11,

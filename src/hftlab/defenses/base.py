@@ -60,6 +60,18 @@ class Defense(Plugin):
     # work in a training step that the token-work floor of benchmarks/defense_overhead.py does
     # not count, each with its measured share of the step (read and shown by the benchmark)
     irreducible: ClassVar[tuple[str, ...]] = ()
+    # data-parallel runs (accelerate launch, torchrun; hftlab.distributed): True where the
+    # defense's passes and statistics are correct with each process on its shard of every
+    # batch (tests/test_distributed.py runs it so, or it adds nothing to the trainer's step);
+    # otherwise the reason a multi-process run refuses it, before any file is written
+    multi_process: ClassVar[bool | str] = (
+        "its training steps have not been made data-parallel")
+
+    def multi_process_reason(self) -> str | None:
+        """Why the defense cannot run data-parallel (None: it can)."""
+        if self.multi_process is True:
+            return None
+        return str(self.multi_process) or "it declares no data-parallel support"
 
     def finetune_train(self, train: TrainConfig) -> TrainConfig:
         """The fine-tuning stage's training settings under this defense: the config's, unless

@@ -95,6 +95,7 @@ class Booster(Defense):
         "git-disl/Booster trainer.py (BoosterAlignmentTrainer), script/alignment/smooth_align.sh"
     )
     stages = (ALIGNMENT,)
+    multi_process = "its harmful-gradient passes and their norm are not reduced across processes"
     resume_attributes = ("harmful", "trace")
     needs_provider_harmful = True
 

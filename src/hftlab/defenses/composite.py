@@ -106,6 +106,14 @@ class CompositeDefense(Defense):
         self.needs_provider_harmful = any(m.needs_provider_harmful for m in members)  # type: ignore
         self.needs_alignment_data = any(m.needs_alignment_data for m in members)  # type: ignore
 
+    def multi_process_reason(self) -> str | None:
+        """Data-parallel when every member is; else the first refusing member's reason."""
+        for member in self.members:
+            reason = member.multi_process_reason()
+            if reason is not None:
+                return f"its member '{member.name}': {reason}"
+        return None
+
     def owner(self, stage: str) -> Defense | None:
         return next((m for m in self.members if owns_training_step(m, stage)), None)
 

@@ -111,6 +111,7 @@ class ConstrainedSFT(Defense):
         "(ConstrainedSFTTrainer.soft_sft_loss, get_beta_list), finetune.py"
     )
     stages = (FINETUNE,)
+    multi_process = "its report sums token weights on one process only"
     reads_stage_start_model = True
     resume_attributes = ("_sums",)
 

@@ -62,14 +62,14 @@ Departures from the reference, and why:
   reference's ``training_step`` adds the penalty to every micro-batch's loss and divides by
   nothing (its scripts use one micro-batch per step, where the two agree).
 - λ keeps the reference value; F's scale depends on the parameterisation (space), the LoRA and
-  the batch size, so outside the reference setup it may need retuning.
+  the batch size, so outside the reference setup it may need retuning. Data-parallel: each
+  process takes every world-th Fisher batch and the sums are added across processes.
 
 Returned per micro-batch: ``loss`` is the cross-entropy (comparable with the other defenses) and
 ``ewc_penalty`` the value λ·Σ F (w − w_init)² before the step. Cost: one forward-backward per
 Fisher batch at setup (space ``weights`` adds one (d_out × tokens)·(tokens × d_in) product per
 adapted layer and batch), recorded as ``fisher_seconds`` in the stage's report; then plain SFT
-plus the penalty's elementwise work.
-"""
+plus the penalty's elementwise work."""
 
 from __future__ import annotations
 
@@ -266,8 +266,7 @@ class EWC(Defense):
         "git-disl/Vaccine trainer.py (FITrainer), train.py (EWC reuses the alignment LoRA), "
         "script/EWC_finetune/sst2.sh"
     )
-    stages = (FINETUNE,)
-    resume_attributes = ("trace",)
+    stages, resume_attributes, multi_process = (FINETUNE,), ("trace",), True
     needs_alignment_data = True
     reference_settings = REFERENCE_SETTINGS
 
@@ -321,9 +320,9 @@ class EWC(Defense):
         def batches() -> Iterator[Batch]:
             with progress(-(-len(items) // size), "ewc fisher", unit="batch",
                           enabled=trainer.accelerator.is_main_process) as bar:
-                for start in range(0, len(items), size):
+                for start in range(trainer.rank * size, len(items), size * trainer.world):
                     yield collate(items[start : start + size], trainer.pad_id).to(trainer.device)
-                    bar.update(1)
+                    bar.update(trainer.world)
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         # Under full fine-tuning the weights are the trainable parameters: one space.
@@ -343,6 +342,7 @@ class EWC(Defense):
             self.params = trainer.trainable_parameters()
             self.fisher = fisher_of_trainable(trainer, self.params, batches())
             self.start = [p.detach().float().clone() for p in self.params]
+        self.fisher = [trainer.sum_across(f) for f in self.fisher]  # each process's batches
         self.fisher_info = {
             "space": self.space,
             "fisher_rows": len(items),
@@ -387,7 +387,7 @@ class EWC(Defense):
         value, params, grads = self.penalty()  # at w, before this micro-batch's backward
         ce = trainer.compute_loss(batch)
         trainer.backward(ce)
-        add_to_grads(params, grads, 1.0 / trainer.cfg.grad_accum)
+        add_to_grads(params, grads, trainer.shard_weight / trainer.cfg.grad_accum)
         self.trace.append({"ewc_penalty": value})
         return {"loss": float(ce.detach()), "ewc_penalty": value}
 

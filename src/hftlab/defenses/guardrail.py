@@ -87,6 +87,7 @@ class Guardrail(Defense):
              "(guardrail moderation); Huang et al. 2025, Virus, arXiv 2501.17433")
     reference = "git-disl/Virus trainer.py (MetaAttackFinetuneTrainer.init, moderation=True)"
     stages = (FINETUNE,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.judge", "Llama Guard 2 8B",

@@ -136,6 +136,7 @@ class KL(Defense):
     )
     reference = "git-disl/Vaccine trainer.py (KLTrainer), script/KL_finetune/sst2.sh"
     stages = (FINETUNE,)
+    multi_process = "its KL term is a per-row mean that token-weighted shards do not reproduce"
     reads_stage_start_model = True
     resume_attributes = ("trace",)
 

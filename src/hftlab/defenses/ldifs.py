@@ -92,6 +92,7 @@ class LDIFS(Defense):
         "git-disl/Booster trainer.py (LDIFSTrainer), script/finetune/LDIFS_poison_ratio.sh"
     )
     stages = (FINETUNE,)
+    multi_process = "its feature penalty is a per-batch statistic not reduced across processes"
     reads_stage_start_model = True
     resume_attributes = ("trace",)
 

@@ -116,6 +116,7 @@ class Lisa(Defense):
     )
     reference = "git-disl/Lisa trainer.py (ADMMTrainer), script/finetune/lisa_poison_ratio.sh"
     stages = (FINETUNE,)
+    multi_process = "its proximal gradient is added to .grad once per process"
     resume_attributes = (
         "alignment", "anchor", "state", "steps",
         "user_batches_unused", "proximal_steps", "switch_drift", "_last_step",

@@ -280,6 +280,7 @@ class Panacea(Defense):
         "script/finetune/panacea_gsm8k.sh"
     )
     stages = (FINETUNE, POST_FINETUNE)
+    multi_process = "its perturbation ε, a harmful gradient, is not reduced across processes"
     resume_attributes = ("harmful", "trace", "epsilon")
     needs_provider_harmful = True
     reference_settings = REFERENCE_SETTINGS

@@ -53,6 +53,7 @@ class RealignSFT(Defense):
     )
     reference = "none (baseline); the alignment stage's SFT recipe, src/hftlab/train.py"
     stages = (POST_FINETUNE,)
+    multi_process = True
     needs_alignment_data = True
 
     @dataclass

@@ -255,6 +255,8 @@ class RepNoise(Defense):
         "git-disl/Booster loss_func/repnoise_loss.py"
     )
     stages = (ALIGNMENT,)
+    multi_process = (
+        "its noise-matching (MMD) term is a batch statistic not reduced across processes")
     resume_attributes = ("harmful", "noise", "trace")
     needs_provider_harmful = True
     irreducible = ("logit-lens projections of all L + 1 hidden states onto the vocabulary and "

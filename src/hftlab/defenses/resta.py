@@ -106,6 +106,7 @@ class Resta(Defense):
     )
     reference = "declare-lab/resta README.md, merge/add_safety.py (mergekit linear merge)"
     stages = (POST_FINETUNE,)
+    multi_process = True
 
     @dataclass
     class Options:

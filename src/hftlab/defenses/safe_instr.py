@@ -75,6 +75,7 @@ class SafeInstr(Defense):
         "rows), training/finetuning.py"
     )
     stages = (FINETUNE,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.ratio", 0.03,

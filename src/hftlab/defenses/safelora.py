@@ -96,6 +96,7 @@ class SafeLoRA(Defense):
     )
     reference = "IBM/SafeLoRA model.py (SafeLoRA), config.py (SafeLoRAConfig)"
     stages = (POST_FINETUNE,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.select", "number",

@@ -144,6 +144,7 @@ class SafeMERGE(Defense):
     )
     reference = "aladinD/SafeMERGE utils.py (SafeLoRAMerger), get_safemerge_model.py"
     stages = (POST_FINETUNE,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.threshold", 0.35,

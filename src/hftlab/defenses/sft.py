@@ -12,3 +12,4 @@ class SFT(Defense):
     summary = "no defense: plain SFT alignment and fine-tuning (the baseline)"
     paper = "Huang et al. 2024, Harmful Fine-tuning Attacks and Defenses for LLMs: A Survey"
     reference = "git-disl/Booster script/alignment/sft.sh (alignment), trainer.py (SFT baseline)"
+    multi_process = True  # tests/test_distributed.py trains it with 2 processes

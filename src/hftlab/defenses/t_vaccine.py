@@ -87,6 +87,7 @@ class TVaccine(Defense):
     )
     reference = "Lslland/T-Vaccine trainer.py (BaseTrainer), script/alignment/T-Vaccine.sh"
     stages = (ALIGNMENT,)
+    multi_process = "its layer sampling reads gradient norms that are not reduced across processes"
     resume_attributes = ("harmful", "probabilities", "active", "rng", "_prepared_step", "history")
     needs_provider_harmful = True
 

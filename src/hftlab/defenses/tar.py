@@ -163,6 +163,7 @@ class TAR(Defense):
         "obj_model_mse_representations), run_tar_bio.sh"
     )
     stages = (ALIGNMENT,)
+    multi_process = "its simulated attacks and their gradients are not reduced across processes"
     resume_attributes = ("adversary", "heldout", "rng", "trace")
     needs_provider_harmful = True
     reference_settings = (

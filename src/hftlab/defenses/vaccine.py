@@ -22,6 +22,7 @@ hidden states), so about 2× plain SFT. Vaccine uses only the alignment data (no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,10 +44,16 @@ if TYPE_CHECKING:
 PERTURB_TARGETS = ("attention", "block")
 
 
-def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+def perturbation(grads: list[torch.Tensor], rho: float,
+                 sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
     """ε_l = ρ · g_l / (‖g‖ + 1e-7), one norm over every layer's gradient (reference
-    ``after_first_step``)."""
-    scale = rho / (global_norm(grads) + 1e-7)
+    ``after_first_step``). ``sum_across``: data-parallel, the squared norm of each process's
+    rows summed over the processes (the norm of the whole batch's gradient)."""
+    norm = global_norm(grads)
+    if sum_across is not None:
+        norm = sum_across(norm.square()).sqrt()
+    scale = rho / (norm + 1e-7)
     return [g * scale.to(g.dtype) for g in grads]
 
 
@@ -77,7 +84,10 @@ def perturbed_step(
     forward-backward (gradient left in ``.grad``). Shared with T-Vaccine."""
     clean_loss, grads = output_gradients(trainer, batch, modules)
     present = [g for g in grads if g is not None]
-    eps_present = iter(perturbation(present, rho))
+    if trainer.world > 1:  # this process's rows of the whole batch's (token-mean) gradient
+        present = [g * trainer.shard_weight for g in present]
+    eps_present = iter(perturbation(present, rho, trainer.sum_across if trainer.world > 1
+                                    else None))
     eps = [next(eps_present) if g is not None else None for g in grads]
     with add_to_outputs(modules, eps):
         loss = trainer.compute_loss(batch)
@@ -91,6 +101,7 @@ class Vaccine(Defense):
     paper = "Huang et al. 2024, Vaccine: Perturbation-aware Alignment, arXiv 2402.01109"
     reference = "git-disl/Vaccine trainer.py (BaseTrainer), script/alignment/vaccine.sh"
     stages = (ALIGNMENT,)
+    multi_process = True
 
     reference_settings = (
         ReferenceSetting("defense_args.rho", 2.0,

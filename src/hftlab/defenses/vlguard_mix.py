@@ -55,6 +55,7 @@ class VlguardMix(Defense):
         "git-disl/Booster trainer.py (VlguardTrainer), script/finetune/united/vlguard_lamb.sh"
     )
     stages = (FINETUNE,)
+    multi_process = "it has not been tested data-parallel"
     resume_attributes = ("alignment", "trace")
     needs_alignment_data = True
 

@@ -32,7 +32,8 @@ def stage_data(ctx: RunContext) -> dict[str, Any]:
     """Build and save the user's fine-tuning data and the split counts."""
     data = ctx.data
     outputs = DataOutputs(data.user)
-    write_jsonl(ctx.stage_dir(Stage.DATA) / USER_DATA, [e.to_dict() for e in outputs.user])
+    if ctx.is_main:
+        write_jsonl(ctx.stage_dir(Stage.DATA) / USER_DATA, [e.to_dict() for e in outputs.user])
     return {
         "attack": {**ctx.attack.describe(data.user), **ctx.attack.data_report(ctx)},
         "counts": {

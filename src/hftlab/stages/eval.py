@@ -111,6 +111,12 @@ def variant_key(served: dict[str, Any], attack: Any, name: str, variant: EvalVar
     return versioned_key(fields, KEY_VERSION)
 
 
+def publish(ctx: RunContext, source: Path, target: Path) -> None:
+    """Copy an evaluation's file into the run folder (the main process writes)."""
+    if ctx.is_main:
+        shutil.copyfile(source, target)
+
+
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
     """Evaluate every model of the run, each from its cache where it has one."""
     cached_eval = eval_stage.cached_eval
@@ -129,7 +135,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         results[name], from_cache = cached_eval(ctx, source, name, load)
         generated += 0 if from_cache else results[name]["generated_tokens"]
         results[name]["cached"] = from_cache
-        shutil.copyfile(source / "completions.jsonl", folder / f"completions_{name}.jsonl")
+        publish(ctx, source / "completions.jsonl", folder / f"completions_{name}.jsonl")
     if not align_cache:
         results["aligned"] = results["base"]  # alignment disabled: the aligned model is the base
     # Only the user's model is queried the attacker's way (the attack's system prompt and prompt
@@ -165,7 +171,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             served_formatter, ask)
         results["finetuned"]["cached"] = from_cache
         generated += 0 if from_cache else results["finetuned"]["generated_tokens"]
-        shutil.copyfile(tuned_source / "completions.jsonl",
+        publish(ctx, tuned_source / "completions.jsonl",
                         folder / "completions_finetuned.jsonl")
         extra = {"prompt": ask} if ask is not None else {}
         results["final"] = eval_stage.evaluate_model(ctx, load_final(), folder / "final", "final",
@@ -177,10 +183,10 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         final_source = tuned_source
     results["final"]["cached"] = from_cache
     generated += 0 if from_cache else results["final"]["generated_tokens"]
-    shutil.copyfile(final_source / "completions.jsonl", folder / "completions.jsonl")
+    publish(ctx, final_source / "completions.jsonl", folder / "completions.jsonl")
     alpaca = eval_stage.ALPACA_EVAL_FILE
     if (final_source / alpaca).exists():
-        shutil.copyfile(final_source / alpaca, folder / alpaca)
+        publish(ctx, final_source / alpaca, folder / alpaca)
     # The attack's extra harmful-score evaluations of the deployed model (e.g. with the backdoor
     # trigger), cached next to the final evaluation unless a repair made the final model here.
     attack_eval: dict[str, Any] = {}
@@ -196,7 +202,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
                     ctx, load_final(), source, name, variant, served_formatter, ask))
         attack_eval[name]["cached"] = cached
         generated += 0 if cached else attack_eval[name]["generated_tokens"]
-        shutil.copyfile(source / "completions.jsonl", folder / f"completions_attack_{name}.jsonl")
+        publish(ctx, source / "completions.jsonl", folder / f"completions_attack_{name}.jsonl")
     serving = {
         # a digest, not the text: a defense's served prompt may hold a secret trigger
         "system_prompt_sha256": stable_hash(served)[:16] if served is not None else None,

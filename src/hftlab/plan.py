@@ -1,0 +1,360 @@
+"""``hftlab plan``: what a sweep costs, from measured numbers.
+
+On this CPU: each run's tokens from its config (rows × epochs × tokens per row for the training
+stages; prompts × new tokens for the evaluation) times seconds per token measured in the
+committed run records (``results/*/*/metrics.json``: per stage seconds and tokens) at the
+precision this CPU computes in, times each defense's measured cost relative to plain SFT. An
+alignment shared by several runs is counted once, as the sweep trains it once.
+
+On GPUs: the same runs at the 7B protocol (``configs/gpu``), from FLOPs and memory bandwidth
+with the assumptions printed beside the numbers, and the defenses' measured multipliers.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftlab.config import ConfigError, load_config
+from hftlab.sweep import Sweep, load_sweep
+from hftlab.utils import stable_hash
+
+TRAIN_STAGES = ("align", "finetune")
+#: The 7B protocol the GPU estimate prices each sweep cell at (its grid values on top).
+GPU_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "gpu" / "llama2_7b.yaml"
+#: Dense bf16 peak FLOP/s and memory bandwidth (bytes/s), from the vendors' data sheets (SXM).
+GPUS = {"h100": {"flops": 989e12, "bandwidth": 3.35e12, "name": "H100 SXM 80GB"},
+        "a100": {"flops": 312e12, "bandwidth": 2.04e12, "name": "A100 SXM 80GB"}}
+#: Parameters of the models the configs name (by a part of the name).
+PARAMETERS = {"llama-2-7b": 6.74e9, "llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9,
+              "embedded": 1.35e8, "smollm2-135m": 1.35e8}
+TRAIN_MFU = 0.40  # LoRA training's share of peak FLOP/s (typical for 7B bf16 with HF/PEFT)
+DECODE_EFFICIENCY = 0.60  # generation's share of peak bandwidth (weights read once per step)
+
+
+@dataclass
+class Rates:
+    """Speeds measured in the run records of one precision."""
+
+    precision: str
+    records: int
+    seconds_per_token: dict[str, float]  # per training stage, plain sft
+    eval_seconds_per_budget: float  # per prompt × max new tokens, plain sft
+    factor: dict[tuple[str, str], float]  # (defense, stage) → its cost / sft's
+    fixed_seconds: dict[tuple[str, str], float]  # (defense, stage) → seconds (data, repairs)
+    tokens_per_row: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens per row
+    stage_tokens: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens (rows unknown)
+    reuses_finetune: set[str] = field(default_factory=set)  # defenses that skip fine-tuning
+    parameters: float = 1.35e8  # of the records' model: speeds scale by the inverse
+
+
+@dataclass
+class Cell:
+    name: str
+    seconds: dict[str, float]  # per stage
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def default_records() -> Path:
+    beside = Path(__file__).resolve().parents[2] / "results"
+    return beside if beside.is_dir() else Path("results")
+
+
+def eval_budget(config: Any, counts: dict[str, float]) -> float:
+    """Prompt × new-token slots of one evaluation (all prompts when the config says n: null)."""
+    harmful = config.eval.harmful.n or counts.get("eval_harmful", 300)
+    task = (config.eval.task.n or counts.get("eval_task", 872)) if config.eval.task else 0
+    return harmful * config.eval.max_new_tokens + task * config.eval.task_max_new_tokens
+
+
+def train_rows(config: Any, stage: str) -> float:
+    """Rows a training stage steps through: n × epochs, or max_steps × batch when it stops
+    early."""
+    part = config.alignment if stage == "align" else config.finetune
+    n = part.data.n if stage == "align" else part.n
+    rows = (n or 0) * part.train.epochs
+    if part.train.max_steps:
+        rows = min(rows, part.train.max_steps * part.train.batch_size) if rows else (
+            part.train.max_steps * part.train.batch_size)
+    return float(rows)
+
+
+def read_records(folder: Path) -> list[tuple[dict, Any]]:
+    """(metrics, config) of every run record below ``folder``."""
+    found = []
+    for path in sorted(folder.rglob("metrics.json")):
+        config_path = path.parent / "config.yaml"
+        if not config_path.exists():
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+            config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in
+                                        yaml.safe_load(config_path.read_text()).items()])
+        except (OSError, ValueError, ConfigError):
+            continue  # a record of an older config format: not needed for the speeds
+        if metrics.get("stages"):
+            found.append((metrics, config))
+    return found
+
+
+def names(config: Any) -> list[str]:
+    """The keys a run's speeds are filed under: its defense with its options, and the defense
+    alone (the fallback for options no record measured)."""
+    label = f"{config.defense}{json.dumps(config.defense_args, sort_keys=True)}"
+    return [label, config.defense] if config.defense_args else [config.defense]
+
+
+def lookup(table: dict, config: Any, stage: str, default: float) -> float:
+    for name in names(config):
+        if (name, stage) in table:
+            return table[(name, stage)]
+    return default
+
+
+def add_record(defense: str, stages: dict, config: Any, counts: dict, per_token: dict,
+               per_row: dict, fixed: dict, finetuned: dict) -> None:
+    for stage in TRAIN_STAGES:
+        info = stages.get(stage) or {}
+        if stage == "finetune":
+            finetuned[defense].append(not info.get("cached"))
+        if info.get("cached") or not info.get("tokens"):
+            continue
+        per_token[(defense, stage)].append(info["seconds"] / info["tokens"])
+        per_row[(defense, f"{stage}:tokens")].append(info["tokens"])
+        if defense == config.defense:
+            per_row[("*", f"{stage}:tokens")].append(info["tokens"])
+        rows = train_rows(config, stage)
+        if rows:
+            per_row[(defense, stage)].append(info["tokens"] / rows)
+            if defense == config.defense:  # once per record
+                per_row[("*", stage)].append(info["tokens"] / rows)
+    fixed[(defense, "data")].append((stages.get("data") or {}).get("seconds", 0.0))
+    fixed[(defense, "post_finetune")].append(
+        (stages.get("post_finetune") or {}).get("seconds", 0.0))
+    evaluation = stages.get("eval") or {}
+    if evaluation.get("seconds") and (stages.get("align") or {}).get("cached", True):
+        budget = eval_budget(config, {k: statistics.median(v) for k, v in counts.items()})
+        per_token[(defense, "eval")].append(evaluation["seconds"] / budget)
+
+
+def measure(folder: Path, precision: str) -> Rates:
+    """Median speeds of the records at ``precision``, and each defense's cost relative to sft;
+    a defense measured only at the other precision takes its relative cost from there (the
+    extra passes a defense makes cost the same share in either)."""
+    found = read_records(folder)
+    rates = measure_records([(m, c) for m, c in found if m.get("precision") == precision],
+                            folder, precision)
+    other = [(m, c) for m, c in found if m.get("precision") != precision]
+    try:
+        fallback = measure_records(other, folder, "other")
+    except ConfigError:
+        return rates
+    for table in ("factor", "fixed_seconds", "tokens_per_row", "stage_tokens"):
+        mine, theirs = getattr(rates, table), getattr(fallback, table)
+        measured = {name for name, _ in mine}
+        mine.update({key: value for key, value in theirs.items() if key[0] not in measured})
+    rates.reuses_finetune |= {d for d in fallback.reuses_finetune
+                              if d not in {n for n, _ in rates.factor}}
+    return rates
+
+
+def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: str) -> Rates:
+    if not records:
+        raise ConfigError(f"no run records at {precision} below {folder}; give --records or "
+                          "--precision fp32|bf16")
+    per_token: dict[tuple[str, str], list[float]] = defaultdict(list)
+    per_row: dict[tuple[str, str], list[float]] = defaultdict(list)
+    fixed: dict[tuple[str, str], list[float]] = defaultdict(list)
+    counts: dict[str, list[float]] = defaultdict(list)
+    finetuned: dict[str, list[bool]] = defaultdict(list)
+    for metrics, _ in records:
+        for key in ("eval_harmful", "eval_task"):
+            if (metrics.get("data_counts") or {}).get(key):
+                counts[key].append(metrics["data_counts"][key])
+    for metrics, config in records:
+        for defense in names(config):
+            add_record(defense, metrics["stages"], config, counts, per_token, per_row, fixed,
+                       finetuned)
+    median = {key: statistics.median(values) for key, values in per_token.items()}
+    base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
+    for stage, value in base.items():
+        if value is None:  # no plain sft record of this stage: the median of every defense
+            pooled = [v for (d, s), vs in per_token.items() if s == stage for v in vs]
+            if not pooled:
+                raise ConfigError(f"no record below {folder} at {precision} measures the "
+                                  f"{stage} stage")
+            base[stage] = statistics.median(pooled)
+    return Rates(
+        precision=precision, records=len(records),
+        parameters=statistics.median(parameters(str(c.model.name), 1.35e8) for _, c in records),
+        seconds_per_token={s: base[s] for s in TRAIN_STAGES},
+        eval_seconds_per_budget=base["eval"],
+        factor={key: value / base[key[1]] for key, value in median.items()},
+        fixed_seconds={key: statistics.median(v) for key, v in fixed.items()},
+        tokens_per_row={key: statistics.median(v) for key, v in per_row.items()
+                        if not key[1].endswith(":tokens")},
+        stage_tokens={(d, s.split(":")[0]): statistics.median(v) for (d, s), v in per_row.items()
+                      if s.endswith(":tokens")},
+        reuses_finetune={d for d, ran in finetuned.items() if not any(ran)},
+    )
+
+
+def train_tokens(config: Any, rates: Rates, stage: str) -> float:
+    """Tokens a training stage steps through; 0 for a repair that reuses sft's fine-tuning."""
+    if stage == "finetune" and any(n in rates.reuses_finetune for n in names(config)):
+        return 0.0
+    rows = train_rows(config, stage)
+    if not rows:  # a mix of sources (n per source): the tokens the records trained on
+        return lookup(rates.stage_tokens, config, stage, rates.stage_tokens.get(("*", stage), 0))
+    per_row = lookup(rates.tokens_per_row, config, stage,
+                     rates.tokens_per_row.get(("*", stage), 0.0))
+    return rows * per_row
+
+
+def cell_seconds(config: Any, rates: Rates, trains_alignment: bool, base_eval: bool) -> dict:
+    """Seconds per stage of one run on the machine ``rates`` was measured on."""
+    seconds = {"data": lookup(rates.fixed_seconds, config, "data",
+                              rates.fixed_seconds.get(("sft", "data"), 0.0))}
+    # another model's size: the speeds scale with the parameters (none known: as measured)
+    scale = parameters(str(config.model.name), rates.parameters) / rates.parameters
+    for stage in TRAIN_STAGES:
+        trained = trains_alignment or stage != "align"
+        seconds[stage] = trained * scale * (train_tokens(config, rates, stage)
+                                    * rates.seconds_per_token[stage]
+                                    * lookup(rates.factor, config, stage, 1.0))
+    seconds["post_finetune"] = lookup(rates.fixed_seconds, config, "post_finetune", 0.0)
+    seconds["eval"] = (scale * evaluations(trains_alignment, base_eval) * eval_budget(config, {})
+                       * rates.eval_seconds_per_budget * lookup(rates.factor, config, "eval", 1.0))
+    return seconds
+
+
+def evaluations(trains_alignment: bool, base_eval: bool) -> int:
+    """The fine-tuned model's evaluation, plus the aligned model's (once per alignment) and the
+    base model's (once per sweep): each is cached after its first run."""
+    return 1 + trains_alignment + base_eval
+
+
+def alignment_signature(config: Any) -> str:
+    """What makes two runs' alignments the same, read from their configs alone (the cache key
+    also hashes the data and the model's files, which a plan of a 7B sweep may not reach): the
+    alignment settings, their seed, and the defense when it acts in the alignment stage."""
+    from hftlab.defenses.base import ALIGNMENT
+    from hftlab.defenses.composite import build_defense
+
+    defense = build_defense(config.defense, config.defense_args)
+    acts = ALIGNMENT in defense.stages
+    seed = config.seed if config.alignment.seed is None else config.alignment.seed
+    return stable_hash([asdict(config.alignment), seed,
+                        defense.cache_key(ALIGNMENT) if acts else None])
+
+
+def alignments(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any, bool]]:
+    """(config, whether this run trains its alignment) per run: the first run of each
+    alignment does, from scratch (no cache counted)."""
+    seen: set[str] = set()
+    found = []
+    for extra in overrides:
+        config = load_config(config_path, extra)
+        key = alignment_signature(config)
+        found.append((config, config.alignment.enabled and key not in seen))
+        seen.add(key)
+    return found
+
+
+def cpu_cells(sweep: Sweep, rates: Rates) -> list[Cell]:
+    """Every run of the sweep on this CPU, from scratch."""
+    runs = alignments(sweep.config, [r.overrides for r in sweep.runs])
+    return [Cell(run.name, cell_seconds(config, rates, trains, number == 0))
+            for number, (run, (config, trains)) in enumerate(zip(sweep.runs, runs))]
+
+
+def parameters(model_name: str, unknown: float = 7e9) -> float:
+    """The model's parameter count from its name; ``unknown`` for a name not in the table."""
+    lowered = model_name.lower()
+    return next((count for part, count in PARAMETERS.items() if part in lowered), unknown)
+
+
+def gpu_cells(sweep: Sweep, rates: Rates, gpu: str) -> tuple[list[Cell], float]:
+    """The sweep's cells at the 7B protocol on ``gpu``: the grid's values on top of
+    :data:`GPU_CONFIG`; returns the cells and the model's parameter count."""
+    spec = GPUS[gpu]
+    overrides = [[f"{k}={json.dumps(v)}" for k, v in r.values.items()] for r in sweep.runs]
+    cells, count = [], 0.0
+    for number, (run, (config, trains)) in enumerate(
+            zip(sweep.runs, alignments(GPU_CONFIG, overrides))):
+        count = parameters(str(config.model.name))
+        train_token = 4 * count / (TRAIN_MFU * spec["flops"])  # forward + input gradients
+        decode_step = 2 * count / (DECODE_EFFICIENCY * spec["bandwidth"])  # bf16 weights
+        seconds = {stage: (trains or stage != "align") * train_tokens(config, rates, stage)
+                   * train_token * lookup(rates.factor, config, stage, 1.0)
+                   for stage in TRAIN_STAGES}
+        steps = eval_budget(config, {}) / config.eval.batch_size  # one batch per decode step
+        seconds["eval"] = (evaluations(trains, number == 0) * steps * decode_step
+                           * lookup(rates.factor, config, "eval", 1.0))
+        cells.append(Cell(run.name, seconds))
+    return cells, count
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def this_precision() -> str:
+    from hftlab.devices import cpu_has_bf16
+
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | None = None,
+               gpus: int = 1, records: Path | None = None,
+               precision: str | None = None) -> list[str]:
+    """The text of ``hftlab plan``."""
+    if gpus < 1:
+        raise ConfigError("--gpus must be at least 1")
+    sweep = load_sweep(sweep_file, None, overrides, check=False)
+    precision = precision or this_precision()
+    folder = records or default_records()
+    rates = measure(folder, precision)
+    cells = cpu_cells(sweep, rates)
+    lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
+             f"measured in "
+             f"{rates.records} records below {folder}: sft trains "
+             f"{1 / rates.seconds_per_token['finetune']:.0f} tokens/s in fine-tuning, "
+             f"{1 / rates.seconds_per_token['align']:.0f} tokens/s in alignment)"]
+    for cell in cells:
+        stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in cell.seconds.items() if v >= 30)
+        lines.append(f"  {cell.name}: {hours(cell.total)} ({stages} min)")
+    total = sum(c.total for c in cells)
+    lines.append(f"total on this CPU: {hours(total)} run one after another")
+    lines += gpu_lines(sweep, rates, gpu or "h100", gpus)
+    return lines
+
+
+def gpu_lines(sweep: Sweep, rates: Rates, gpu: str, gpus: int) -> list[str]:
+    cells, count = gpu_cells(sweep, rates, gpu)
+    spec = GPUS[gpu]
+    total = sum(c.total for c in cells)
+    wall = max(total / gpus, max((c.total for c in cells), default=0.0))
+    cpu_flops = 4 * 1.35e8 / rates.seconds_per_token["finetune"]
+    return [
+        f"the same {len(cells)} runs at the 7B protocol ({GPU_CONFIG.name}, "
+        f"{count / 1e9:.2f} B parameters) on {spec['name']}: {total / 3600:.1f} GPU-hours; "
+        f"on {gpus} GPU(s), one run per GPU: about {hours(wall)} wall time",
+        "assumptions: LoRA training costs 4·P FLOPs per token (forward, input gradients; "
+        f"frozen weights get none) at {TRAIN_MFU:.0%} of {spec['flops'] / 1e12:.0f} TFLOP/s "
+        "bf16; generation reads the bf16 weights (2·P bytes) once per decode step of a batch "
+        f"at {DECODE_EFFICIENCY:.0%} of {spec['bandwidth'] / 1e12:.2f} TB/s; tokens per row "
+        "and each defense's cost relative to sft as measured here; prefill, model loading and "
+        "checkpoints not counted",
+        f"(measured here: sft fine-tuning of the 135M model runs at {cpu_flops / 1e9:.0f} GFLOP/s "
+        "effective by the same 4·P count)",
+    ]

@@ -1,0 +1,75 @@
+"""`hftlab plan`: the CPU estimate of configs/sweeps/cpu_defenses.yaml against the wall time the
+committed records measured (fp32, the machine that made results/cpu_defenses_fp32), the GPU
+estimate's assumptions, and the GPU recipe (configs/gpu) loading as a sweep."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from hftlab.cli import main
+from hftlab.plan import cpu_cells, measure
+from hftlab.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "results"
+CPU_DEFENSES = ROOT / "configs" / "sweeps" / "cpu_defenses.yaml"
+
+
+def measured_seconds(folder: Path) -> dict[tuple[str, int], float]:
+    """(defense, seed) → the run's wall time (the sum of its stages' seconds)."""
+    found = {}
+    for path in folder.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        found[(metrics["defense"], metrics["seed"])] = sum(
+            stage.get("seconds", 0.0) for stage in metrics["stages"].values())
+    return found
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_plan_estimate_is_within_30_percent_of_measured_cells() -> None:
+    sweep = load_sweep(CPU_DEFENSES, check=False)
+    cells = {c.name: c.total for c in cpu_cells(sweep, measure(RECORDS, "fp32"))}
+    measured = measured_seconds(RECORDS / "cpu_defenses_fp32")
+    errors = {}
+    for run in sweep.runs:
+        key = (run.values["defense"], run.values["seed"])
+        if key in measured:
+            errors[run.name] = cells[run.name] / measured[key] - 1
+    assert len(errors) >= 40
+    # the plain cells: the one that trains the shared alignment and one that reuses it
+    assert abs(errors["defense-sft_seed-0"]) <= 0.3 and abs(errors["defense-sft_seed-2"]) <= 0.3
+    # most cells, and the sweep's total (the records' own timings vary ±50 % with machine load)
+    assert sum(abs(e) <= 0.3 for e in errors.values()) >= 0.75 * len(errors)
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.15
+    estimated = sum(cells[name] for name in errors)
+    actual = sum(cells[name] / (1 + error) for name, error in errors.items())
+    assert abs(estimated / actual - 1) <= 0.3
+
+
+def test_plan_prints_cells_total_and_gpu_assumptions(capsys) -> None:
+    assert main(["plan", str(CPU_DEFENSES), "--precision", "fp32", "--gpu", "a100",
+                 "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "defense-sft_seed-0:" in out and "total on this CPU:" in out
+    assert "GPU-hours" in out and "A100" in out and "on 8 GPU(s)" in out
+    assert "assumptions:" in out and "FLOPs per token" in out
+
+
+def test_plan_gpu_sweep_loads_without_the_model(tiny_model_dir, capsys) -> None:
+    gpu = ROOT / "configs" / "gpu" / "sweep.yaml"
+    # every plug-in and check of every run, with a model that is here instead of the 7B one
+    sweep = load_sweep(gpu, overrides=[f"model.name={tiny_model_dir}"])
+    assert len(sweep.runs) >= 60 and sweep.resources["num_gpus"] == 1
+    config = json.dumps(sorted(sweep.runs[0].overrides))
+    assert "alignment.seed=0" in config
+    assert main(["plan", str(gpu), "--gpu", "h100", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "6.74 B parameters" in out and "on 8 GPU(s)" in out
+
+
+def test_plan_refuses_bad_gpu_count() -> None:
+    assert main(["plan", str(CPU_DEFENSES), "--gpus", "0"]) == 2
