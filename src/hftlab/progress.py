@@ -175,8 +175,10 @@ def latest() -> Progress | None:
 
 
 def forget() -> None:
-    """Drop the ended step, so a long-lived process's next piece of work starts afresh."""
+    """Drop the ended (and any interrupted) step, so a long-lived process's next piece of work
+    starts afresh."""
     _ended.clear()
+    _interrupted.clear()
 
 
 def current() -> Progress | None:
