@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -74,11 +75,13 @@ def serve_forever(config: ServiceConfig, config_path: Path | None) -> int:
     import uvicorn
 
     from hftlab.serve.app import create_app
+    from hftlab.serve.worker import PARENT_ENV
 
     command = [sys.executable, "-m", "hftlab", "serve", "worker"]
     if config_path:
         command += ["--config", str(config_path)]
-    workers = [subprocess.Popen(command) for _ in range(config.workers)]
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    workers = [subprocess.Popen(command, env=env) for _ in range(config.workers)]
     try:
         uvicorn.run(create_app(config), host=config.host, port=config.port,
                     log_level="warning")

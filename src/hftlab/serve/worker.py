@@ -19,6 +19,7 @@ from hftlab.serve.runner import job_dir
 from hftlab.serve.store import Store, open_store
 
 log = logging.getLogger(__name__)
+PARENT_ENV = "HFTLAB_SERVE_PARENT"  # set by `hftlab serve` for the workers it starts
 
 
 def worker_name() -> str:
@@ -104,8 +105,12 @@ def run_worker(config: ServiceConfig, exit_when_idle: bool = False) -> None:
     store = open_store(config)
     name = worker_name()
     log.info("worker %s on %s", name, config.database)
+    parent = os.environ.get(PARENT_ENV)
     while True:
         if not work_once(config, store, name):
             if exit_when_idle:
+                return
+            if parent and os.getppid() != int(parent):
+                log.info("worker %s: its server is gone; exiting", name)
                 return
             time.sleep(config.poll_seconds)
