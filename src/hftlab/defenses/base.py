@@ -71,7 +71,9 @@ class Defense(Plugin):
         """Why the defense cannot run data-parallel (None: it can)."""
         if self.multi_process is True:
             return None
-        return str(self.multi_process) or "it declares no data-parallel support"
+        if isinstance(self.multi_process, str) and self.multi_process:
+            return self.multi_process
+        return "it declares no data-parallel support"
 
     def finetune_train(self, train: TrainConfig) -> TrainConfig:
         """The fine-tuning stage's training settings under this defense: the config's, unless

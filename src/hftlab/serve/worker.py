@@ -69,6 +69,7 @@ class Heartbeat(threading.Thread):
 
 def work_once(config: ServiceConfig, store: Store, name: str) -> bool:
     """Claim and run one job; False when none was waiting."""
+    from hftlab.progress import forget
     from hftlab.serve.runner import run_job
 
     job = store.claim(name, config.lease_seconds)
@@ -76,8 +77,6 @@ def work_once(config: ServiceConfig, store: Store, name: str) -> bool:
         return False
     log.info("job %s (tenant %s): claimed, attempt %s", job["id"], job["tenant"],
              job["attempts"])
-    from hftlab.progress import forget
-
     forget()  # the previous job's last bar is not this one's progress
     beat = Heartbeat(config, job["id"], name)
     beat.start()
