@@ -201,12 +201,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the service config to photograph (default: configs/service.yaml "
                              "where it exists, else the service's defaults)")
     parser.add_argument("--defense", default="sft")
+    parser.add_argument("--benign", type=int, default=100, help="benign SST-2 rows to upload")
+    parser.add_argument("--harmful", type=int, default=0,
+                        help="harmful rows of the demo pack added to the upload (at most 40)")
+    parser.add_argument("--out", type=Path, default=IMG / "serve-report.png")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = write_config(folder, {**provider_settings(args.config), "workers": 1})
         key = add_tenant(config, "demo")
-        data = demo_upload(folder / "reviews.jsonl", benign=100)
+        data = demo_upload(folder / "reviews.jsonl", benign=args.benign, harmful=args.harmful)
         started = time.monotonic()
         with service(config, free_port(), folder / "serve.log") as url, \
                 sync_playwright() as playwright:
@@ -214,15 +218,38 @@ def main(argv: list[str] | None = None) -> int:
             page = browser.new_page(viewport={"width": WIDTH, "height": 900})
             log_in(page, url, key)
             upload(page, data)
-            start_job(page, args.defense)
+            job_id = start_job(page, args.defense)
             decision = wait_for_decision(page, timeout_s=3600)
             page.wait_for_selector("#plots[data-loaded]", state="attached")
-            IMG.mkdir(parents=True, exist_ok=True)
-            png = IMG / "serve-report.png"
-            page.screenshot(path=str(png), full_page=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(args.out), full_page=True)
             browser.close()
-        print(f"wrote {png}: {decision} after {time.monotonic() - started:.0f} s")
+            report = api_json(url, f"/api/jobs/{job_id}/report", key)
+        print(f"wrote {args.out}: {decision} after {time.monotonic() - started:.0f} s")
+        print(summary(report))
     return 0
+
+
+def api_json(base_url: str, path: str, key: str, body: dict[str, Any] | None = None) -> Any:
+    """GET ``path`` (POST ``body`` as JSON when given) with the tenant's key; the JSON answer."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data, headers=headers)
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line of the gate's evidence, as the README quotes it (numbers only, no text)."""
+    screening, hs = report.get("screening") or {}, report.get("harmful_score") or {}
+    fa = (report.get("finetune_accuracy") or {}).get("finetuned")
+    low, high = hs.get("delta_ci95") or [None, None]
+    verdict = hs.get("judge_verdict") or {}
+    return (f"screening: {screening.get('flagged')} of {screening.get('rows')} rows flagged; "
+            f"HS ({hs.get('measure')}) {hs.get('aligned')} -> {hs.get('finetuned')}, "
+            f"delta {hs.get('delta')} [{low}, {high}] on {hs.get('n')} prompts; judge's verdict "
+            f"{verdict.get('aligned')} -> {verdict.get('finetuned')}; FA {fa}; deployed: "
+            f"{(report.get('decision') or {}).get('deployed')}")
 
 
 if __name__ == "__main__":

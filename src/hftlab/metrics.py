@@ -114,7 +114,8 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
             harmful_score_without_task_labels=final.get("harmful_score_without_task_labels"),
         ),
         aligned=Scores(ev["aligned"]["harmful_score"], ev["aligned"]["finetune_accuracy"],
-                       ev["aligned"].get("over_refusal")),
+                       ev["aligned"].get("over_refusal"),
+                       ev["aligned"].get("harmful_score_without_task_labels")),
         base=Scores(ev["base"]["harmful_score"], ev["base"]["finetune_accuracy"])
         if "base" in ev else None,
         finetuned=finetuned, repair=repair,

@@ -45,6 +45,9 @@ class Scores:
     harmful_score: float | None = None
     finetune_accuracy: float | None = None
     over_refusal: float | None = None  # refusals of harmless prompts, when configured
+    # classification tasks: the harmful score with harmful prompts answered by a bare task label
+    # counted as harmless (the keyword judge flags them: no refusal phrase)
+    harmful_score_without_task_labels: float | None = None
 
 
 @dataclass
@@ -59,10 +62,8 @@ class FinalScores(Scores):
     n_eval_harmless: int | None = None
     empty_harmful_completions: int | None = None
     harmful_score_empty_as_harmless: float | None = None
-    # classification tasks: harmful prompts answered with a bare task label, and the harmful
-    # score with those counted as harmless (the keyword judge flags them: no refusal phrase)
+    # classification tasks: harmful prompts answered with a bare task label
     task_label_harmful_completions: int | None = None
-    harmful_score_without_task_labels: float | None = None
 
 
 @dataclass

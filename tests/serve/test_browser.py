@@ -1,6 +1,7 @@
 """The serve page in headless Chromium (Debian's ``chromium`` driven by Playwright): the real
 service and its worker in subprocesses, a tenant's key, then log in, upload, start a job, watch
-it progress, read the gate report, and the adapter's download link only for a deployed job.
+it progress, read the gate report, and the adapter's download link and query box only for a
+deployed job.
 
 ``test_serve_page_flow_on_tiny_model`` runs in seconds on the tiny random Llama; the issue's
 "whole flow on the quickstart model" is ``test_serve_page_flow_on_quickstart_model`` (the
@@ -121,6 +122,16 @@ def test_serve_page_flow_on_tiny_model(tiny_overrides: list[str], tmp_path: Path
         saved = tmp_path / "adapter.zip"
         download.value.save_as(saved)
         assert zipfile.is_zipfile(saved) and zipfile.ZipFile(saved).namelist()
+
+        # the query box: the page shows the deployed model's answer, as text, as the API gives it
+        prompt = "<b>Is this review positive?</b> A fine film."
+        page.locator("#generate-prompt").fill(prompt)
+        page.get_by_role("button", name="Generate").click()
+        output = page.locator("#generate-output")
+        expect(output).not_to_have_text("Generating…")
+        answer = flow.api_json(url, f"/api/jobs/{first}/generate", key, {"prompt": prompt})
+        assert output.text_content() == answer["completion"]
+        expect(page.locator("#generate-output b")).to_have_count(0)
         browser.close()
 
     # the same state under a policy the tiny model cannot meet: the next job is refused, the

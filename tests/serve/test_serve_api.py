@@ -110,7 +110,8 @@ def test_serve_screening_drops_or_refuses_flagged_rows(tmp_path, tiny_model_dir,
 
     from hftlab.serve.app import create_app
 
-    # the keyword judge flags every answer without a refusal phrase: a refusal row passes
+    # the keyword judge flags every answer without a refusal phrase: a refusal row passes, and
+    # the SST-2 rows answered with a bare label are not flagged (task_label_answers: harmless)
     config = service_config(tmp_path / "s", tiny_model_dir, screening={"action": action})
     key = create_key(open_store(config), "acme")
     client = TestClient(create_app(config))
@@ -120,11 +121,32 @@ def test_serve_screening_drops_or_refuses_flagged_rows(tmp_path, tiny_model_dir,
     if action == "drop":
         assert response.status_code == 201
         assert (response.json()["rows"], response.json()["flagged"],
-                response.json()["kept"]) == (4, 3, 1)
+                response.json()["kept"]) == (4, 1, 3)
     else:
         assert response.status_code == 422
-        assert [e["row"] for e in response.json()["detail"]["errors"]] == [1, 2, 3]
+        assert [e["row"] for e in response.json()["detail"]["errors"]] == [3]
         assert rows[2]["prompt"] not in response.text
+
+
+@pytest.mark.parametrize(("rule", "flagged"), [("harmless", 1), ("judge", 3)])
+def test_serve_screening_reads_bare_task_labels_by_the_rule(tmp_path, tiny_model_dir,
+                                                            rule: str, flagged: int) -> None:
+    from fastapi.testclient import TestClient
+
+    from hftlab.serve.app import create_app
+
+    # two SST-2 rows answered with a bare label (no refusal phrase: the keyword judge flags
+    # them) and one harmful row; the rule decides what the labels count as
+    config = service_config(tmp_path / "s", tiny_model_dir,
+                            screening={"action": "count", "task_label_answers": rule})
+    key = create_key(open_store(config), "acme")
+    client = TestClient(create_app(config))
+    rows = demo_rows(2, 1)
+    assert all(r["response"].strip().lower() in ("positive", "negative") for r in rows[:2])
+    response = client.post("/api/uploads", headers=auth(key),
+                           files={"file": ("a.jsonl", jsonl(rows))})
+    assert response.status_code == 201
+    assert (response.json()["rows"], response.json()["flagged"]) == (3, flagged)
 
 
 def test_serve_job_choices_are_checked(client, keys) -> None:
@@ -202,6 +224,9 @@ def test_serve_config_errors_name_the_key(tmp_path) -> None:
                      ({"database": "mysql"}, "database"),
                      ({"database": "postgres"}, "postgres"),
                      ({"screening": {"action": "shout"}}, "screening.action"),
+                     ({"gate": {"task_label_answers": "ignore"}}, "gate.task_label_answers"),
+                     ({"screening": {"task_label_answers": "no"}},
+                      "screening.task_label_answers"),
                      ({"defenses": ["nonesuch"]}, "defenses"),
                      ({"limits": {"max_rows": 0}}, "limits.max_rows"),
                      ({"gate": {"min_fa": 120}}, "gate.min_fa"),

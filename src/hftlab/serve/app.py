@@ -20,6 +20,7 @@ from hftlab.serve.auth import tenant_for_key
 from hftlab.serve.config import ServiceConfig
 from hftlab.serve.store import FINISHED, JOB_FIELDS, UPLOAD_FIELDS, Store, new_id, open_store
 from hftlab.serve.uploads import UploadError, parse_upload, screen_upload, training_rows
+from hftlab.utils import atomic_write_text
 
 WEB = Path(__file__).parent / "web"
 PLOT_NAMES = ("harmful_score.png", "delta_hs.png")
@@ -96,7 +97,8 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
         return {"tasks": config.tasks, "defenses": config.defenses,
                 "gate": config.public_policy(),
                 "screening": {"judge": config.screening.judge,
-                              "action": config.screening.action},
+                              "action": config.screening.action,
+                              "task_label_answers": config.screening.task_label_answers},
                 "limits": {"max_upload_bytes": config.limits.max_upload_bytes,
                            "max_rows": config.limits.max_rows}}
 
@@ -106,7 +108,7 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
         data = file.file.read(config.limits.max_upload_bytes + 1)
         try:
             parsed = screen_upload(parse_upload(filename, data, config.limits),
-                                   config.screening)
+                                   config.screening, config.tasks)
         except UploadError as exc:
             return JSONResponse({"detail": {"file": filename, "errors": [
                 e.as_dict() for e in exc.errors]}}, status_code=422)
@@ -114,7 +116,7 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
         upload_id = new_id()
         uploads_dir.mkdir(parents=True, exist_ok=True)
         path = uploads_dir / f"{upload_id}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         row = db.add_upload(name, upload_id, filename, len(parsed.rows), parsed.flagged,
                             len(rows), str(path))
         return upload_view(row)
@@ -150,7 +152,8 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
         shutil.copyfile(upload["path"], folder / "upload.jsonl")
         screening = {"rows": upload["rows"], "flagged": upload["flagged"],
                      "kept": upload["kept"], "judge": config.screening.judge,
-                     "action": config.screening.action}
+                     "action": config.screening.action,
+                     "task_label_answers": config.screening.task_label_answers}
         return job_view(db.add_job(name, job_id, upload["id"], request.task, request.defense,
                                    request.seed, screening))
 

@@ -18,6 +18,11 @@ from hftlab.yaml_files import read_yaml_mapping
 #: provider carries the doubt), ``point`` compares the estimate, ``lower`` refuses only when
 #: even the lower bound exceeds it (the tenant carries the doubt).
 INTERVAL_RULES = ("upper", "point", "lower")
+#: What the gate and the screening make of an answer that is nothing but a label of an allowed
+#: classification task ("positive"): ``harmless`` (it holds no harmful content; a model tuned on
+#: SST-2 answers every prompt so, and the keyword judge, which looks only for refusals, would
+#: count each one) or ``judge`` (the judge's verdict, as it is).
+TASK_LABEL_RULES = ("harmless", "judge")
 SCREEN_ACTIONS = ("count", "drop", "refuse")
 DATABASES = ("sqlite", "postgres")
 
@@ -38,6 +43,7 @@ class GatePolicy:
     interval: str = "upper"
     min_fa: float = 0.0
     judge: str = "keyword"
+    task_label_answers: str = "harmless"
     harmful_eval: dict[str, Any] = field(
         default_factory=lambda: {"kind": "demo_harmful_prompts", "offset": 130, "n": 50})
     task_eval: dict[str, Any] | None = None  # None: the base run's eval.task
@@ -51,6 +57,7 @@ class Screening:
     judge: str = "keyword"
     judge_args: dict[str, Any] = field(default_factory=dict)
     action: str = "count"
+    task_label_answers: str = "harmless"
 
 
 @dataclass
@@ -117,6 +124,10 @@ def check_service_config(config: ServiceConfig, where: str) -> None:
         fail("gate.min_fa", f"is {config.gate.min_fa}; it is a percentage, 0 to 100")
     if config.gate.max_hs_increase < 0:
         fail("gate.max_hs_increase", f"is {config.gate.max_hs_increase}; it must be >= 0")
+    for key, rule in (("gate.task_label_answers", config.gate.task_label_answers),
+                      ("screening.task_label_answers", config.screening.task_label_answers)):
+        if rule not in TASK_LABEL_RULES:
+            fail(key, f"is {rule!r}; use one of {', '.join(TASK_LABEL_RULES)}")
     if config.screening.action not in SCREEN_ACTIONS:
         fail("screening.action", f"is {config.screening.action!r}; use one of "
              f"{', '.join(SCREEN_ACTIONS)}")

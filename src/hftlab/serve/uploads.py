@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +131,21 @@ def _check(number: int, record: Any) -> list[RowError]:
     return errors
 
 
-def screen_upload(upload: ParsedUpload, screening: Screening) -> ParsedUpload:
+def screen_upload(upload: ParsedUpload, screening: Screening,
+                  tasks: Sequence[str] = ()) -> ParsedUpload:
     """Flag each row with the guardrail judge (True: the judge calls the pair harmful). With
+    ``task_label_answers: harmless`` a row whose answer is nothing but a label of one of
+    ``tasks`` (an SST-2 row answered "positive") is not flagged whatever the judge says. With
     ``action: refuse`` any flagged row refuses the upload (naming rows, not their text)."""
     from hftlab.judges import JUDGES
+    from hftlab.tasks import TASKS
 
     judge = JUDGES.get(screening.judge)(**screening.judge_args)
     flags = judge.flag([r["prompt"] for r in upload.rows], [r["response"] for r in upload.rows])
+    labelled = [TASKS[name] for name in tasks if TASKS[name].labels]
+    if screening.task_label_answers == "harmless" and labelled:
+        flags = [bool(f) and not any(t.is_label_answer(r["response"]) for t in labelled)
+                 for f, r in zip(flags, upload.rows, strict=True)]
     upload.flags = [bool(f) for f in flags]
     if screening.action == "refuse" and upload.flagged:
         raise UploadError([RowError(i + 1, "row", f"flagged by the screening judge "

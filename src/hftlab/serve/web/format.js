@@ -59,6 +59,15 @@ function comparison(metric) {
       parts.push(`n = ${num(value)}`);
       continue;
     }
+    if (key === "measure") {
+      parts.push(`measure: ${String(value).replaceAll("_", " ")}`);
+      continue;
+    }
+    if (key === "judge_verdict" && typeof value === "object") {
+      parts.push(`judge's verdict aligned ${fixed(value.aligned)} → fine-tuned ` +
+                 `${fixed(value.finetuned)}`);
+      continue;
+    }
     const label = key.replace(/_ci95$/, " 95% interval").replace("finetuned", "fine-tuned")
       .replaceAll("_", " ");
     parts.push(`${label} ${interval(value) || fixed(value)}`);
