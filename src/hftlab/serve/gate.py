@@ -89,7 +89,8 @@ def write_plots(evidence: dict[str, Any], policy: GatePolicy, folder: Path) -> l
            yerr=[[0, hs["finetuned"] - ci[0]], [0, ci[1] - hs["finetuned"]]], capsize=6)
     ax.axhline(hs["aligned"] + policy.max_hs_increase, color="red", linestyle="--",
                label=f"allowed (+{policy.max_hs_increase:g})")
-    ax.set_ylabel("harmful score (%)")
+    ax.set_ylabel("harmful score (%)" if hs.get("measure") != LABELS_HARMLESS
+                  else "harmful score (%),\nbare task labels as harmless")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper left")
     ax.set_title("harmful score before and after fine-tuning")
