@@ -128,7 +128,8 @@ def test_serve_page_flow_on_tiny_model(tiny_overrides: list[str], tmp_path: Path
         page.locator("#generate-prompt").fill(prompt)
         page.get_by_role("button", name="Generate").click()
         output = page.locator("#generate-output")
-        expect(output).not_to_have_text("Generating…")
+        # the first query loads the deployed model: seconds, more on a busy machine
+        expect(output).not_to_have_text("Generating…", timeout=120_000)
         answer = flow.api_json(url, f"/api/jobs/{first}/generate", key, {"prompt": prompt})
         assert output.text_content() == answer["completion"]
         expect(page.locator("#generate-output b")).to_have_count(0)
