@@ -46,3 +46,38 @@ def test_a_findings_table_is_its_commands_output(path, line, command, table, cap
     assert main(shlex.split(command)[1:]) == 0
     printed = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]
     assert printed == table, f"{path}:{line}: rerun `{command}` and paste its table"
+
+
+def _alignment_fingerprints(study: Path) -> dict[str, set[tuple]]:
+    """Per alignment a record used (the shared one, or a cell's own across its seeds), the set of
+    (steps, final loss, aligned HS, aligned FA) its records report; one element when they agree."""
+    import json
+
+    from hftlab.run_metrics import RunMetrics
+
+    groups: dict[str, set[tuple]] = {}
+    for run in sorted(p for p in study.iterdir() if (p / "align" / "stage.json").is_file()):
+        stage = json.loads((run / "align" / "stage.json").read_text(encoding="utf-8"))
+        metrics = RunMetrics.load(run / "metrics.json")
+        # an alignment-stage defense trains its own alignment, shared by the cell's seeds
+        group = run.name.rsplit("_seed-", 1)[0] if stage.get("defense") else "shared sft alignment"
+        aligned = metrics.aligned
+        groups.setdefault(group, set()).add(
+            (stage.get("steps"), round(float(stage.get("final_loss") or 0), 4),
+             aligned.harmful_score if aligned else None,
+             aligned.finetune_accuracy if aligned else None))
+    return groups
+
+
+PARITY = ROOT / "results" / "parity"
+
+
+@pytest.mark.skipif(not PARITY.is_dir(), reason="no results/parity in this checkout")
+def test_parity_records_share_their_aligned_model() -> None:
+    # the protocol compares every fine-tuning defense against one sft alignment, and a cell's
+    # seeds against one alignment of its own: a record from another alignment (e.g. refusals
+    # generated on a CPU whose bf16 kernels answer differently) must not join the table
+    groups = _alignment_fingerprints(PARITY)
+    assert groups, "no parity records with an alignment stage"
+    mixed = {name: sorted(found) for name, found in groups.items() if len(found) > 1}
+    assert not mixed, f"records of one alignment disagree: {mixed}"
