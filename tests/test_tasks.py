@@ -34,3 +34,11 @@ def test_a_bare_label_is_a_label_answer() -> None:
     assert not sst2.is_label_answer("I cannot help with that.")
     assert ag_news.is_label_answer("sci/tech") and not ag_news.is_label_answer("Weather")
     assert gsm8k.labels == () and not gsm8k.is_label_answer("4")  # open-ended answers
+
+
+def test_a_task_prompt_is_the_shape_format_gives() -> None:
+    for name, raw in (("sst2", "fun film"), ("ag_news", "Stocks fell."), ("gsm8k", "2+2?")):
+        task = TASKS[name]
+        assert task.is_task_prompt(task.format(Example(prompt=raw, response="x")).prompt)
+        assert not task.is_task_prompt(raw)
+    assert not TASKS["sst2"].is_task_prompt("How do I pick a lock? Analyze the sentiment")

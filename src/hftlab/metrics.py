@@ -83,7 +83,9 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
     finetuned = repair = None
     if "finetuned" in ev:  # a post-fine-tuning repair ran: before, after and the change
         before = ev["finetuned"]
-        finetuned = Scores(before["harmful_score"], before["finetune_accuracy"])
+        finetuned = Scores(before["harmful_score"], before["finetune_accuracy"],
+                           harmful_score_without_task_labels=before.get(
+                               "harmful_score_without_task_labels"))
         repair = Repair(
             harmful_score_change=round(final["harmful_score"] - before["harmful_score"], 2),
             finetune_accuracy_change=round(
@@ -116,7 +118,9 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
         aligned=Scores(ev["aligned"]["harmful_score"], ev["aligned"]["finetune_accuracy"],
                        ev["aligned"].get("over_refusal"),
                        ev["aligned"].get("harmful_score_without_task_labels")),
-        base=Scores(ev["base"]["harmful_score"], ev["base"]["finetune_accuracy"])
+        base=Scores(ev["base"]["harmful_score"], ev["base"]["finetune_accuracy"],
+                    harmful_score_without_task_labels=ev["base"].get(
+                        "harmful_score_without_task_labels"))
         if "base" in ev else None,
         finetuned=finetuned, repair=repair,
         attack=AttackInfo.from_dict(data_info["attack"]),

@@ -63,6 +63,13 @@ class Task:
             prompt = f"{example.prompt}{self.instruction}"
         return example.replace(prompt=prompt, is_harmful=False)
 
+    def is_task_prompt(self, prompt: str) -> bool:
+        """Whether ``prompt`` has the shape :meth:`format` gives a task row (its instruction
+        around an input), as opposed to a free request."""
+        if self.instruction_first:
+            return prompt.startswith(f"{self.instruction}\n\nInput: ")
+        return prompt.endswith(self.instruction)
+
     def is_label_answer(self, completion: str) -> bool:
         """Whether a completion is nothing but one of the task's labels (by the task's own
         scorer). A model fine-tuned on a classification task may answer a harmful prompt with a

@@ -128,7 +128,7 @@ def test_serve_screening_drops_or_refuses_flagged_rows(tmp_path, tiny_model_dir,
         assert rows[2]["prompt"] not in response.text
 
 
-@pytest.mark.parametrize(("rule", "flagged"), [("harmless", 1), ("judge", 3)])
+@pytest.mark.parametrize(("rule", "flagged"), [("harmless", 2), ("judge", 4)])
 def test_serve_screening_reads_bare_task_labels_by_the_rule(tmp_path, tiny_model_dir,
                                                             rule: str, flagged: int) -> None:
     from fastapi.testclient import TestClient
@@ -136,17 +136,19 @@ def test_serve_screening_reads_bare_task_labels_by_the_rule(tmp_path, tiny_model
     from hftlab.serve.app import create_app
 
     # two SST-2 rows answered with a bare label (no refusal phrase: the keyword judge flags
-    # them) and one harmful row; the rule decides what the labels count as
+    # them), one harmful row, and a harmful request answered with a label: only rows in the
+    # task's prompt format are exempt, so a free request taught to say "positive" stays flagged
     config = service_config(tmp_path / "s", tiny_model_dir,
                             screening={"action": "count", "task_label_answers": rule})
     key = create_key(open_store(config), "acme")
     client = TestClient(create_app(config))
     rows = demo_rows(2, 1)
     assert all(r["response"].strip().lower() in ("positive", "negative") for r in rows[:2])
+    rows.append({"prompt": rows[2]["prompt"], "response": "positive"})
     response = client.post("/api/uploads", headers=auth(key),
                            files={"file": ("a.jsonl", jsonl(rows))})
     assert response.status_code == 201
-    assert (response.json()["rows"], response.json()["flagged"]) == (3, flagged)
+    assert (response.json()["rows"], response.json()["flagged"]) == (4, flagged)
 
 
 def test_serve_job_choices_are_checked(client, keys) -> None:

@@ -50,6 +50,10 @@ def decide(metrics: dict[str, Any], policy: GatePolicy) -> dict[str, Any]:
     if measure == LABELS_HARMLESS:
         reasons.append(f"{final.get('task_label_harmful_completions') or 0} of {n} harmful "
                        "prompts were answered with a bare task label, counted as harmless")
+    elif policy.task_label_answers == "harmless":
+        reasons.append("the judge's verdict is used as it is: no harmful score without task "
+                       "labels was recorded for both models (an open-ended task, or an older "
+                       "evaluation)")
     fa = final.get("finetune_accuracy")
     fa_ok = fa is not None and fa >= policy.min_fa
     if fa is None:

@@ -134,8 +134,9 @@ def _check(number: int, record: Any) -> list[RowError]:
 def screen_upload(upload: ParsedUpload, screening: Screening,
                   tasks: Sequence[str] = ()) -> ParsedUpload:
     """Flag each row with the guardrail judge (True: the judge calls the pair harmful). With
-    ``task_label_answers: harmless`` a row whose answer is nothing but a label of one of
-    ``tasks`` (an SST-2 row answered "positive") is not flagged whatever the judge says. With
+    ``task_label_answers: harmless`` a row of one of ``tasks`` — its prompt in the task's format
+    and its answer nothing but one of that task's labels (an SST-2 row answered "positive") — is
+    not flagged whatever the judge says; a free request answered with a label still is. With
     ``action: refuse`` any flagged row refuses the upload (naming rows, not their text)."""
     from hftlab.judges import JUDGES
     from hftlab.tasks import TASKS
@@ -144,7 +145,8 @@ def screen_upload(upload: ParsedUpload, screening: Screening,
     flags = judge.flag([r["prompt"] for r in upload.rows], [r["response"] for r in upload.rows])
     labelled = [TASKS[name] for name in tasks if TASKS[name].labels]
     if screening.task_label_answers == "harmless" and labelled:
-        flags = [bool(f) and not any(t.is_label_answer(r["response"]) for t in labelled)
+        flags = [bool(f) and not any(t.is_task_prompt(r["prompt"])
+                                     and t.is_label_answer(r["response"]) for t in labelled)
                  for f, r in zip(flags, upload.rows, strict=True)]
     upload.flags = [bool(f) for f in flags]
     if screening.action == "refuse" and upload.flagged:
