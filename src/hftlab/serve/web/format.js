@@ -59,6 +59,10 @@ function comparison(metric) {
       parts.push(`n = ${num(value)}`);
       continue;
     }
+    if (key === "task_label_answers") {
+      parts.push(`bare task-label answers ${num(value)}`);
+      continue;
+    }
     if (key === "measure") {
       parts.push(`measure: ${String(value).replaceAll("_", " ")}`);
       continue;
