@@ -15,6 +15,10 @@ from hftlab.interrupt import interrupted_message, note_checkpoint
 from hftlab.progress import progress
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_alignment_prints_one_line_and_the_rerun_resumes(tiny_overrides,
                                                                         tmp_path) -> None:
     run = tmp_path / "run"
@@ -22,8 +26,11 @@ def test_ctrl_c_during_alignment_prints_one_line_and_the_rerun_resumes(tiny_over
     args = ["run", "configs/quickstart.yaml", *tiny_overrides, "alignment.train.max_steps=200",
             "checkpoint_every=2", "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C's default action in the child: an ignored SIGINT is inherited across exec, and a
+    # test earlier in the session (a library's handler) may leave it ignored in this process
     proc = subprocess.Popen([sys.executable, "-m", "hftlab", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 60
     while not pointer.exists():  # the alignment has saved a checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
