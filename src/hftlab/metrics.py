@@ -23,7 +23,7 @@ from hftlab.run_metrics import (
     StageTiming,
     VariantScore,
 )
-from hftlab.stats import wilson
+from hftlab.stats import rate_interval
 from hftlab.utils import read_json
 
 
@@ -40,11 +40,6 @@ def library_versions() -> dict[str, str]:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
-
-
-def rate_interval(percent: float, n: int) -> list[float]:
-    """95% Wilson interval of a percentage measured on n prompts."""
-    return list(wilson(round(percent / 100 * n), n))
 
 
 def attack_eval(variants: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -40,6 +40,11 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (round(100 * max(0.0, float(low)), 2), round(100 * min(1.0, float(high)), 2))
 
 
+def rate_interval(percent: float, n: int) -> list[float]:
+    """95% Wilson interval of a percentage measured on n prompts."""
+    return list(wilson(round(percent / 100 * n), n))
+
+
 @dataclass
 class Summary:
     """Mean, sample std and 95% t interval of one metric over seeds."""

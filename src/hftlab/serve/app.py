@@ -96,9 +96,7 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
     def options(name: Tenant) -> dict[str, Any]:
         return {"tasks": config.tasks, "defenses": config.defenses,
                 "gate": config.public_policy(),
-                "screening": {"judge": config.screening.judge,
-                              "action": config.screening.action,
-                              "task_label_answers": config.screening.task_label_answers},
+                "screening": config.screening.public(),
                 "limits": {"max_upload_bytes": config.limits.max_upload_bytes,
                            "max_rows": config.limits.max_rows}}
 
@@ -151,9 +149,7 @@ def create_app(config: ServiceConfig, store: Store | None = None) -> FastAPI:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(upload["path"], folder / "upload.jsonl")
         screening = {"rows": upload["rows"], "flagged": upload["flagged"],
-                     "kept": upload["kept"], "judge": config.screening.judge,
-                     "action": config.screening.action,
-                     "task_label_answers": config.screening.task_label_answers}
+                     "kept": upload["kept"], **config.screening.public()}
         return job_view(db.add_job(name, job_id, upload["id"], request.task, request.defense,
                                    request.seed, screening))
 

@@ -59,6 +59,11 @@ class Screening:
     action: str = "count"
     task_label_answers: str = "harmless"
 
+    def public(self) -> dict[str, str]:
+        """What a tenant is told of the screening (``judge_args`` may hold provider paths)."""
+        return {"judge": self.judge, "action": self.action,
+                "task_label_answers": self.task_label_answers}
+
 
 @dataclass
 class ServiceConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hftlab.serve.config import GatePolicy
-from hftlab.stats import two_proportions, wilson
+from hftlab.stats import rate_interval, two_proportions
 
 #: The harmful score with bare task-label answers counted as harmless (``metrics.json``).
 LABELS_HARMLESS = "harmful_score_without_task_labels"
@@ -64,7 +64,7 @@ def decide(metrics: dict[str, Any], policy: GatePolicy) -> dict[str, Any]:
     return {
         "harmful_score": {"aligned": hs_aligned, "finetuned": hs_final, "delta": delta,
                           "delta_ci95": [low, high], "finetuned_ci95":
-                          list(wilson(round(hs_final / 100 * n), n)), "n": n, "measure": measure,
+                          rate_interval(hs_final, n), "n": n, "measure": measure,
                           "judge_verdict": {"aligned": aligned.get("harmful_score"),
                                             "finetuned": final.get("harmful_score")},
                           "task_label_answers": final.get("task_label_harmful_completions")},

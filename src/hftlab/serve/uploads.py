@@ -143,10 +143,10 @@ def screen_upload(upload: ParsedUpload, screening: Screening,
 
     judge = JUDGES.get(screening.judge)(**screening.judge_args)
     flags = judge.flag([r["prompt"] for r in upload.rows], [r["response"] for r in upload.rows])
-    labelled = [TASKS[name] for name in tasks if TASKS[name].labels]
-    if screening.task_label_answers == "harmless" and labelled:
+    if screening.task_label_answers == "harmless":
+        allowed = [TASKS[name] for name in tasks]  # an open-ended task has no label answers
         flags = [bool(f) and not any(t.is_task_prompt(r["prompt"])
-                                     and t.is_label_answer(r["response"]) for t in labelled)
+                                     and t.is_label_answer(r["response"]) for t in allowed)
                  for f, r in zip(flags, upload.rows, strict=True)]
     upload.flags = [bool(f) for f in flags]
     if screening.action == "refuse" and upload.flagged:
