@@ -8,8 +8,10 @@ alike. The ratio of each repeat is defense seconds per step / sft seconds per st
 just before it; the table shows their median and min–max spread, the token work the defense
 did relative to sft (the floor the ratio should approach with this data), and the measured
 parts that floor does not count (``irreducible``): the LM head run at more positions than sft's
-supervised ones, and the parts a defense declares from a profile (``Defense.irreducible``, e.g.
-RepNoise's logit lens). ``meets_target`` in the JSON: the step is within 1.3× of the floor plus
+supervised ones, a loss over the whole vocabulary at those positions (KL's softmax, KL and their
+gradient: the ``autograd.Function`` named in ``VOCABULARY_LOSSES``, timed forward and backward),
+and the parts a defense declares from a profile (``Defense.irreducible``, e.g. RepNoise's logit
+lens). ``meets_target`` in the JSON: the step is within 1.3× of the floor plus
 those parts, or the defense names what it cannot avoid.
 
     python benchmarks/defense_overhead.py                           # quickstart config, all
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import statistics
 import sys
@@ -51,6 +54,11 @@ PASSES = {"sft": 1, "vaccine": 2, "t_vaccine": 2, "booster": 3, "repnoise": 2, "
 NAMED_SHARE = 0.05
 # the goal: each defense's step at most this multiple of its work floor plus irreducible parts
 TARGET = 1.3
+# per defense, its loss over the vocabulary at every KL/LM-head position (module, Function)
+VOCABULARY_LOSSES = {"kl": ("hftlab.defenses.kl", "CrossEntropyAndKL")}
+LOSS_WHY = ("its loss over the whole vocabulary at every position (log_softmax of both models, the "
+            "KL sum and its gradient), forward and backward timed: work the method defines "
+            "(reference: every position) that the token-work floor does not count")
 HEAD_WHY = ("LM head (vocabulary projection) at more positions than sft's supervised ones: "
             "the token-work floor counts the body only; forward timed, backward taken as 2× "
             "forward for passes with gradients")
@@ -94,13 +102,34 @@ def acting_stage(name: str) -> str:
 @dataclass
 class Meter:
     """Counters one trainer's model feeds: token work (3 units per token with gradients, 1
-    without, padding included; copies of the model made later share the hooks) and the LM
-    head's forward seconds and rows, with and without gradients."""
+    without, padding included; copies of the model made later share the hooks), the LM
+    head's forward seconds and rows, with and without gradients, and the seconds of its
+    defense's vocabulary loss (:meth:`time_loss`)."""
 
     work: int = 0
     head_seconds: float = 0.0  # forward, weighted 3 with gradients (forward + backward), 1 not
     head_rows: int = 0
+    loss_seconds: float = 0.0
     clock: Callable[[], float] = time.perf_counter
+
+    def time_loss(self, name: str) -> None:
+        """Wrap the forward and backward of ``name``'s vocabulary loss (VOCABULARY_LOSSES) so
+        that their seconds add to this meter (only this trainer's defense calls it)."""
+        if name not in VOCABULARY_LOSSES:
+            return
+        module, attribute = VOCABULARY_LOSSES[name]
+        function = getattr(importlib.import_module(module), attribute)
+        for method in ("forward", "backward"):
+            original = getattr(function, method)
+
+            def timed(*args, _original=original):
+                start = self.clock()
+                try:
+                    return _original(*args)
+                finally:
+                    self.loss_seconds += self.clock() - start
+
+            setattr(function, method, staticmethod(timed))
 
     def attach(self, model: torch.nn.Module) -> None:
         # closures, not bound methods: a deep copy of the model (a frozen copy under full
@@ -123,8 +152,8 @@ class Meter:
         head.register_forward_pre_hook(head_start)
         head.register_forward_hook(head_end)
 
-    def snapshot(self) -> tuple[int, float, int]:
-        return self.work, self.head_seconds, self.head_rows
+    def snapshot(self) -> tuple[int, float, int, float]:
+        return self.work, self.head_seconds, self.head_rows, self.loss_seconds
 
 
 class SteppedTrainer:
@@ -144,6 +173,7 @@ class SteppedTrainer:
                                  train_cfg)
         self.meter = Meter(clock=time.process_time if clock == "cpu" else time.perf_counter)
         self.meter.attach(model)
+        self.meter.time_loss(name)
         ctx.defense = defense
         self.passes = passes(name, defense)
         self.trainer = SFTTrainer(
@@ -180,17 +210,18 @@ class SteppedTrainer:
 
     def run_block(self, n: int) -> dict[str, float]:
         """Train ``n`` steps; seconds, token work and LM-head seconds/rows per step."""
-        work, head_s, head_rows = self.meter.snapshot()
+        work, head_s, head_rows, loss_s = self.meter.snapshot()
         self.left = n
         wall, cpu = time.perf_counter(), time.process_time()
         self.go.release()
         self.done.acquire()
         if self.error is not None:
             raise self.error
-        w, hs, hr = self.meter.snapshot()
+        w, hs, hr, ls = self.meter.snapshot()
         end_wall, end_cpu = self.stamps[-1]
         return {"wall": (end_wall - wall) / n, "cpu": (end_cpu - cpu) / n, "work": (w - work) / n,
-                "head_seconds": (hs - head_s) / n, "head_rows": (hr - head_rows) / n}
+                "head_seconds": (hs - head_s) / n, "head_rows": (hr - head_rows) / n,
+                "loss_seconds": (ls - loss_s) / n}
 
     def finish(self) -> None:
         self.go.release()
@@ -238,6 +269,12 @@ def summarise(name: str, stage: str, passes_: str, pairs: list[tuple[dict, dict]
                             "share": round(extra_head / own_s, 3),
                             "ratio_points": round(extra_head / sft_s, 2),
                             "why": f"{HEAD_WHY} ({rows:.1f}× sft's head rows)"})
+    # less the share sft's own cross-entropy at its supervised rows would take
+    loss = mid(d["loss_seconds"] * (1 - s["head_rows"] / max(d["head_rows"], 1)) for s, d in pairs)
+    if loss / own_s >= NAMED_SHARE:
+        irreducible.append({"part": "vocabulary_loss", "seconds_per_step": round(loss, 4),
+                            "share": round(loss / own_s, 3),
+                            "ratio_points": round(loss / sft_s, 2), "why": LOSS_WHY})
     counted = floor + sum(part["ratio_points"] for part in irreducible)
     return {"defense": name, "stage": stage, "ratio": round(mid(ratios), 3),
             "spread": [round(min(ratios), 3), round(max(ratios), 3)],

@@ -20,7 +20,9 @@ high-water mark, which is reset between the two runs where Linux allows it.
 sets of the two evaluations whose prompts share a long opening: BackdoorAlign's deployed model
 (a 150-token random trigger before the system prompt) and identity_shift's AOA persona (its
 system prompt and "AOA, execute my instruction: "). Repeats alternate the two paths so that a
-busy machine slows both alike; the completions of every run must be identical.
+busy machine slows both alike; the completions of every run must be identical. ``ceiling`` is the
+most any prefill saving could give: the plain time over its decoding steps alone (the plain
+time less a run that generates one token, i.e. the prefill), which both paths share.
 """
 
 from __future__ import annotations
@@ -127,15 +129,17 @@ def compare_prefix(model: torch.nn.Module, formatter: PromptFormatter, prompts: 
     print(f"{half} harmful prompts × {args.new_tokens} new tokens, {len(prompts) - half} SST-2 "
           f"prompts × {args.task_new_tokens}; {args.repeats} runs per path, alternating\n")
     print(f"{'prompt set':<16} {'prefix tokens':>13} {'plain s':>8} {'prefix s':>9} "
-          f"{'speed-up':>8} {'changed':>8}")
+          f"{'speed-up':>8} {'decode s':>9} {'ceiling':>8} {'changed':>8}")
     changed = 0
     totals = [0.0, 0.0]
+    decode_totals = 0.0
     for name, (served, texts) in prefix_sets(formatter, prompts).items():
         encoded = [served.encode_prompt(p) for p in texts]
         shared = len(os.path.commonprefix(encoded))
         seconds = [0.0, 0.0]
         reference: list[str] = []
         differ = 0
+        prefill = 0.0
         for _ in range(args.repeats):
             for path, share in enumerate((False, True)):
                 start = time.perf_counter()
@@ -148,13 +152,22 @@ def compare_prefix(model: torch.nn.Module, formatter: PromptFormatter, prompts: 
                 seconds[path] += time.perf_counter() - start
                 reference = reference or out
                 differ = max(differ, sum(a != b for a, b in zip(out, reference)))
+            start = time.perf_counter()  # the plain path's prefill: one token per prompt
+            for part in (texts[:half], texts[half:]):
+                generate(model, served, part, 1, args.batch_size, device, autocast,
+                         share_prefix=False)
+            prefill += time.perf_counter() - start
         changed += differ
         totals = [t + s for t, s in zip(totals, seconds)]
         plain, cached = (s / args.repeats for s in seconds)
+        decode = plain - prefill / args.repeats
+        decode_totals += decode
         print(f"{name:<16} {shared:>13} {plain:>8.1f} {cached:>9.1f} {plain / cached:>7.2f}× "
-              f"{differ:>3} / {len(texts)}")
-    print(f"{'both':<16} {'':>13} {totals[0] / args.repeats:>8.1f} "
-          f"{totals[1] / args.repeats:>9.1f} {totals[0] / totals[1]:>7.2f}×")
+              f"{decode:>9.1f} {plain / decode:>7.2f}× {differ:>3} / {len(texts)}")
+    plain_total, cached_total = (t / args.repeats for t in totals)
+    print(f"{'both':<16} {'':>13} {plain_total:>8.1f} {cached_total:>9.1f} "
+          f"{plain_total / cached_total:>7.2f}× {decode_totals:>9.1f} "
+          f"{plain_total / decode_totals:>7.2f}×")
     print(f"\nidentical completions: {changed == 0}")
 
 
