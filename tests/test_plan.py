@@ -73,3 +73,19 @@ def test_plan_gpu_sweep_loads_without_the_model(tiny_model_dir, capsys) -> None:
 
 def test_plan_refuses_bad_gpu_count() -> None:
     assert main(["plan", str(CPU_DEFENSES), "--gpus", "0"]) == 2
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_a_run_fine_tuned_in_another_precision_times_neither(tmp_path) -> None:
+    import shutil
+
+    records = tmp_path / "records"
+    shutil.copytree(RECORDS / "cpu_defenses_fp32", records)
+    plain = measure(records, "fp32")
+    mixed = records / "mixed"
+    shutil.copytree(records / "defense-sft_seed-0", mixed)
+    metrics = json.loads((mixed / "metrics.json").read_text())
+    metrics["finetune_precision"] = "bf16"
+    metrics["stages"]["finetune"]["seconds"] *= 100
+    (mixed / "metrics.json").write_text(json.dumps(metrics))
+    assert measure(records, "fp32") == plain

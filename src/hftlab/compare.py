@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hftlab.compare_checks import check_defense, check_metrics, check_value, unknown_setting
-from hftlab.config import ConfigError, load_config, load_yaml
+from hftlab.config import ConfigError, load_config, load_yaml, setting_name
 from hftlab.run_metrics import RunMetrics
 from hftlab.stats import SHARED, Difference, Summary, compare, summarize
 
@@ -80,6 +80,10 @@ def collect_runs(folder: Path) -> list[RunRecord]:
             # `auto` resolves per machine (bf16 only where the CPU or GPU has it natively) and
             # bf16 and fp32 training give different models: never pool them into one cell
             settings["model.precision"] = metrics.precision
+        # likewise resolved: a fine-tuning at the run's own precision is no separate cell
+        settings.pop("finetune.precision", None)
+        if metrics.finetune_precision:
+            settings["finetune.precision"] = metrics.finetune_precision
         records.append(RunRecord(path.parent, settings, metrics))
     if not records:
         raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) under {folder}")
@@ -167,10 +171,13 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """``defense=lisa, defense_args={...}``; empty option mappings (``defense_args={}``
-        beside a cell that sets some) are left out of the name, not out of the label."""
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in self.label.items()
-                         if v != {})
+        """``defense=lisa, defense_args={...}``; unset settings and empty option mappings
+        (``defense_args={}`` beside a cell that sets some) are left out of the name, not out of
+        the label; a cell that sets nothing its neighbours set is named by what it leaves unset
+        (``finetune.precision=None``), so that no cell but the only one reads "(all runs)"."""
+        named = {k: v for k, v in self.label.items() if v != {}}
+        named = {k: v for k, v in named.items() if v is not None} or named
+        return ", ".join(f"{setting_name(k)}={_short(v)}" for k, v in named.items())
 
 
 def _short(value: Any) -> str:

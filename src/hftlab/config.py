@@ -147,6 +147,10 @@ class FinetuneConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-4, epochs=3, schedule="constant")
     )
+    # The fine-tuning stage's own compute precision (auto | bf16 | fp32); None = model.precision.
+    # Alignment, repairs and evaluation stay at model.precision, so one aligned checkpoint serves
+    # fine-tunings of both precisions (e.g. KL in fp32 from the bf16 alignment).
+    precision: str | None = None
 
 
 @dataclass
@@ -356,6 +360,9 @@ def validate(config: Config, where: str) -> None:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             fail(key, f"is {value!r}; choose one of {', '.join(allowed)}")
+    if config.finetune.precision not in (None, *_CHOICES["model.precision"]):
+        fail("finetune.precision", f"is {config.finetune.precision!r}; choose one of "
+             f"{', '.join(_CHOICES['model.precision'])}, or null for model.precision")
     for stage in ("alignment", "finetune"):
         train: TrainConfig = getattr(config, stage).train
         for name, allowed in _TRAIN_CHOICES.items():
@@ -377,6 +384,16 @@ def _check_lora_targets(lora: LoraConfig, key: str, fail: typing.Callable[[str, 
     if ALL_LINEAR_TARGET in targets and len(targets) > 1:
         fail(key, f"is {targets!r}; '{ALL_LINEAR_TARGET}' stands alone (it means every linear "
              "layer but the output head)")
+
+
+# settings whose last part alone would read as another's (precision: model.precision)
+QUALIFIED_NAMES = frozenset({"finetune.precision"})
+
+
+def setting_name(key: str) -> str:
+    """A setting's short name in cell and run names: the last part of its dotted key (the whole
+    key where that part alone would name another setting)."""
+    return key if key in QUALIFIED_NAMES else key.rsplit(".", 1)[-1]
 
 
 def dump_config(config: Config) -> str:

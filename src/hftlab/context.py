@@ -66,6 +66,9 @@ class RunContext:
         self.accelerator = Accelerator(mixed_precision="no")
         self.device = self.accelerator.device
         self.precision = resolve_precision(config.model.precision, self.device)
+        # the fine-tuning stage's (finetune.precision; the run's when unset)
+        self.finetune_precision = resolve_precision(
+            config.finetune.precision or config.model.precision, self.device)
         self.defense: Defense = self.experiment.defense
         self.attack = self.experiment.attack
         self.judge = self.experiment.judge
@@ -86,6 +89,9 @@ class RunContext:
     def autocast(self) -> Any:
         return autocast_context(self.device, self.precision)
 
+    def finetune_autocast(self) -> Any:
+        return autocast_context(self.device, self.finetune_precision)
+
     def load(self, spec: DataSpec) -> list[Example]:
         return load_examples(spec, self.data_root)
 
@@ -102,10 +108,11 @@ class RunContext:
             )
         return kept
 
-    def base_model(self, full_training: bool = False) -> torch.nn.Module:
-        return load_model(
-            self.model_path, self.config.model, self.device, self.precision, full_training
-        )
+    def base_model(self, full_training: bool = False, precision: str | None = None
+                   ) -> torch.nn.Module:
+        """The original model, stored for ``precision`` (the run's when None)."""
+        return load_model(self.model_path, self.config.model, self.device,
+                          precision or self.precision, full_training)
 
     @property
     def finetune_train(self) -> TrainConfig:

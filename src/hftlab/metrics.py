@@ -92,6 +92,8 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
     return RunMetrics(
         task=ctx.task.name, defense=cfg.defense_label, model=cfg.model.name, seed=cfg.seed,
         precision=ctx.precision, device=str(ctx.device),
+        finetune_precision=ctx.finetune_precision
+        if ctx.finetune_precision != ctx.precision else None,
         judge=JudgeInfo.from_dict(ctx.judge.describe()),
         final=FinalScores(
             harmful_score=final["harmful_score"],

@@ -150,7 +150,8 @@ def measure(folder: Path, precision: str) -> Rates:
     """Median speeds of the records at ``precision``, and each defense's cost relative to sft;
     a defense measured only at the other precision takes its relative cost from there (the
     extra passes a defense makes cost the same share in either)."""
-    found = read_records(folder)
+    # a run whose fine-tuning computed in another precision (finetune.precision) times neither
+    found = [(m, c) for m, c in read_records(folder) if not m.get("finetune_precision")]
     rates = measure_records([(m, c) for m, c in found if m.get("precision") == precision],
                             folder, precision)
     other = [(m, c) for m, c in found if m.get("precision") != precision]

@@ -49,6 +49,7 @@ def _headline(metrics: RunMetrics) -> str:
         f"({attack.n_harmful}/{attack.n} harmful rows) · defense {metrics.defense} · "
         f"judge {metrics.judge.name} · seed {metrics.seed}"
         + (f" · {metrics.precision}" if metrics.precision else "")
+        + (f" (fine-tuning {metrics.finetune_precision})" if metrics.finetune_precision else "")
     )
 
 

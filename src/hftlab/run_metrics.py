@@ -230,6 +230,8 @@ class RunMetrics(Mapping[str, Any]):
     model: str | None = None
     seed: int | None = None
     precision: str | None = None
+    # the fine-tuning stage's, when finetune.precision made it differ from ``precision``
+    finetune_precision: str | None = None
     device: str | None = None
     judge: JudgeInfo = field(default_factory=JudgeInfo)
     final: FinalScores = field(default_factory=FinalScores)  # the deployed model
@@ -262,7 +264,8 @@ class RunMetrics(Mapping[str, Any]):
         drift, repair, variants = d.get("drift"), d.get("repair"), d.get("attack_eval")
         return cls(
             task=d.get("task"), defense=d.get("defense"), model=d.get("model"),
-            seed=d.get("seed"), precision=d.get("precision"), device=d.get("device"),
+            seed=d.get("seed"), precision=d.get("precision"),
+            finetune_precision=d.get("finetune_precision"), device=d.get("device"),
             judge=JudgeInfo.from_dict(d.get("judge")),
             final=_known(FinalScores, d.get("final") or {}),
             aligned=_known(Scores, d.get("aligned") or {}),
@@ -295,7 +298,10 @@ class RunMetrics(Mapping[str, Any]):
         return {
             "schema_version": self.schema_version,
             "task": self.task, "defense": self.defense, "model": self.model, "seed": self.seed,
-            "precision": self.precision, "device": self.device,
+            "precision": self.precision,
+            **({"finetune_precision": self.finetune_precision}
+               if self.finetune_precision else {}),
+            "device": self.device,
             "judge": self.judge.to_dict(),
             "final": block(self.final), "aligned": block(self.aligned), "base": block(self.base),
             "finetuned": block(self.finetuned), "repair": block(self.repair),

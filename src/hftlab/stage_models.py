@@ -15,10 +15,12 @@ if TYPE_CHECKING:
     from hftlab.context import RunContext
 
 
-def aligned_model(ctx: RunContext, full_training: bool = False) -> torch.nn.Module:
+def aligned_model(ctx: RunContext, full_training: bool = False, precision: str | None = None
+                  ) -> torch.nn.Module:
     """The base model with the alignment stage's checkpoint loaded (merged), or the base model
-    itself when alignment is disabled; ``full_training``: fp32 weights (full fine-tuning)."""
-    base = ctx.base_model(full_training)
+    itself when alignment is disabled; ``full_training``: fp32 weights (full fine-tuning);
+    ``precision``: the weights stored for it (the run's when None)."""
+    base = ctx.base_model(full_training, precision)
     info = ctx.stage_info(Stage.ALIGN)
     if not info.get("cache"):
         return base
@@ -28,15 +30,17 @@ def aligned_model(ctx: RunContext, full_training: bool = False) -> torch.nn.Modu
     return load_trained(base, Path(info["cache"]) / "model")
 
 
-def aligned_adapter_model(ctx: RunContext) -> torch.nn.Module:
+def aligned_adapter_model(ctx: RunContext, precision: str | None = None) -> torch.nn.Module:
     """The base model with the alignment LoRA attached unmerged and trainable, for a defense
-    whose fine-tuning keeps training that adapter (Panacea's ``single_lora``)."""
+    whose fine-tuning keeps training that adapter (Panacea's ``single_lora``); ``precision``:
+    the base weights stored for it (the run's when None)."""
     from peft import PeftModel
 
     info = ctx.stage_info(Stage.ALIGN)
     if not info.get("cache"):
         raise ValueError("no alignment adapter to continue: the alignment stage is disabled")
-    return PeftModel.from_pretrained(ctx.base_model(), str(Path(info["cache"]) / "model"),
+    return PeftModel.from_pretrained(ctx.base_model(precision=precision),
+                                     str(Path(info["cache"]) / "model"),
                                      is_trainable=True)
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hftlab.config import ConfigError, load_config, read_yaml_mapping
+from hftlab.config import ConfigError, load_config, read_yaml_mapping, setting_name
 from hftlab.utils import stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def override(key: str, value: Any) -> str:
 
 
 def run_name(values: dict[str, Any]) -> str:
-    """``defense-sft_poison_ratio-0.1_seed-0``: the last part of each key and its value."""
+    """``defense-sft_poison_ratio-0.1_seed-0``: each key's short name (:func:`setting_name`) and
+    its value."""
     parts = []
     for key, value in values.items():
         if isinstance(value, dict):  # options: k=v pairs, a hash when too long to read
@@ -83,7 +84,7 @@ def run_name(values: dict[str, Any]) -> str:
         else:
             shown = stable_hash(value)[:8]
         shown = re.sub(r"[^A-Za-z0-9._+=-]+", "-", shown).strip("-")
-        parts.append(f"{key.rsplit('.', 1)[-1]}-{shown}")
+        parts.append(f"{setting_name(key)}-{shown}")
     return "_".join(parts) or "run"
 
 

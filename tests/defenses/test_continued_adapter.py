@@ -167,7 +167,8 @@ def continued_adapter(model_dir: Path, folder: Path) -> tuple[torch.nn.Module, d
     saved = {n: p.detach().clone() for n, p in aligned.named_parameters() if "lora_" in n}
     ctx = SimpleNamespace(
         stage_info=lambda stage: {"cache": str(folder)},
-        base_model=lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        base_model=lambda precision=None: AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32),
     )
     return aligned_adapter_model(ctx), saved
 

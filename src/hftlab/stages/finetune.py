@@ -47,6 +47,7 @@ class FinetuneInputs:
     seed: int
     defense: Any  # the defense's fine-tuning cache key
     continues_alignment_adapter: bool
+    precision: str | None = None  # its own compute precision; None: the alignment's
 
     def key(self) -> str:
         if not self.user:
@@ -72,6 +73,10 @@ class FinetuneInputs:
             fields["system_prompts"] = system_prompts
         if self.continues_alignment_adapter:
             fields["continues_alignment_adapter"] = True
+        # only when it differs from the alignment's (which the alignment key holds), so the
+        # entries cached before finetune.precision existed stay valid
+        if self.precision is not None:
+            fields["precision"] = self.precision
         return versioned_key(fields, KEY_VERSION)
 
 
@@ -84,6 +89,7 @@ def finetune_inputs(ctx: RunContext) -> FinetuneInputs:
         provider_harmful=data.provider_harmful, seed=ctx.config.seed,
         defense=ctx.defense.cache_key(FINETUNE),
         continues_alignment_adapter=ctx.defense.continues_alignment_adapter(),
+        precision=ctx.finetune_precision if ctx.finetune_precision != ctx.precision else None,
     )
 
 
@@ -131,15 +137,16 @@ def train_finetune(ctx: RunContext, inputs: FinetuneInputs) -> dict[str, Any]:
                 "defense_report": ctx.defense.report(FINETUNE)}
     train_cfg = inputs.train
     continued = inputs.continues_alignment_adapter
-    model = (aligned_adapter_model(ctx) if continued
-             else aligned_model(ctx, full_training=train_cfg.method == "full"))
+    precision = ctx.finetune_precision
+    model = (aligned_adapter_model(ctx, precision) if continued
+             else aligned_model(ctx, train_cfg.method == "full", precision))
     max_len = train_cfg.max_length
     # Drift is measured on the held-out alignment prompts as the model sees them at inference.
     drift_prompts = [ctx.formatter.encode_prompt(e.prompt)[:max_len] for e in inputs.mech_alignment]
     drift_items = [Tokenized(ids, len(ids)) for ids in drift_prompts]
     before = (
         hidden_states(model, drift_items, ctx.tokenizer.pad_token_id, mech.batch_size,
-                      ctx.device, ctx.autocast)
+                      ctx.device, ctx.finetune_autocast)
         if mech.drift and drift_items
         else None
     )
@@ -163,7 +170,7 @@ def train_finetune(ctx: RunContext, inputs: FinetuneInputs) -> dict[str, Any]:
     drift = None
     if before is not None:
         after = hidden_states(trainer.model, drift_items, ctx.tokenizer.pad_token_id,
-                              mech.batch_size, ctx.device, ctx.autocast)
+                              mech.batch_size, ctx.device, ctx.finetune_autocast)
         drift = embedding_drift(before, after)
     if ctx.is_main:
         with atomic_dir(folder / "model") as tmp:
@@ -172,6 +179,7 @@ def train_finetune(ctx: RunContext, inputs: FinetuneInputs) -> dict[str, Any]:
         write_json(folder / "drift.json", drift)
     return {
         "steps": result.steps,
+        "precision": precision,
         "train_seconds": round(result.seconds, 3),
         "seconds_per_step": round(result.seconds_per_step, 4),
         "final_loss": result.losses[-1],

@@ -31,7 +31,8 @@ def make_trainer(ctx: RunContext, model: torch.nn.Module, train_cfg: TrainConfig
     """A trainer for ``stage`` that checkpoints into the stage folder's ``checkpoints``."""
     return SFTTrainer(
         model, train_cfg, ctx.accelerator, ctx.tokenizer.pad_token_id, stage.hook, defense,
-        seed, precision=ctx.precision, run=view,
+        seed, precision=ctx.finetune_precision if stage == Stage.FINETUNE else ctx.precision,
+        run=view,
         checkpoint_dir=ctx.stage_dir(stage) / checkpoints,
         checkpoint_every=ctx.config.checkpoint_every,
         checkpoint_minutes=ctx.config.checkpoint_minutes,
