@@ -89,3 +89,19 @@ def test_a_run_fine_tuned_in_another_precision_times_neither(tmp_path) -> None:
     metrics["stages"]["finetune"]["seconds"] *= 100
     (mixed / "metrics.json").write_text(json.dumps(metrics))
     assert measure(records, "fp32") == plain
+
+
+@pytest.mark.skipif(not all((RECORDS / name).is_dir() for name in ("parity", "cpu_defenses_fp32")),
+                    reason="no records")
+def test_a_fine_tuning_in_the_other_precision_is_estimated_at_its_speed() -> None:
+    from hftlab.config import load_config
+    from hftlab.plan import cell_seconds
+
+    rates = measure(RECORDS, "bf16")
+    assert rates.other_seconds_per_token["finetune"] > rates.seconds_per_token["finetune"]
+    config = ROOT / "configs" / "cpu_sst2_ref.yaml"
+    plain = cell_seconds(load_config(config, []), rates, False, False)
+    fp32 = cell_seconds(load_config(config, ["finetune.precision=fp32"]), rates, False, False)
+    assert fp32["finetune"] / plain["finetune"] == pytest.approx(
+        rates.other_seconds_per_token["finetune"] / rates.seconds_per_token["finetune"])
+    assert fp32["align"] == plain["align"] and fp32["eval"] == plain["eval"]

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from hftlab.compare_checks import check_defense, check_metrics, check_value, unknown_setting
-from hftlab.config import ConfigError, load_config, load_yaml, setting_name
+from hftlab.config import ConfigError, load_config, load_yaml
 from hftlab.run_metrics import RunMetrics
+from hftlab.setting_names import names_setting, setting_name
 from hftlab.stats import SHARED, Difference, Summary, compare, summarize
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def baseline_setting(cells: list[Cell], baseline: str, check: bool = True) -> tu
     value = load_yaml(text, f"--baseline {baseline}", lines=False)
     keys = sorted({k for c in cells for k in c.label})
     for candidate in keys:
-        if candidate == key or candidate.endswith(f".{key}"):
+        if names_setting(key, candidate):
             if check:
                 check_value(cells, baseline, candidate, value)
             return candidate, value

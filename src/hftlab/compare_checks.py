@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
+from hftlab.setting_names import setting_name
 
 if TYPE_CHECKING:
     from hftlab.compare import Cell, RunRecord
@@ -74,7 +75,7 @@ def check_defense(cells: list[Cell], name: str) -> None:
                        if r.settings.get("defense") is not None})
     if name in defenses:
         return
-    varying = sorted({k.rsplit(".", 1)[-1] for c in cells for k in c.label})
+    varying = sorted({setting_name(k) for c in cells for k in c.label})
     other = (f", or KEY=VALUE for a setting that varies ({', '.join(varying)})"
              if varying else "")
     raise ConfigError(f"unknown baseline '{name}': no run used that defense"
@@ -93,7 +94,7 @@ def check_value(cells: list[Cell], baseline: str, key: str, value: Any) -> None:
 
 def unknown_setting(baseline: str, key: str, keys: list[str]) -> ConfigError:
     """The error for ``--baseline KEY=VALUE`` whose key does not vary between cells."""
-    short = sorted({k.rsplit(".", 1)[-1] for k in keys} | set(keys))
+    short = sorted({setting_name(k) for k in keys} | set(keys))
     return ConfigError(f"--baseline {baseline}: '{key}' is not a setting that varies between "
                        f"cells{did_you_mean(key, short)}; choose one of "
                        f"{', '.join(sorted(keys)) or '(none vary)'}")

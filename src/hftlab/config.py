@@ -363,6 +363,10 @@ def validate(config: Config, where: str) -> None:
     if config.finetune.precision not in (None, *_CHOICES["model.precision"]):
         fail("finetune.precision", f"is {config.finetune.precision!r}; choose one of "
              f"{', '.join(_CHOICES['model.precision'])}, or null for model.precision")
+    if config.finetune.precision is not None and config.model.dtype != "auto":
+        # the weights are stored for the stage's precision; a fixed dtype would overrule it
+        fail("finetune.precision", f"needs model.dtype: auto (it is {config.model.dtype!r}); "
+             "the fine-tuning stage stores the weights for its own precision")
     for stage in ("alignment", "finetune"):
         train: TrainConfig = getattr(config, stage).train
         for name, allowed in _TRAIN_CHOICES.items():
@@ -384,16 +388,6 @@ def _check_lora_targets(lora: LoraConfig, key: str, fail: typing.Callable[[str, 
     if ALL_LINEAR_TARGET in targets and len(targets) > 1:
         fail(key, f"is {targets!r}; '{ALL_LINEAR_TARGET}' stands alone (it means every linear "
              "layer but the output head)")
-
-
-# settings whose last part alone would read as another's (precision: model.precision)
-QUALIFIED_NAMES = frozenset({"finetune.precision"})
-
-
-def setting_name(key: str) -> str:
-    """A setting's short name in cell and run names: the last part of its dotted key (the whole
-    key where that part alone would name another setting)."""
-    return key if key in QUALIFIED_NAMES else key.rsplit(".", 1)[-1]
 
 
 def dump_config(config: Config) -> str:

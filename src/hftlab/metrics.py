@@ -56,6 +56,13 @@ def attack_eval(variants: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def finetune_precision(ctx: RunContext, finetune: dict[str, Any]) -> str | None:
+    """The precision the fine-tuning stage trained in, when it is not the run's (from its stage
+    record: a skipped fine-tuning trained nothing and serves the aligned model)."""
+    trained = finetune.get("precision")
+    return trained if trained not in (None, ctx.precision) else None
+
+
 def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics:
     cfg = ctx.config
     ev = ctx.stage_info("eval")["results"]
@@ -92,8 +99,7 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
     return RunMetrics(
         task=ctx.task.name, defense=cfg.defense_label, model=cfg.model.name, seed=cfg.seed,
         precision=ctx.precision, device=str(ctx.device),
-        finetune_precision=ctx.finetune_precision
-        if ctx.finetune_precision != ctx.precision else None,
+        finetune_precision=finetune_precision(ctx, finetune),
         judge=JudgeInfo.from_dict(ctx.judge.describe()),
         final=FinalScores(
             harmful_score=final["harmful_score"],

@@ -52,6 +52,9 @@ class Rates:
     stage_tokens: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens (rows unknown)
     reuses_finetune: set[str] = field(default_factory=set)  # defenses that skip fine-tuning
     parameters: float = 1.35e8  # of the records' model: speeds scale by the inverse
+    # plain sft's seconds per token at the other precision (bf16 <-> fp32), for a fine-tuning
+    # run in it (finetune.precision); empty when no record measured that precision
+    other_seconds_per_token: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +168,7 @@ def measure(folder: Path, precision: str) -> Rates:
         mine.update({key: value for key, value in theirs.items() if key[0] not in measured})
     rates.reuses_finetune |= {d for d in fallback.reuses_finetune
                               if d not in {n for n, _ in rates.factor}}
+    rates.other_seconds_per_token = fallback.seconds_per_token
     return rates
 
 
@@ -230,12 +234,22 @@ def cell_seconds(config: Any, rates: Rates, trains_alignment: bool, base_eval: b
     for stage in TRAIN_STAGES:
         trained = trains_alignment or stage != "align"
         seconds[stage] = trained * scale * (train_tokens(config, rates, stage)
-                                    * rates.seconds_per_token[stage]
+                                    * seconds_per_token(config, rates, stage)
                                     * lookup(rates.factor, config, stage, 1.0))
     seconds["post_finetune"] = lookup(rates.fixed_seconds, config, "post_finetune", 0.0)
     seconds["eval"] = (scale * evaluations(trains_alignment, base_eval) * eval_budget(config, {})
                        * rates.eval_seconds_per_budget * lookup(rates.factor, config, "eval", 1.0))
     return seconds
+
+
+def seconds_per_token(config: Any, rates: Rates, stage: str) -> float:
+    """Plain sft's training seconds per token in ``stage``: a fine-tuning in the other precision
+    (``finetune.precision``) at that precision's measured speed, where records measured it."""
+    wanted = config.finetune.precision
+    if (stage == "finetune" and wanted not in (None, "auto", rates.precision)
+            and rates.other_seconds_per_token):
+        return rates.other_seconds_per_token[stage]
+    return rates.seconds_per_token[stage]
 
 
 def evaluations(trains_alignment: bool, base_eval: bool) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hftlab.compare import Cell
 from hftlab.plot_base import POISON, Group, colour_for
+from hftlab.setting_names import setting_name
 
 PRIMARY = ("defense", "attack")  # named by value alone, in this order
 
@@ -71,7 +72,7 @@ def series_names(labels: Sequence[dict[str, Any]]) -> list[str]:
             if len({_frozen(labels[i].get(key)) for i in members}) < 2:
                 continue
             for i in members:
-                setting = f"{key.rsplit('.', 1)[-1]}={value_text(labels[i].get(key))}"
+                setting = f"{setting_name(key)}={value_text(labels[i].get(key))}"
                 names[i] = f"{names[i]}, {setting}" if names[i] else setting
     return [name or "all runs" for name in names]
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hftlab.config import ConfigError, load_config, read_yaml_mapping, setting_name
+from hftlab.config import ConfigError, load_config, read_yaml_mapping
+from hftlab.setting_names import setting_name
 from hftlab.utils import stable_hash, write_json
 
 log = logging.getLogger(__name__)
