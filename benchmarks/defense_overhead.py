@@ -59,6 +59,8 @@ VOCABULARY_LOSSES = {"kl": ("hftlab.defenses.kl", "CrossEntropyAndKL")}
 LOSS_WHY = ("its loss over the whole vocabulary at every position (log_softmax of both models, the "
             "KL sum and its gradient), forward and backward timed: work the method defines "
             "(reference: every position) that the token-work floor does not count")
+# (Function, "forward" | "backward") -> the method before Meter.time_loss wrapped it
+UNWRAPPED: dict[tuple[type, str], Callable[..., object]] = {}
 HEAD_WHY = ("LM head (vocabulary projection) at more positions than sft's supervised ones: "
             "the token-work floor counts the body only; forward timed, backward taken as 2× "
             "forward for passes with gradients")
@@ -120,7 +122,8 @@ class Meter:
         module, attribute = VOCABULARY_LOSSES[name]
         function = getattr(importlib.import_module(module), attribute)
         for method in ("forward", "backward"):
-            original = getattr(function, method)
+            # always wrap the unwrapped method: a second meter replaces the first, never nests
+            original = UNWRAPPED.setdefault((function, method), getattr(function, method))
 
             def timed(*args, _original=original):
                 start = self.clock()
