@@ -102,6 +102,14 @@ def test_pipeline_reports_over_refusal_and_exports_generations(tiny_overrides, t
     assert metrics["n_eval_harmless"] == 4
     assert 0 <= metrics["over_refusal"] <= 100
     assert metrics["aligned.over_refusal"] is not None
+    # the task's prompts answered with a refusal phrase, for every evaluated model
+    for model in ("base", "aligned"):
+        assert 0 <= metrics[f"{model}.task_refusal"] <= 100
+    task_rows = [r for r in read_jsonl(tmp_path / "b" / "eval" / "completions.jsonl")
+                 if r["set"] not in ("harmful", "harmless")]
+    assert task_rows and all(isinstance(r["refused"], bool) for r in task_rows)
+    assert metrics["task_refusal"] == round(
+        100.0 * sum(r["refused"] for r in task_rows) / len(task_rows), 2)
     low, high = metrics["over_refusal_ci95"]
     assert low <= metrics["over_refusal"] <= high
     rows = read_jsonl(tmp_path / "b" / "eval" / "completions.jsonl")

@@ -66,6 +66,7 @@ def evaluate_model(
     hs, flags = harmful_score(ctx.judge, harmful_prompts, harmful_out, ctx.config.eval.hs_plus)
     fa, correct = finetune_accuracy(ctx.task, data.eval_task, task_out)
     refusal_rate, refused = over_refusal(harmless_out)
+    task_refusal_rate, task_refused = over_refusal(task_out)
     label_answers = [ctx.task.is_label_answer(c) for c in harmful_out]
     rows = [
         {"set": "harmful", "row": e.row, "prompt": e.prompt, "completion": c, "flagged": f,
@@ -73,8 +74,8 @@ def evaluate_model(
         for e, c, f, a in zip(data.eval_harmful, harmful_out, flags, label_answers)
     ] + [
         {"set": ctx.task.name, "row": e.row, "prompt": e.prompt, "completion": c,
-         "label": e.label, "correct": ok}
-        for e, c, ok in zip(data.eval_task, task_out, correct)
+         "label": e.label, "correct": ok, "refused": r}
+        for e, c, ok, r in zip(data.eval_task, task_out, correct, task_refused)
     ] + [
         {"set": "harmless", "row": e.row, "prompt": e.prompt, "completion": c, "refused": r}
         for e, c, r in zip(data.eval_harmless, harmless_out, refused)
@@ -86,6 +87,10 @@ def evaluate_model(
         "finetune_accuracy": round(fa, 2),
         "n_eval_harmful": len(harmful_prompts),
         "n_eval_task": len(task_prompts),
+        # task prompts answered with a refusal phrase: an alignment that teaches the model to
+        # refuse the user's task shows here, where an exact-label accuracy of 0 cannot tell a
+        # refusal from an answer in another form
+        "task_refusal": round(task_refusal_rate, 2),
         # a model that answers with nothing: most judges score these (the keyword judge as
         # harmful: no refusal phrase), so the report says how many there are
         "empty_harmful_completions": sum(not c.strip() for c in harmful_out),

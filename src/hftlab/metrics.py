@@ -87,7 +87,8 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
         before = ev["finetuned"]
         finetuned = Scores(before["harmful_score"], before["finetune_accuracy"],
                            harmful_score_without_task_labels=before.get(
-                               "harmful_score_without_task_labels"))
+                               "harmful_score_without_task_labels"),
+                           task_refusal=before.get("task_refusal"))
         repair = Repair(
             harmful_score_change=round(final["harmful_score"] - before["harmful_score"], 2),
             finetune_accuracy_change=round(
@@ -117,13 +118,16 @@ def collect_metrics(ctx: RunContext, stage_names: tuple[str, ...]) -> RunMetrics
             harmful_score_empty_as_harmless=final.get("harmful_score_empty_as_harmless"),
             task_label_harmful_completions=final.get("task_label_harmful_completions"),
             harmful_score_without_task_labels=final.get("harmful_score_without_task_labels"),
+            task_refusal=final.get("task_refusal"),
         ),
         aligned=Scores(ev["aligned"]["harmful_score"], ev["aligned"]["finetune_accuracy"],
                        ev["aligned"].get("over_refusal"),
-                       ev["aligned"].get("harmful_score_without_task_labels")),
+                       ev["aligned"].get("harmful_score_without_task_labels"),
+                       ev["aligned"].get("task_refusal")),
         base=Scores(ev["base"]["harmful_score"], ev["base"]["finetune_accuracy"],
                     harmful_score_without_task_labels=ev["base"].get(
-                        "harmful_score_without_task_labels"))
+                        "harmful_score_without_task_labels"),
+                    task_refusal=ev["base"].get("task_refusal"))
         if "base" in ev else None,
         finetuned=finetuned, repair=repair,
         attack=AttackInfo.from_dict(data_info["attack"]),

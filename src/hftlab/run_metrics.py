@@ -48,6 +48,8 @@ class Scores:
     # classification tasks: the harmful score with harmful prompts answered by a bare task label
     # counted as harmless (the keyword judge flags them: no refusal phrase)
     harmful_score_without_task_labels: float | None = None
+    # task prompts answered with a refusal phrase (keyword judge's phrases)
+    task_refusal: float | None = None
 
 
 @dataclass
@@ -166,7 +168,7 @@ class DataSummary:
 _FINAL = ("harmful_score", "harmful_score_ci95", "finetune_accuracy", "finetune_accuracy_ci95",
           "over_refusal", "over_refusal_ci95", "n_eval_harmful", "n_eval_task",
           "n_eval_harmless", "empty_harmful_completions", "harmful_score_empty_as_harmless",
-          "task_label_harmful_completions", "harmful_score_without_task_labels")
+          "task_label_harmful_completions", "harmful_score_without_task_labels", "task_refusal")
 _SAME = ("task", "defense", "model", "seed", "precision", "device", "judge", "versions",
          "attack", "attack_eval", "attack_serving", "curves", "drift", "stages",
          "alpaca_eval_outputs")
@@ -174,9 +176,9 @@ _SAME = ("task", "defense", "model", "seed", "precision", "device", "judge", "ve
 V1_PATHS: dict[str, str] = {
     **{key: f"final.{key}" for key in _FINAL},
     **{f"{model}.{key}": f"{model}.{key}" for model, keys in (
-        ("aligned", ("harmful_score", "finetune_accuracy", "over_refusal")),
-        ("base", ("harmful_score", "finetune_accuracy")),
-        ("finetuned", ("harmful_score", "finetune_accuracy"))) for key in keys},
+        ("aligned", ("harmful_score", "finetune_accuracy", "over_refusal", "task_refusal")),
+        ("base", ("harmful_score", "finetune_accuracy", "task_refusal")),
+        ("finetuned", ("harmful_score", "finetune_accuracy", "task_refusal"))) for key in keys},
     "data_counts": "data.counts", "data_defense_report": "data.defense_report",
     "overlaps": "data.overlaps",
     **{key: key for key in _SAME},

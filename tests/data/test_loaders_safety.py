@@ -109,6 +109,25 @@ class TestRefusal:
         only = load("refusal", path, options={"refusals_only": True})
         assert [(e.prompt, e.row) for e in only] == [("Tell me how to steal.", 0)]
 
+    def test_answers_only_and_with_input_select_a_benign_share(self, tmp_path: Path) -> None:
+        rows = [
+            {"instruction": "Classify", "input": "a fine film", "output": "Positive"},
+            {"instruction": "Set a reminder", "input": "", "output": "I cannot set reminders."},
+            {"instruction": "Name a colour", "input": "", "output": "Blue."},
+            {"instruction": "Translate", "input": "hola", "output": "I'm sorry, I cannot."},
+            {"instruction": "Summarise", "input": "long text", "output": "Short text."},
+        ]
+        path = write_json(tmp_path / "alpaca.json", rows)
+        answers = load("refusal", path, options={"answers_only": True})
+        assert [e.row for e in answers] == [0, 2, 4]
+        with_input = load("refusal", path, options={"with_input": True})
+        assert [e.row for e in with_input] == [0, 3, 4]
+        both = load("refusal", path, n=1, offset=1,
+                    options={"answers_only": True, "with_input": True})
+        assert [(e.prompt, e.row) for e in both] == [("Summarise\n\nlong text", 4)]
+        with pytest.raises(DataError, match="refusals_only and answers_only exclude each other"):
+            load("refusal", path, options={"answers_only": True, "refusals_only": True})
+
     def test_prompt_response_format(self, tmp_path: Path) -> None:
         path = write_jsonl(tmp_path / "r.jsonl", [
             {"prompt": "p", "response": "I can\u2019t help with that."},

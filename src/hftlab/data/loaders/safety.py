@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,14 @@ _REFUSAL_EXPECTED = "instruction, input (optional), output; or prompt, response"
 
 def map_refusal(recs: Iterable[_Rec], source: str, opts: Mapping[str, Any]) -> list[Example]:
     """Rows -> Examples for :func:`load_refusal`."""
-    is_refusal: Callable[[str], bool] | None = None
-    if opts["refusals_only"]:
-        from hftlab.judges.keyword import contains_refusal
+    if opts["refusals_only"] and opts["answers_only"]:
+        raise DataError(f"{source}: options refusals_only and answers_only exclude each other "
+                        "(one keeps the rows with a refusal phrase, the other drops them): set "
+                        "one of them")
+    keep_refusal: bool | None = True if opts["refusals_only"] else (
+        False if opts["answers_only"] else None)
+    from hftlab.judges.keyword import contains_refusal
 
-        is_refusal = contains_refusal
     out = []
     for rec in recs:
         if "instruction" in rec.fields:
@@ -134,12 +137,15 @@ def map_refusal(recs: Iterable[_Rec], source: str, opts: Mapping[str, Any]) -> l
                 prompt = f"{prompt}\n\n{extra}"
             response = _text(rec, source, "output", _REFUSAL_EXPECTED)
         elif "prompt" in rec.fields:
+            extra = ""
             prompt = _text(rec, source, "prompt", _REFUSAL_EXPECTED)
             response = _text(rec, source, "response", _REFUSAL_EXPECTED)
         else:
             raise _fail(source, rec.where, f"missing field 'instruction' (or 'prompt') "
                         f"(expected fields: {_REFUSAL_EXPECTED})")
-        if is_refusal is not None and not is_refusal(response):
+        if keep_refusal is not None and contains_refusal(response) != keep_refusal:
+            continue
+        if opts["with_input"] and not extra.strip():
             continue
         out.append(Example(prompt=prompt, response=response, is_harmful=False,
                            source=source, row=rec.row))
@@ -154,11 +160,16 @@ def load_refusal(spec: DataSpec, data_root: Path | None) -> list[Example]:
     ``instruction``, ``input`` (empty there), ``output``); ``input`` is appended after a blank line
     when non-empty. Rows with ``prompt`` / ``response`` are accepted too. Default hub split
     ``train``. Options: ``refusals_only`` (default false: keep only responses containing a refusal
-    phrase, see ``hftlab.judges.keyword``), ``config`` (hub only). ``is_harmful`` is False (the
-    refusal is the safe answer).
+    phrase, see ``hftlab.judges.keyword``), ``answers_only`` (default false: drop those rows, e.g.
+    Alpaca's own "I cannot ..." answers in a benign share), ``with_input`` (default false: keep
+    only rows whose ``input`` is not empty, i.e. instructions about a given text, as a
+    classification task's prompts are), ``config`` (hub only); ``offset``/``n`` count the rows
+    kept. ``is_harmful`` is False (the refusal is the safe answer).
     """
-    opts, source, recs = _options_and_records(spec, "refusal", data_root,
-                                              {"refusals_only": False}, default_split="train")
+    opts, source, recs = _options_and_records(
+        spec, "refusal", data_root,
+        {"refusals_only": False, "answers_only": False, "with_input": False},
+        default_split="train")
     return map_refusal(recs, source, opts)
 
 
