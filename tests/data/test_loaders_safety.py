@@ -127,6 +127,10 @@ class TestRefusal:
         assert [(e.prompt, e.row) for e in both] == [("Summarise\n\nlong text", 4)]
         with pytest.raises(DataError, match="refusals_only and answers_only exclude each other"):
             load("refusal", path, options={"answers_only": True, "refusals_only": True})
+        kept = load("refusal", path, options={"exclude": ["i CANNOT", "blue"]})
+        assert [e.row for e in kept] == [0, 4]
+        with pytest.raises(DataError, match="option exclude must be a list of non-empty strings"):
+            load("refusal", path, options={"exclude": "as an AI"})
 
     def test_prompt_response_format(self, tmp_path: Path) -> None:
         path = write_jsonl(tmp_path / "r.jsonl", [

@@ -126,6 +126,11 @@ def map_refusal(recs: Iterable[_Rec], source: str, opts: Mapping[str, Any]) -> l
                         "one of them")
     keep_refusal: bool | None = True if opts["refusals_only"] else (
         False if opts["answers_only"] else None)
+    exclude = opts["exclude"]
+    if not isinstance(exclude, list) or not all(isinstance(x, str) and x for x in exclude):
+        raise DataError(f"{source}: option exclude must be a list of non-empty strings (phrases "
+                        f"whose rows are dropped), got {exclude!r}")
+    exclude = [x.lower() for x in exclude]
     from hftlab.judges.keyword import contains_refusal
 
     out = []
@@ -147,6 +152,8 @@ def map_refusal(recs: Iterable[_Rec], source: str, opts: Mapping[str, Any]) -> l
             continue
         if opts["with_input"] and not extra.strip():
             continue
+        if any(x in response.lower() for x in exclude):
+            continue
         out.append(Example(prompt=prompt, response=response, is_harmful=False,
                            source=source, row=rec.row))
     return out
@@ -163,12 +170,14 @@ def load_refusal(spec: DataSpec, data_root: Path | None) -> list[Example]:
     phrase, see ``hftlab.judges.keyword``), ``answers_only`` (default false: drop those rows, e.g.
     Alpaca's own "I cannot ..." answers in a benign share), ``with_input`` (default false: keep
     only rows whose ``input`` is not empty, i.e. instructions about a given text, as a
-    classification task's prompts are), ``config`` (hub only); ``offset``/``n`` count the rows
-    kept. ``is_harmful`` is False (the refusal is the safe answer).
+    classification task's prompts are), ``exclude`` (default []: drop rows whose response contains
+    one of these phrases, case-insensitive, e.g. ``["as an AI"]`` for refusals of opinion
+    questions), ``config`` (hub only); ``offset``/``n`` count the rows kept. ``is_harmful`` is
+    False (the refusal is the safe answer).
     """
     opts, source, recs = _options_and_records(
         spec, "refusal", data_root,
-        {"refusals_only": False, "answers_only": False, "with_input": False},
+        {"refusals_only": False, "answers_only": False, "with_input": False, "exclude": []},
         default_split="train")
     return map_refusal(recs, source, opts)
 
