@@ -57,6 +57,14 @@ def test_same_config_same_metrics_and_alignment_cache_reused(tiny_config, tmp_pa
     second = run_pipeline(tiny_config, tmp_path / "b")
     assert comparable(first) == comparable(second)
     assert second["stages"]["align"]["cached"] is True
+    # trained or reused, the alignment's record names the rows it trained on by content
+    from hftlab.context import RunContext
+    from hftlab.data.loaders import data_fingerprint
+
+    rows = RunContext(tiny_config, tmp_path / "c").load(tiny_config.alignment.data)
+    for run in ("a", "b"):
+        stage = json.loads((tmp_path / run / "align" / "stage.json").read_text())
+        assert stage["data_fingerprint"] == data_fingerprint(rows)
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(

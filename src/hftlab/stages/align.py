@@ -89,7 +89,11 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
     inputs = align_inputs(ctx)
     # first, so that a cached defense alignment never points at a deleted start
     start = sft_start(ctx, inputs.start) if inputs.start is not None else None
+    # recorded beside the stage's own record: the SFT start it trained on, and the rows it
+    # trained on named by content, so that records of one alignment made in other sessions or
+    # on other machines (where the cache key may differ) can be checked for the same data
     started = {"sft_start": start} if start is not None else {}
+    started["data_fingerprint"] = data_fingerprint(inputs.alignment)
     key = inputs.key()
     target = ctx.cache_dir / "aligned" / key
     with entry_lock(target, ctx.is_main):
