@@ -111,6 +111,28 @@ def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
     assert names == ["defense=sft", "defense=lisa, defense_args={alignment_step: 3}"]
 
 
+def test_mix_sources_that_differ_name_the_cell_by_that_source_alone(tmp_path) -> None:
+    """Alignment mixes that differ in one source's options are named by that field, not by
+    the whole list of sources."""
+    def mix(stl_options: dict) -> dict:
+        return {"kind": "mix", "options": {"sources": [
+            {"kind": "refusal", "path": "paired.jsonl"},
+            {"kind": "refusal", "path": "stl.json", "n": 150, "options": stl_options}]}}
+
+    for name, options in (("plain", {"refusals_only": True}),
+                          ("filtered", {"refusals_only": True, "exclude": ["as an AI"]})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": 0, "alignment": {"data": mix(options)}}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": 10.0, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": 0}))
+    names = sorted(r["name"] for r in compare_rows(tmp_path))
+    assert names == ["sources[1].options={exclude: ['as an AI'], refusals_only: True}",
+                     "sources[1].options={refusals_only: True}"]
+
+
 def test_export_keeps_records_and_leaves_outputs_behind(tmp_path, capsys) -> None:
     runs = tmp_path / "runs"
     for seed, hs in ((0, 10.0), (1, 14.0)):

@@ -35,8 +35,17 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key not in ("defense_args", "attack_args",
-                                                              "judge_args", "options"):
+        sources = value.get("sources") if key == "options" and isinstance(value, dict) else None
+        if isinstance(sources, list) and all(isinstance(s, dict) for s in sources):
+            # a mix's sources one by one, so that cells differing in one source are named by
+            # that source's field, not by the whole list
+            rest = {k: v for k, v in value.items() if k != "sources"}
+            if rest:
+                out[name] = rest
+            for index, source in enumerate(sources):
+                out.update(flatten(source, f"{name}.sources[{index}]."))
+        elif isinstance(value, dict) and value and key not in ("defense_args", "attack_args",
+                                                                "judge_args", "options"):
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = value

@@ -9,8 +9,13 @@ QUALIFIED_NAMES = frozenset({"finetune.precision"})
 
 def setting_name(key: str) -> str:
     """A setting's short name in cell and run names: the last part of its dotted key (the whole
-    key where that part alone would name another setting)."""
-    return key if key in QUALIFIED_NAMES else key.rsplit(".", 1)[-1]
+    key where that part alone would name another setting); a field of a mix's source keeps the
+    source's place (``sources[1].options``)."""
+    if key in QUALIFIED_NAMES:
+        return key
+    if ".sources[" in key:
+        return key[key.index(".sources[") + 1:]
+    return key.rsplit(".", 1)[-1]
 
 
 def names_setting(name: str, key: str) -> bool:
