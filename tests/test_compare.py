@@ -133,6 +133,12 @@ def test_mix_sources_that_differ_name_the_cell_by_that_source_alone(tmp_path) ->
                      "sources[1].options={refusals_only: True}"]
 
 
+def test_task_refusal_is_a_percentage_of_the_task_prompts() -> None:
+    from hftlab.compare import is_percentage
+
+    assert is_percentage("task_refusal") and is_percentage("aligned.task_refusal")
+
+
 def test_export_keeps_records_and_leaves_outputs_behind(tmp_path, capsys) -> None:
     runs = tmp_path / "runs"
     for seed, hs in ((0, 10.0), (1, 14.0)):

@@ -132,7 +132,7 @@ def export_records(source: Path, out: Path) -> list[Path]:
 # metrics.json values that are percentages of the evaluation prompts (any model: base.,
 # aligned., attack_eval.<variant>.); everything else (counts, losses, drift) is not
 PERCENTAGE_METRICS = {"harmful_score", "finetune_accuracy", "harmful_score_without_task_labels",
-                      "harmful_score_empty_as_harmless"}
+                      "harmful_score_empty_as_harmless", "task_refusal"}
 
 
 def is_percentage(metric: str) -> bool:
