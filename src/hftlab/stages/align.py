@@ -92,21 +92,22 @@ def stage_align(ctx: RunContext) -> dict[str, Any]:
     # recorded beside the stage's own record: the SFT start it trained on, and the rows it
     # trained on named by content, so that records of one alignment made in other sessions or
     # on other machines (where the cache key may differ) can be checked for the same data
-    started = {"sft_start": start} if start is not None else {}
-    started["data_fingerprint"] = data_fingerprint(inputs.alignment)
+    recorded: dict[str, Any] = {"data_fingerprint": data_fingerprint(inputs.alignment)}
+    if start is not None:
+        recorded["sft_start"] = start
     key = inputs.key()
     target = ctx.cache_dir / "aligned" / key
     with entry_lock(target, ctx.is_main):
         ctx.accelerator.wait_for_everyone()
         if not ctx.force and usable_entry(target):
             log.info("aligned checkpoint found in cache: %s", target)
-            return {"cache": str(target), "cached": True, "key": key, **started,
+            return {"cache": str(target), "cached": True, "key": key, **recorded,
                     **read_json(target / "meta.json")}
-        return train_alignment(ctx, inputs, target, key, start, started)
+        return train_alignment(ctx, inputs, target, key, start, recorded)
 
 
 def train_alignment(ctx: RunContext, inputs: AlignInputs, target: Path, key: str,
-                    start: dict[str, Any] | None, started: dict[str, Any]) -> dict[str, Any]:
+                    start: dict[str, Any] | None, recorded: dict[str, Any]) -> dict[str, Any]:
     full = inputs.train.method == "full"
     seed_everything(inputs.seed)  # the adapter's init depends on the alignment seed only
     model = ctx.base_model(full_training=full)
@@ -120,7 +121,7 @@ def train_alignment(ctx: RunContext, inputs: AlignInputs, target: Path, key: str
         meta["starts_from"] = start["cache"]  # aligned_model merges it before this checkpoint
     save_alignment(ctx, target, trainer, meta)
     return {"cache": str(target), "cached": False, "key": key, "tokens": result.tokens,
-            **started, **meta}
+            **recorded, **meta}
 
 
 def sft_start(ctx: RunContext, inputs: AlignInputs) -> dict[str, Any]:
