@@ -12,7 +12,7 @@ import yaml
 
 from hftlab.cli import main
 from hftlab.compare import collect_runs, compare_rows
-from hftlab.config import ConfigError
+from hftlab.config import ConfigError, dump_config, load_config
 from hftlab.context import MARKER
 from hftlab.sweep import (
     AlignmentOrder,
@@ -23,6 +23,7 @@ from hftlab.sweep import (
     run_name,
     run_progress,
     run_sweep,
+    start_sweep,
 )
 
 
@@ -168,6 +169,24 @@ def test_runs_from_an_older_version_share_a_cell(tiny_overrides, tmp_path) -> No
                              if "hs_plus" not in line) + "\n")
     rows = compare_rows(sweep.out / "runs")
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
+
+
+def test_a_finished_run_made_with_another_config_stops_the_sweep(tiny_overrides, tmp_path) -> None:
+    # the sweep's run config changed after a run finished: counting that run as done would put
+    # two experiments in one table
+    sweep = load_sweep(write_sweep(tmp_path, tiny_overrides, {"seed": [0, 1]}))
+    run_dir = sweep.run_dir(sweep.runs[0])
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text("{}")
+    planned = load_config(sweep.config, sweep.runs[0].overrides)
+    other = load_config(sweep.config, [*sweep.runs[0].overrides, "finetune.poison_ratio=0.3"])
+    (run_dir / "config.yaml").write_text(dump_config(other))
+    assert "made with another config" in describe_plan(sweep)[0]
+    with pytest.raises(ConfigError, match=r"1 finished run\(s\) .*seed-0"):
+        start_sweep(sweep)
+    assert not (sweep.out / "sweep.json").exists()  # nothing written
+    (run_dir / "config.yaml").write_text(dump_config(planned))
+    assert [r.name for r in start_sweep(sweep)] == [sweep.runs[1].name]
 
 
 def test_workers_end_when_the_sweep_process_is_killed(tmp_path) -> None:

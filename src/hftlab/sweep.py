@@ -207,9 +207,12 @@ def describe_plan(sweep: Sweep) -> list[str]:
     lines: list[str] = []
     to_align: set[str] = set()
     counts = {"done": 0, "resumes": 0, "new": 0}
+    stale = set(finished_elsewise(sweep))
     for run in sweep.runs:
         progress = run_progress(sweep.run_dir(run))
         note = progress
+        if sweep.run_dir(run) in stale:
+            note += ", made with another config: the sweep refuses to start until it is moved"
         if progress in ("new", "after data"):
             try:
                 key, cached = alignment_group(sweep, run)
@@ -277,8 +280,32 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     return record_failures(sweep, failures)
 
 
+def finished_elsewise(sweep: Sweep) -> list[Path]:
+    """The finished run folders of this invocation whose saved config is not the experiment the
+    sweep now plans for them (the sweep file or its run config changed since they ran). Resuming
+    would count them as done and mix two experiments in one table."""
+    from hftlab.pipeline import same_experiment
+
+    stale = []
+    for run in sweep.runs:
+        run_dir = sweep.run_dir(run)
+        if (run_dir / "metrics.json").exists() and not same_experiment(
+                run_dir / "config.yaml", load_config(sweep.config, run.overrides)):
+            stale.append(run_dir)
+    return stale
+
+
 def start_sweep(sweep: Sweep) -> list[PlannedRun]:
-    """Write the plan (``sweep.json``) and return the runs still to do (every backend)."""
+    """Write the plan (``sweep.json``) and return the runs still to do (every backend). Refused,
+    with nothing written, when a finished run was made with another config
+    (:func:`finished_elsewise`)."""
+    stale = finished_elsewise(sweep)
+    if stale:
+        shown = ", ".join(str(path) for path in stale[:5]) + (" …" if len(stale) > 5 else "")
+        raise ConfigError(
+            f"{sweep.source}: {len(stale)} finished run(s) in {sweep.out / 'runs'} were made with "
+            f"another config than this sweep now gives them ({shown}); move them out of that "
+            "folder, or pass --out for a new sweep folder")
     sweep.out.mkdir(parents=True, exist_ok=True)
     write_json(sweep.out / "sweep.json", {
         "sweep": str(sweep.source), "config": str(sweep.config),
