@@ -39,10 +39,15 @@ judge: setup
 	  --data '{kind: refusal, path: alpaca/alpaca_data_safety_only.json, n: 150}'
 
 # Paired alignment data for configs/cpu_sst2_ref.yaml: the embedded model's refusals for the
-# provider's BeaverTails rows 50-149 and those rows' own answers (~15 min on 2 cores; resumable).
+# provider's BeaverTails rows 50-149 and those rows' own answers (~6-15 min on 2 cores;
+# resumable). Sampled in fp32, the precision of results/parity, on every CPU (the bf16 of
+# results/parity_first_mix_bf16 needs AMX); kernels still differ between CPUs, so compare the
+# alignment's data_fingerprint (align/stage.json) before adding records made on another one.
 REFUSALS ?= runs/data/beavertails_refusals.jsonl
+REFUSALS_PRECISION ?= fp32
 refusals: setup
 	$(VENV)/bin/hftlab data refusals --data-root ../shared/data --out $(REFUSALS) \
+	  --precision $(REFUSALS_PRECISION) \
 	  --data '{kind: beavertails, path: beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100, options: {require_response: true}}'
 
 bench: setup

@@ -6,7 +6,7 @@ its ``train_seconds`` is what training it took, shown separately. Prints, per fo
 median seconds of each stage over the runs that computed it, the per-cell means (cell: the run
 folder without ``_seed-N``), and the total recorded stage time of all the runs (markdown tables).
 
-    python benchmarks/protocol_time.py results/parity results/cpu_defenses_fp32
+    python benchmarks/protocol_time.py results/parity_first_mix_bf16 results/cpu_defenses_fp32
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ WIDTH = 1280
 HEIGHT = 2400  # the top of each page: the scores table and the first plots
 
 # the ratio sweep's records: the undefended model at p = 0, 0.1 and 0.2 (3 seeds each) of
-# results/parity; its other cells vary the defense at p = 0.1 only
+# results/parity_first_mix_bf16; its other cells vary the defense at p = 0.1 only
 RATIO_RUNS = ("defense-sft_poison_ratio-*",)
 SWEEPS = {
-    "report-ratio.png": ("parity", RATIO_RUNS),
+    "report-ratio.png": ("parity_first_mix_bf16", RATIO_RUNS),
     "report-defenses.png": ("cpu_defenses_fp32", None),
     "report-attacks.png": ("cpu_attacks_fp32", None),
 }

@@ -288,8 +288,8 @@ def csv_rows(text: str) -> list[dict]:
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
-    ["results/parity"],
-    ["results/parity", "--baseline", "finetune.poison_ratio=0.0"],
+    ["results/parity_first_mix_bf16"],
+    ["results/parity_first_mix_bf16", "--baseline", "finetune.poison_ratio=0.0"],
     ["results/cpu_defenses_fp32", "--metrics", "aligned.harmful_score",
      "stages.align.seconds_per_step", "drift.mean", "empty_harmful_completions"],
 ]

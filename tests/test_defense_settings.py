@@ -141,3 +141,7 @@ def test_values_are_shown_compactly() -> None:
     mix = DataSpec(kind="mix", options={"sources": [
         {"kind": "refusal", "path": "a.jsonl"}, {"kind": "refusal", "path": "b.json", "n": 5}]})
     assert format_value(mix) == "mix(refusal a.jsonl; refusal b.json n=5)"
+    # which rows a kind keeps is part of the data: options are shown
+    mix.options["sources"][1]["options"] = {"with_input": True, "exclude": ["as an AI"]}
+    assert format_value(mix) == (
+        "mix(refusal a.jsonl; refusal b.json n=5 with_input=true exclude=as an AI)")

@@ -50,7 +50,8 @@ def test_a_findings_table_is_its_commands_output(path, line, command, table, cap
 
 def _alignment_fingerprints(study: Path) -> dict[str, set[tuple]]:
     """Per alignment a record used (the shared one, or a cell's own across its seeds), the set of
-    (steps, final loss, aligned HS, aligned FA) its records report; one element when they agree."""
+    (rows' fingerprint, steps, final loss, aligned HS, aligned FA) its records report; one element
+    when they agree. Records older than the fingerprint carry None for it."""
     import json
 
     from hftlab.run_metrics import RunMetrics
@@ -63,21 +64,23 @@ def _alignment_fingerprints(study: Path) -> dict[str, set[tuple]]:
         group = run.name.rsplit("_seed-", 1)[0] if stage.get("defense") else "shared sft alignment"
         aligned = metrics.aligned
         groups.setdefault(group, set()).add(
-            (stage.get("steps"), round(float(stage.get("final_loss") or 0), 4),
+            (stage.get("data_fingerprint"), stage.get("steps"), round(float(stage.get("final_loss") or 0), 4),
              aligned.harmful_score if aligned else None,
              aligned.finetune_accuracy if aligned else None))
     return groups
 
 
-PARITY = ROOT / "results" / "parity"
+PARITY_TABLES = [ROOT / "results" / name for name in ("parity", "parity_first_mix_bf16")]
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="no results/parity in this checkout")
-def test_parity_records_share_their_aligned_model() -> None:
+@pytest.mark.parametrize("study", PARITY_TABLES, ids=[p.name for p in PARITY_TABLES])
+def test_parity_records_share_their_aligned_model(study: Path) -> None:
     # the protocol compares every fine-tuning defense against one sft alignment, and a cell's
     # seeds against one alignment of its own: a record from another alignment (e.g. refusals
-    # generated on a CPU whose bf16 kernels answer differently) must not join the table
-    groups = _alignment_fingerprints(PARITY)
+    # generated on a CPU whose kernels answer differently) must not join the table
+    if not study.is_dir():
+        pytest.skip(f"no {study.relative_to(ROOT)} in this checkout")
+    groups = _alignment_fingerprints(study)
     assert groups, "no parity records with an alignment stage"
     mixed = {name: sorted(found) for name, found in groups.items() if len(found) > 1}
     assert not mixed, f"records of one alignment disagree: {mixed}"

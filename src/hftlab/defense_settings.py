@@ -186,16 +186,21 @@ def format_float(value: float) -> str:
 
 
 def format_spec(spec: DataSpec) -> str:
-    """``refusal runs/data/beavertails_refusals.jsonl n=100``; a mix lists its sources."""
-    if spec.kind == "mix" and isinstance(spec.options.get("sources"), list):
-        parts = [format_value(source) for source in spec.options["sources"]]
-        head = f"mix({'; '.join(parts)})"
+    """``refusal runs/data/beavertails_refusals.jsonl n=100 refusals_only=true``: kind, path,
+    offset, n and the kind's options (which rows are kept is part of the data); a mix lists its
+    sources."""
+    options = dict(spec.options or {})
+    sources = options.pop("sources", None) if spec.kind == "mix" else None
+    if isinstance(sources, list):
+        head = f"mix({'; '.join(format_value(source) for source in sources)})"
     else:
         head = " ".join(p for p in (spec.kind, spec.path or spec.hub, spec.split) if p)
     for name in ("offset", "n"):
         value = getattr(spec, name)
         if value:
             head += f" {name}={value}"
+    for name, value in options.items():
+        head += f" {name}={format_value(value)}"
     return head
 
 
