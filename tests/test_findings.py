@@ -64,7 +64,8 @@ def _alignment_fingerprints(study: Path) -> dict[str, set[tuple]]:
         group = run.name.rsplit("_seed-", 1)[0] if stage.get("defense") else "shared sft alignment"
         aligned = metrics.aligned
         groups.setdefault(group, set()).add(
-            (stage.get("data_fingerprint"), stage.get("steps"), round(float(stage.get("final_loss") or 0), 4),
+            (stage.get("data_fingerprint"), stage.get("steps"),
+             round(float(stage.get("final_loss") or 0), 4),
              aligned.harmful_score if aligned else None,
              aligned.finetune_accuracy if aligned else None))
     return groups

@@ -91,7 +91,8 @@ def test_a_run_fine_tuned_in_another_precision_times_neither(tmp_path) -> None:
     assert measure(records, "fp32") == plain
 
 
-@pytest.mark.skipif(not all((RECORDS / name).is_dir() for name in ("parity_first_mix_bf16", "cpu_defenses_fp32")),
+@pytest.mark.skipif(not all((RECORDS / name).is_dir()
+                            for name in ("parity_first_mix_bf16", "cpu_defenses_fp32")),
                     reason="no records")
 def test_a_fine_tuning_in_the_other_precision_is_estimated_at_its_speed() -> None:
     from hftlab.config import load_config

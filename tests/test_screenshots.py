@@ -22,7 +22,8 @@ spec.loader.exec_module(screenshots)
 def test_report_screenshot_is_1280_wide_and_not_blank(tmp_path: Path) -> None:
     image = pytest.importorskip("PIL.Image")
     records = tmp_path / "records"
-    for run in sorted((ROOT / "results" / "parity_first_mix_bf16").glob("defense-sft_poison_ratio-0.[01]_*")):
+    study = ROOT / "results" / "parity_first_mix_bf16"
+    for run in sorted(study.glob("defense-sft_poison_ratio-0.[01]_*")):
         shutil.copytree(run, records / run.name)
     assert main(["report", str(records), "--out", str(tmp_path / "out")]) == 0
     png = tmp_path / "page.png"

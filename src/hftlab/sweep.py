@@ -207,7 +207,7 @@ def describe_plan(sweep: Sweep) -> list[str]:
     lines: list[str] = []
     to_align: set[str] = set()
     counts = {"done": 0, "resumes": 0, "new": 0}
-    stale = set(finished_elsewise(sweep))
+    stale = set(finished_with_another_config(sweep))
     for run in sweep.runs:
         progress = run_progress(sweep.run_dir(run))
         note = progress
@@ -280,7 +280,7 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
     return record_failures(sweep, failures)
 
 
-def finished_elsewise(sweep: Sweep) -> list[Path]:
+def finished_with_another_config(sweep: Sweep) -> list[Path]:
     """The finished run folders of this invocation whose saved config is not the experiment the
     sweep now plans for them (the sweep file or its run config changed since they ran). Resuming
     would count them as done and mix two experiments in one table."""
@@ -298,8 +298,8 @@ def finished_elsewise(sweep: Sweep) -> list[Path]:
 def start_sweep(sweep: Sweep) -> list[PlannedRun]:
     """Write the plan (``sweep.json``) and return the runs still to do (every backend). Refused,
     with nothing written, when a finished run was made with another config
-    (:func:`finished_elsewise`)."""
-    stale = finished_elsewise(sweep)
+    (:func:`finished_with_another_config`)."""
+    stale = finished_with_another_config(sweep)
     if stale:
         shown = ", ".join(str(path) for path in stale[:5]) + (" …" if len(stale) > 5 else "")
         raise ConfigError(
