@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -144,10 +145,15 @@ def start_job(page: Any, defense: str, seed: int = 0, task: str | None = None) -
         page.get_by_label("Task").select_option(task)
     page.get_by_label("Defense").select_option(defense)
     page.get_by_label("Seed").fill(str(seed))
+    job_id = page.locator("#job-id")
+    previous = job_id.text_content() or ""
     page.get_by_role("button", name="Start job").click()
-    expect(page.get_by_role("status")).to_contain_text("queued")
+    # The page's first poll can replace "queued" with "running" before we look: wait for the
+    # new job's id, then for a status line about that job, whatever its state.
+    expect(job_id).not_to_have_text(re.compile(rf"^{re.escape(previous)}$"))
+    expect(page.get_by_role("status")).to_contain_text(f"Job {job_id.text_content()}")
     expect(page.locator("#progress-section")).to_be_visible()
-    return str(page.locator("#job-id").text_content())
+    return str(job_id.text_content())
 
 
 def progress(page: Any) -> tuple[str, float, float]:
