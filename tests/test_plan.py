@@ -32,8 +32,11 @@ def measured_seconds(folder: Path) -> dict[tuple[str, int], float]:
 @pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
 def test_plan_estimate_is_within_30_percent_of_measured_cells() -> None:
     sweep = load_sweep(CPU_DEFENSES, check=False)
-    cells = {c.name: c.total for c in cpu_cells(sweep, measure(RECORDS, "fp32"))}
-    measured = measured_seconds(RECORDS / "cpu_defenses_fp32")
+    # speeds from this sweep's own records: other studies' records (results/parity) ran another
+    # protocol at another time, and the ±30 % bound is about the model, not about mixing machines
+    folder = RECORDS / "cpu_defenses_fp32"
+    cells = {c.name: c.total for c in cpu_cells(sweep, measure(folder, "fp32"))}
+    measured = measured_seconds(folder)
     errors = {}
     for run in sweep.runs:
         key = (run.values["defense"], run.values["seed"])
