@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hftlab.cache import commit_entry, entry_lock, usable_entry
+from hftlab.cache import commit_entry, entry_lock, file_sha256, usable_entry
 from hftlab.config import ALL_LINEAR_TARGET, ConfigError, LoraConfig, ModelConfig, TrainConfig
 
 # peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` alias on every
@@ -149,10 +148,12 @@ def _files_only(path: str, revision: str | None) -> bool:
 
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """De-quantise a GGUF checkpoint into a safetensors folder once; later loads take ~1 s."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir / "models" / f"{gguf.stem}-{key[:12]}"
+    """De-quantise a GGUF checkpoint into a safetensors folder once; later loads take ~1 s.
+
+    The folder is named by the file's content (~0.4 s to hash 100 MB), not by its path or
+    mtime: the folder's path is part of every cache key (``RunContext.model_key``), so a
+    reinstalled package or another checkout keeps reusing aligned and fine-tuned entries."""
+    target = cache_dir / "models" / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
     # Under the entry's lock: two runs starting together convert once, and a damaged
     # conversion (a truncated file, a killed writer's leftovers) is rebuilt, not loaded.
     with entry_lock(target):

@@ -241,3 +241,28 @@ def test_a_damaged_gguf_conversion_is_redone(monkeypatch, tmp_path, caplog) -> N
         assert model_module.convert_gguf(gguf, tmp_path / "cache") == target
     assert len(conversions) == 2 and "is damaged" in caplog.text
     assert (target / "model.safetensors").stat().st_size == 64
+
+
+def test_a_gguf_converts_to_one_folder_wherever_and_whenever_it_was_installed(
+        monkeypatch, tmp_path) -> None:
+    """The folder's path is part of every cache key: a reinstalled package (new path, new mtime)
+    must map to the same folder, so aligned and fine-tuned entries stay reusable; other
+    content must not."""
+    import os
+
+    import hftlab.model as model_module
+
+    def fake_convert(source: Path, target: Path) -> None:
+        with commit_entry(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model_module, "_convert", fake_convert)
+    first, reinstalled, other = (tmp_path / d / "m.gguf" for d in ("a", "b", "c"))
+    for path, content in ((first, b"GGUF-1"), (reinstalled, b"GGUF-1"), (other, b"GGUF-2")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(reinstalled, ns=(1, 1))
+    cache = tmp_path / "cache"
+    target = model_module.convert_gguf(first, cache)
+    assert model_module.convert_gguf(reinstalled, cache) == target
+    assert model_module.convert_gguf(other, cache) != target
