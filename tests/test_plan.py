@@ -109,3 +109,29 @@ def test_a_fine_tuning_in_the_other_precision_is_estimated_at_its_speed() -> Non
     assert fp32["finetune"] / plain["finetune"] == pytest.approx(
         rates.other_seconds_per_token["finetune"] / rates.seconds_per_token["finetune"])
     assert fp32["align"] == plain["align"] and fp32["eval"] == plain["eval"]
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_a_defense_no_record_measures_is_named_not_silently_priced_as_sft(tmp_path,
+                                                                         capsys) -> None:
+    import shutil
+
+    records = tmp_path / "records"
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1",
+                "defense-lisa_defense_args-alignment_step=3+finetune_step=22_seed-0"):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, records / run)
+    marked = {c.name: c.unmeasured
+              for c in cpu_cells(load_sweep(CPU_DEFENSES, check=False), measure(records, "fp32"))}
+    assert marked["defense-sft_seed-0"] == ()
+    assert marked["defense-lisa_defense_args-alignment_step=3+finetune_step=22_seed-1"] == ()
+    # Vaccine's alignment and Panacea's fine-tuning have no record here; a repair that reuses
+    # sft's fine-tuning (SafeLoRA) has no record of its own repair stage
+    assert marked["defense-vaccine_seed-0"] == ("align",)
+    assert marked["defense-vaccine_seed-1"] == ()  # reuses seed 0's alignment: nothing to price
+    assert "finetune" in marked["defense-panacea_defense_args-single_lora=False_seed-0"]
+    assert marked["defense-safelora_seed-0"] == ("post_finetune",)
+    assert main(["plan", str(CPU_DEFENSES), "--records", str(records), "--precision",
+                 "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "defense-vaccine_seed-0:" in out and "priced as sft's: align" in out
+    assert "price a stage of their defense as plain sft's" in out

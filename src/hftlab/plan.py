@@ -55,12 +55,16 @@ class Rates:
     # plain sft's seconds per token at the other precision (bf16 <-> fp32), for a fine-tuning
     # run in it (finetune.precision); empty when no record measured that precision
     other_seconds_per_token: dict[str, float] = field(default_factory=dict)
+    # stages no plain sft record timed: their sft speed is the median over every defense's
+    pooled_stages: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Cell:
     name: str
     seconds: dict[str, float]  # per stage
+    # stages the run's defense acts in that no record measured for it: priced as plain sft's
+    unmeasured: tuple[str, ...] = ()
 
     @property
     def total(self) -> float:
@@ -191,6 +195,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
                        finetuned)
     median = {key: statistics.median(values) for key, values in per_token.items()}
     base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
+    pooled_stages = {stage for stage, value in base.items() if value is None}
     for stage, value in base.items():
         if value is None:  # no plain sft record of this stage: the median of every defense
             pooled = [v for (d, s), vs in per_token.items() if s == stage for v in vs]
@@ -210,6 +215,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
         stage_tokens={(d, s.split(":")[0]): statistics.median(v) for (d, s), v in per_row.items()
                       if s.endswith(":tokens")},
         reuses_finetune={d for d, ran in finetuned.items() if not any(ran)},
+        pooled_stages=pooled_stages,
     )
 
 
@@ -285,10 +291,29 @@ def alignments(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any,
     return found
 
 
+def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool) -> tuple[str, ...]:
+    """The stages a run's defense acts in that no record measured for that defense (with or
+    without its options): the estimate prices them as plain sft's, which may be far off (Lisa's
+    10/90-step cycle cost 17.8 times sft's fine-tuning in results/parity_first_mix_bf16)."""
+    from hftlab.defenses.base import ALIGNMENT, FINETUNE, POST_FINETUNE
+    from hftlab.defenses.composite import build_defense
+
+    if config.defense == "sft":
+        return ()
+    acts = build_defense(config.defense, config.defense_args).stages
+    priced = [("align", rates.factor, ALIGNMENT in acts and trains_alignment),
+              ("finetune", rates.factor,
+               FINETUNE in acts and not any(n in rates.reuses_finetune for n in names(config))),
+              ("post_finetune", rates.fixed_seconds, POST_FINETUNE in acts)]
+    return tuple(stage for stage, table, needed in priced
+                 if needed and not any((name, stage) in table for name in names(config)))
+
+
 def cpu_cells(sweep: Sweep, rates: Rates) -> list[Cell]:
     """Every run of the sweep on this CPU, from scratch."""
     runs = alignments(sweep.config, [r.overrides for r in sweep.runs])
-    return [Cell(run.name, cell_seconds(config, rates, trains, number == 0))
+    return [Cell(run.name, cell_seconds(config, rates, trains, number == 0),
+                 unmeasured_stages(config, rates, trains))
             for number, (run, (config, trains)) in enumerate(zip(sweep.runs, runs))]
 
 
@@ -340,16 +365,25 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
     folder = records or default_records()
     rates = measure(folder, precision)
     cells = cpu_cells(sweep, rates)
+    speeds = ", ".join(
+        f"{1 / rates.seconds_per_token[stage]:.0f} tokens/s in {label}"
+        + (" (no sft record times it: the median over every defense's records)"
+           if stage in rates.pooled_stages else "")
+        for stage, label in (("finetune", "fine-tuning"), ("align", "alignment")))
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
-             f"measured in "
-             f"{rates.records} records below {folder}: sft trains "
-             f"{1 / rates.seconds_per_token['finetune']:.0f} tokens/s in fine-tuning, "
-             f"{1 / rates.seconds_per_token['align']:.0f} tokens/s in alignment)"]
+             f"measured in {rates.records} records below {folder}: sft trains {speeds})"]
     for cell in cells:
         stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in cell.seconds.items() if v >= 30)
-        lines.append(f"  {cell.name}: {hours(cell.total)} ({stages} min)")
+        guess = (f"; not measured for its defense, priced as sft's: {', '.join(cell.unmeasured)}"
+                 if cell.unmeasured else "")
+        lines.append(f"  {cell.name}: {hours(cell.total)} ({stages} min{guess})")
     total = sum(c.total for c in cells)
     lines.append(f"total on this CPU: {hours(total)} run one after another")
+    guessed = [c for c in cells if c.unmeasured]
+    if guessed:
+        lines.append(f"  of which {len(guessed)} runs price a stage of their defense as plain "
+                     f"sft's ({hours(sum(c.total for c in guessed))}): no record below {folder} "
+                     "measures it; give --records a folder that does")
     lines += gpu_lines(sweep, rates, gpu or "h100", gpus)
     return lines
 
