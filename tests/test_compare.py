@@ -99,7 +99,9 @@ def test_checkpointing_does_not_split_a_cell(tmp_path) -> None:
 
 
 def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
-    for name, defense, args in (("sft", "sft", {}), ("lisa", "lisa", {"alignment_step": 3})):
+    # a record with an option this version no longer has is compared as saved
+    for name, defense, args in (("sft", "sft", {}), ("lisa", "lisa", {"alignment_step": 3}),
+                                ("old", "antidote", {"retired_option": 1})):
         run = tmp_path / name
         run.mkdir()
         (run / "config.yaml").write_text(yaml.safe_dump(
@@ -108,7 +110,8 @@ def test_cell_names_leave_out_empty_option_mappings(tmp_path) -> None:
             "harmful_score": 10.0, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
             "n_eval_task": 872, "seed": 0}))
     names = [r["name"] for r in compare_rows(tmp_path)]
-    assert names == ["defense=sft", "defense=lisa, defense_args={alignment_step: 3}"]
+    assert names == ["defense=sft", "defense=lisa, defense_args={alignment_step: 3}",
+                     "defense=antidote, defense_args={retired_option: 1}"]
 
 
 def test_mix_sources_that_differ_name_the_cell_by_that_source_alone(tmp_path) -> None:
@@ -179,6 +182,28 @@ def test_runs_resolved_to_different_precisions_are_separate_cells(tmp_path) -> N
     rows = compare_rows(tmp_path)
     assert [r["name"] for r in rows] == ["precision=bf16", "precision=fp32"]
     assert [len(r["seeds"]) for r in rows] == [2, 1]
+
+
+def test_a_defense_that_trains_its_own_adapter_pairs_with_sft_on_that_adapter(tmp_path) -> None:
+    """Antidote fine-tunes its own rank-256 adapter (``finetune_lora``): its cell is named by
+    the adapter that trained, and its baseline is sft on that adapter, not on the config's."""
+    reference = {"method": "lora", "lora": {"preset": "reference"}}
+    antidote = {"method": "lora", "lora": {"preset": "antidote"}}
+    for name, defense, args, train, hs in (
+            ("sft-r32", "sft", {}, reference, 80.0), ("sft-r256", "sft", {}, antidote, 70.0),
+            ("antidote", "antidote", {}, reference, 4.0),
+            ("antidote-own", "antidote", {"finetune_lora": None}, reference, 10.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": 0, "defense": defense, "defense_args": args, "finetune": {"train": train}}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": 0}))
+    rows = {r["name"]: r for r in compare_rows(tmp_path)}
+    assert rows["defense=antidote, r=256"]["harmful_score.vs_sft"]["diff"] == -66.0
+    own = rows["defense=antidote, defense_args={finetune_lora: None}, r=32"]
+    assert own["harmful_score.vs_sft"]["diff"] == -70.0
 
 
 def write_runs(folder, runs) -> None:

@@ -65,13 +65,24 @@ class RunRecord:
 
 def current_config_text(path: Path) -> str:
     """A run's saved config with settings added since it ran at their defaults (so runs made by
-    different hftlab versions group together); the file as is if it no longer loads."""
+    different hftlab versions group together) and the fine-tuning settings its defense trained
+    with (Antidote trains its own rank-256 adapter: its cell is named r=256 and pairs with the
+    sft cell of that adapter); the file as is if it no longer loads."""
+    from dataclasses import replace
+
     from hftlab.config import dump_config
+    from hftlab.defenses.composite import build_defense
 
     try:
-        return dump_config(load_config(path))
+        config = load_config(path)
     except ConfigError:
         return path.read_text()
+    try:
+        defense = build_defense(config.defense, config.defense_args)
+    except ConfigError:  # a defense or option this version no longer has: the settings as saved
+        return dump_config(config)
+    train = defense.finetune_train(config.finetune.train)
+    return dump_config(replace(config, finetune=replace(config.finetune, train=train)))
 
 
 def collect_runs(folder: Path) -> list[RunRecord]:
