@@ -134,4 +134,4 @@ def test_a_defense_no_record_measures_is_named_not_silently_priced_as_sft(tmp_pa
                  "fp32"]) == 0
     out = capsys.readouterr().out
     assert "defense-vaccine_seed-0:" in out and "priced as sft's: align" in out
-    assert "price a stage of their defense as plain sft's" in out
+    assert "price a stage as plain sft's" in out

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from hftlab.config import ConfigError, load_config
+from hftlab.defenses.base import ALIGNMENT, FINETUNE, POST_FINETUNE
+from hftlab.defenses.composite import build_defense
 from hftlab.sweep import Sweep, load_sweep
 from hftlab.utils import stable_hash
 
@@ -55,16 +57,14 @@ class Rates:
     # plain sft's seconds per token at the other precision (bf16 <-> fp32), for a fine-tuning
     # run in it (finetune.precision); empty when no record measured that precision
     other_seconds_per_token: dict[str, float] = field(default_factory=dict)
-    # stages no plain sft record timed: their sft speed is the median over every defense's
-    pooled_stages: set[str] = field(default_factory=set)
+    pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
 
 
 @dataclass
 class Cell:
     name: str
     seconds: dict[str, float]  # per stage
-    # stages the run's defense acts in that no record measured for it: priced as plain sft's
-    unmeasured: tuple[str, ...] = ()
+    unmeasured: tuple[str, ...] = ()  # stages of its defense no record measured (sft's cost)
 
     @property
     def total(self) -> float:
@@ -268,9 +268,6 @@ def alignment_signature(config: Any) -> str:
     """What makes two runs' alignments the same, read from their configs alone (the cache key
     also hashes the data and the model's files, which a plan of a 7B sweep may not reach): the
     alignment settings, their seed, and the defense when it acts in the alignment stage."""
-    from hftlab.defenses.base import ALIGNMENT
-    from hftlab.defenses.composite import build_defense
-
     defense = build_defense(config.defense, config.defense_args)
     acts = ALIGNMENT in defense.stages
     seed = config.seed if config.alignment.seed is None else config.alignment.seed
@@ -293,11 +290,8 @@ def alignments(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any,
 
 def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool) -> tuple[str, ...]:
     """The stages a run's defense acts in that no record measured for that defense (with or
-    without its options): the estimate prices them as plain sft's, which may be far off (Lisa's
-    10/90-step cycle cost 17.8 times sft's fine-tuning in results/parity_first_mix_bf16)."""
-    from hftlab.defenses.base import ALIGNMENT, FINETUNE, POST_FINETUNE
-    from hftlab.defenses.composite import build_defense
-
+    without its options): priced as plain sft's, which may be far off (Lisa's 10/90-step cycle
+    cost 17.8 times sft's fine-tuning in results/parity_first_mix_bf16)."""
     if config.defense == "sft":
         return ()
     acts = build_defense(config.defense, config.defense_args).stages
@@ -365,11 +359,10 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
     folder = records or default_records()
     rates = measure(folder, precision)
     cells = cpu_cells(sweep, rates)
-    speeds = ", ".join(
-        f"{1 / rates.seconds_per_token[stage]:.0f} tokens/s in {label}"
-        + (" (no sft record times it: the median over every defense's records)"
-           if stage in rates.pooled_stages else "")
-        for stage, label in (("finetune", "fine-tuning"), ("align", "alignment")))
+    pooled = " (no sft record times it: the median over every defense's records)"
+    speeds = ", ".join(f"{1 / rates.seconds_per_token[s]:.0f} tokens/s in {label}"
+                       + pooled * (s in rates.pooled_stages)
+                       for s, label in (("finetune", "fine-tuning"), ("align", "alignment")))
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
              f"measured in {rates.records} records below {folder}: sft trains {speeds})"]
     for cell in cells:
@@ -379,11 +372,9 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
         lines.append(f"  {cell.name}: {hours(cell.total)} ({stages} min{guess})")
     total = sum(c.total for c in cells)
     lines.append(f"total on this CPU: {hours(total)} run one after another")
-    guessed = [c for c in cells if c.unmeasured]
-    if guessed:
-        lines.append(f"  of which {len(guessed)} runs price a stage of their defense as plain "
-                     f"sft's ({hours(sum(c.total for c in guessed))}): no record below {folder} "
-                     "measures it; give --records a folder that does")
+    if guessed := [c for c in cells if c.unmeasured]:
+        lines.append(f"  of which {len(guessed)} runs ({hours(sum(c.total for c in guessed))}) "
+                     f"price a stage as plain sft's: no record below {folder} measures it")
     lines += gpu_lines(sweep, rates, gpu or "h100", gpus)
     return lines
 
