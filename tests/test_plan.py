@@ -135,3 +135,12 @@ def test_a_defense_no_record_measures_is_named_not_silently_priced_as_sft(tmp_pa
     out = capsys.readouterr().out
     assert "defense-vaccine_seed-0:" in out and "priced as sft's: align" in out
     assert "price a stage as plain sft's" in out
+    # sft's own alignment speed: with no sft record that trained an alignment, the header says
+    # it is every defense's median, not sft's
+    untimed = tmp_path / "untimed"
+    for run in ("defense-sft_seed-1", "defense-vaccine_seed-0"):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, untimed / run)
+    assert measure(untimed, "fp32").pooled_stages == {"align"}
+    assert main(["plan", str(CPU_DEFENSES), "--records", str(untimed), "--precision",
+                 "fp32"]) == 0
+    assert "alignment (no sft record times it" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,6 @@ def current_config_text(path: Path) -> str:
     different hftlab versions group together) and the fine-tuning settings its defense trained
     with (Antidote trains its own rank-256 adapter: its cell is named r=256 and pairs with the
     sft cell of that adapter); the file as is if it no longer loads."""
-    from dataclasses import replace
-
     from hftlab.config import dump_config
     from hftlab.defenses.composite import build_defense
 

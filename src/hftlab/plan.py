@@ -120,7 +120,7 @@ def names(config: Any) -> list[str]:
     return [label, config.defense] if config.defense_args else [config.defense]
 
 
-def lookup(table: dict, config: Any, stage: str, default: float) -> float:
+def lookup(table: dict, config: Any, stage: str, default: float | None) -> float | None:
     for name in names(config):
         if (name, stage) in table:
             return table[(name, stage)]
@@ -300,7 +300,7 @@ def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool) -> tupl
                FINETUNE in acts and not any(n in rates.reuses_finetune for n in names(config))),
               ("post_finetune", rates.fixed_seconds, POST_FINETUNE in acts)]
     return tuple(stage for stage, table, needed in priced
-                 if needed and not any((name, stage) in table for name in names(config)))
+                 if needed and lookup(table, config, stage, None) is None)
 
 
 def cpu_cells(sweep: Sweep, rates: Rates) -> list[Cell]:
