@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hftlab import pipeline
 from hftlab.config import ConfigError, load_config
@@ -49,6 +50,9 @@ def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
     for stage in ("align", "finetune"):
         timing = metrics["stages"][stage]
         assert timing["tokens"] > 0 and timing["tokens_per_s"] > 0 and timing["peak_rss_mb"] > 0
+        # the machine that timed it: CPU, usable cores, the threads torch computed with
+        assert f"{torch.get_num_threads()} threads" in timing["machine"]
+        assert " CPUs · " in timing["machine"]
     assert json.loads((run / "metrics.json").read_text())["seed"] == 0
 
 

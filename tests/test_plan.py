@@ -144,3 +144,44 @@ def test_a_defense_no_record_measures_is_named_not_silently_priced_as_sft(tmp_pa
     assert main(["plan", str(CPU_DEFENSES), "--records", str(untimed), "--precision",
                  "fp32"]) == 0
     assert "alignment (no sft record times it" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_a_defense_timed_on_a_slower_machine_is_compared_with_sft_on_that_machine(
+        tmp_path) -> None:
+    import shutil
+
+    lisa = "defense-lisa_defense_args-alignment_step=3+finetune_step=22_seed-0"
+    records = tmp_path / "records"
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1", lisa):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, records / run)
+
+    def timed_on(run: str, machine: str, slower: float) -> float:
+        """Label the run's fine-tuning with ``machine``, ``slower`` times its seconds; returns
+        its seconds per token."""
+        path = records / run / "metrics.json"
+        metrics = json.loads(path.read_text())
+        stage = metrics["stages"]["finetune"]
+        stage["seconds"] *= slower
+        stage["machine"] = machine
+        path.write_text(json.dumps(metrics))
+        return stage["seconds"] / stage["tokens"]
+
+    timed_on("defense-sft_seed-0", "fast CPU · 2 CPUs · 2 threads", 1.0)
+    sft_slow = timed_on("defense-sft_seed-1", "slow CPU · 2 CPUs · 1 threads", 4.0)
+    lisa_slow = timed_on(lisa, "slow CPU · 2 CPUs · 1 threads", 4.0)
+    rates = measure(records, "fp32")
+    assert rates.machines == 2
+    # Lisa's cost is read against sft on its own machine, not against the fast machine's
+    assert rates.factor[("lisa", "finetune")] == pytest.approx(lisa_slow / sft_slow)
+    # records that name no machine: every record's median, as before the label existed
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1", lisa):
+        path = records / run / "metrics.json"
+        metrics = json.loads(path.read_text())
+        del metrics["stages"]["finetune"]["machine"]
+        path.write_text(json.dumps(metrics))
+    pooled = measure(records, "fp32")
+    assert pooled.machines == 0
+    assert pooled.factor[("lisa", "finetune")] == pytest.approx(
+        lisa_slow / pooled.seconds_per_token["finetune"])
+    assert pooled.factor[("lisa", "finetune")] > 1.5 * rates.factor[("lisa", "finetune")]

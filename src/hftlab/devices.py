@@ -3,6 +3,7 @@ so it imports nothing from hftlab."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -31,3 +32,26 @@ def cpu_has_bf16() -> bool:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def machine_label(processes: int = 1) -> str:
+    """What a stage's timing was measured on: the CPU model, its usable cores, the threads torch
+    computes with (fewer when sweep workers share the machine), native bf16, the GPUs, and the
+    processes of a distributed run."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [name, f"{cores} CPUs", f"{torch.get_num_threads()} threads"]
+    if cpu_has_bf16():
+        parts.append("bf16")
+    if torch.cuda.is_available():
+        parts.append(f"{torch.cuda.device_count()}× {torch.cuda.get_device_name()}")
+    if processes > 1:
+        parts.append(f"{processes} processes")
+    return " · ".join(parts)

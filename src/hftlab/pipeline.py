@@ -25,7 +25,7 @@ import torch
 from hftlab.cache import verify_entry
 from hftlab.config import Config, ConfigError, dump_config, load_config, read_yaml_mapping
 from hftlab.context import RunContext
-from hftlab.devices import seed_everything
+from hftlab.devices import machine_label, seed_everything
 from hftlab.experiment import Experiment
 from hftlab.faults import announce_change
 from hftlab.metrics import collect_metrics
@@ -197,6 +197,8 @@ def run_stage(
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds and tokens else 0.0,
         "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's peak so far (host memory)
+        # speeds compare only between runs of one machine
+        "machine": machine_label(ctx.accelerator.num_processes),
     }
     if torch.cuda.is_available():  # this stage's own peak on the accelerator
         info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -3,7 +3,8 @@
 On this CPU: each run's tokens from its config (rows × epochs × tokens per row for the training
 stages; prompts × new tokens for the evaluation) times seconds per token measured in the
 committed run records (``results/*/*/metrics.json``: per stage seconds and tokens) at the
-precision this CPU computes in, times each defense's measured cost relative to plain SFT. An
+precision this CPU computes in, times each defense's measured cost relative to plain SFT
+(:mod:`hftlab.plan_rates`: between runs of one machine where the records name it). An
 alignment shared by several runs is counted once, as the sweep trains it once.
 
 On GPUs: the same runs at the 7B protocol (``configs/gpu``), from FLOPs and memory bandwidth
@@ -13,51 +14,35 @@ with the assumptions printed beside the numbers, and the defenses' measured mult
 from __future__ import annotations
 
 import json
-import statistics
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from hftlab.config import ConfigError, load_config
 from hftlab.defenses.base import ALIGNMENT, FINETUNE, POST_FINETUNE
 from hftlab.defenses.composite import build_defense
+from hftlab.plan_rates import (
+    TRAIN_STAGES,
+    Rates,
+    eval_budget,
+    lookup,
+    measure,
+    names,
+    parameters,
+    train_rows,
+)
 from hftlab.sweep import Sweep, load_sweep
 from hftlab.utils import stable_hash
 
-TRAIN_STAGES = ("align", "finetune")
+__all__ = ["Cell", "cell_seconds", "cpu_cells", "gpu_cells", "measure", "plan_lines"]
+
 #: The 7B protocol the GPU estimate prices each sweep cell at (its grid values on top).
 GPU_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "gpu" / "llama2_7b.yaml"
 #: Dense bf16 peak FLOP/s and memory bandwidth (bytes/s), from the vendors' data sheets (SXM).
 GPUS = {"h100": {"flops": 989e12, "bandwidth": 3.35e12, "name": "H100 SXM 80GB"},
         "a100": {"flops": 312e12, "bandwidth": 2.04e12, "name": "A100 SXM 80GB"}}
-#: Parameters of the models the configs name (by a part of the name).
-PARAMETERS = {"llama-2-7b": 6.74e9, "llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9,
-              "embedded": 1.35e8, "smollm2-135m": 1.35e8}
 TRAIN_MFU = 0.40  # LoRA training's share of peak FLOP/s (typical for 7B bf16 with HF/PEFT)
 DECODE_EFFICIENCY = 0.60  # generation's share of peak bandwidth (weights read once per step)
-
-
-@dataclass
-class Rates:
-    """Speeds measured in the run records of one precision."""
-
-    precision: str
-    records: int
-    seconds_per_token: dict[str, float]  # per training stage, plain sft
-    eval_seconds_per_budget: float  # per prompt × max new tokens, plain sft
-    factor: dict[tuple[str, str], float]  # (defense, stage) → its cost / sft's
-    fixed_seconds: dict[tuple[str, str], float]  # (defense, stage) → seconds (data, repairs)
-    tokens_per_row: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens per row
-    stage_tokens: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens (rows unknown)
-    reuses_finetune: set[str] = field(default_factory=set)  # defenses that skip fine-tuning
-    parameters: float = 1.35e8  # of the records' model: speeds scale by the inverse
-    # plain sft's seconds per token at the other precision (bf16 <-> fp32), for a fine-tuning
-    # run in it (finetune.precision); empty when no record measured that precision
-    other_seconds_per_token: dict[str, float] = field(default_factory=dict)
-    pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
 
 
 @dataclass
@@ -74,149 +59,6 @@ class Cell:
 def default_records() -> Path:
     beside = Path(__file__).resolve().parents[2] / "results"
     return beside if beside.is_dir() else Path("results")
-
-
-def eval_budget(config: Any, counts: dict[str, float]) -> float:
-    """Prompt × new-token slots of one evaluation (all prompts when the config says n: null)."""
-    harmful = config.eval.harmful.n or counts.get("eval_harmful", 300)
-    task = (config.eval.task.n or counts.get("eval_task", 872)) if config.eval.task else 0
-    return harmful * config.eval.max_new_tokens + task * config.eval.task_max_new_tokens
-
-
-def train_rows(config: Any, stage: str) -> float:
-    """Rows a training stage steps through: n × epochs, or max_steps × batch when it stops
-    early."""
-    part = config.alignment if stage == "align" else config.finetune
-    n = part.data.n if stage == "align" else part.n
-    rows = (n or 0) * part.train.epochs
-    if part.train.max_steps:
-        rows = min(rows, part.train.max_steps * part.train.batch_size) if rows else (
-            part.train.max_steps * part.train.batch_size)
-    return float(rows)
-
-
-def read_records(folder: Path) -> list[tuple[dict, Any]]:
-    """(metrics, config) of every run record below ``folder``."""
-    found = []
-    for path in sorted(folder.rglob("metrics.json")):
-        config_path = path.parent / "config.yaml"
-        if not config_path.exists():
-            continue
-        try:
-            metrics = json.loads(path.read_text())
-            config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in
-                                        yaml.safe_load(config_path.read_text()).items()])
-        except (OSError, ValueError, ConfigError):
-            continue  # a record of an older config format: not needed for the speeds
-        if metrics.get("stages"):
-            found.append((metrics, config))
-    return found
-
-
-def names(config: Any) -> list[str]:
-    """The keys a run's speeds are filed under: its defense with its options, and the defense
-    alone (the fallback for options no record measured)."""
-    label = f"{config.defense}{json.dumps(config.defense_args, sort_keys=True)}"
-    return [label, config.defense] if config.defense_args else [config.defense]
-
-
-def lookup(table: dict, config: Any, stage: str, default: float | None) -> float | None:
-    for name in names(config):
-        if (name, stage) in table:
-            return table[(name, stage)]
-    return default
-
-
-def add_record(defense: str, stages: dict, config: Any, counts: dict, per_token: dict,
-               per_row: dict, fixed: dict, finetuned: dict) -> None:
-    for stage in TRAIN_STAGES:
-        info = stages.get(stage) or {}
-        if stage == "finetune":
-            finetuned[defense].append(not info.get("cached"))
-        if info.get("cached") or not info.get("tokens"):
-            continue
-        per_token[(defense, stage)].append(info["seconds"] / info["tokens"])
-        per_row[(defense, f"{stage}:tokens")].append(info["tokens"])
-        if defense == config.defense:
-            per_row[("*", f"{stage}:tokens")].append(info["tokens"])
-        rows = train_rows(config, stage)
-        if rows:
-            per_row[(defense, stage)].append(info["tokens"] / rows)
-            if defense == config.defense:  # once per record
-                per_row[("*", stage)].append(info["tokens"] / rows)
-    fixed[(defense, "data")].append((stages.get("data") or {}).get("seconds", 0.0))
-    fixed[(defense, "post_finetune")].append(
-        (stages.get("post_finetune") or {}).get("seconds", 0.0))
-    evaluation = stages.get("eval") or {}
-    if evaluation.get("seconds") and (stages.get("align") or {}).get("cached", True):
-        budget = eval_budget(config, {k: statistics.median(v) for k, v in counts.items()})
-        per_token[(defense, "eval")].append(evaluation["seconds"] / budget)
-
-
-def measure(folder: Path, precision: str) -> Rates:
-    """Median speeds of the records at ``precision``, and each defense's cost relative to sft;
-    a defense measured only at the other precision takes its relative cost from there (the
-    extra passes a defense makes cost the same share in either)."""
-    # a run whose fine-tuning computed in another precision (finetune.precision) times neither
-    found = [(m, c) for m, c in read_records(folder) if not m.get("finetune_precision")]
-    rates = measure_records([(m, c) for m, c in found if m.get("precision") == precision],
-                            folder, precision)
-    other = [(m, c) for m, c in found if m.get("precision") != precision]
-    try:
-        fallback = measure_records(other, folder, "other")
-    except ConfigError:
-        return rates
-    for table in ("factor", "fixed_seconds", "tokens_per_row", "stage_tokens"):
-        mine, theirs = getattr(rates, table), getattr(fallback, table)
-        measured = {name for name, _ in mine}
-        mine.update({key: value for key, value in theirs.items() if key[0] not in measured})
-    rates.reuses_finetune |= {d for d in fallback.reuses_finetune
-                              if d not in {n for n, _ in rates.factor}}
-    rates.other_seconds_per_token = fallback.seconds_per_token
-    return rates
-
-
-def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: str) -> Rates:
-    if not records:
-        raise ConfigError(f"no run records at {precision} below {folder}; give --records or "
-                          "--precision fp32|bf16")
-    per_token: dict[tuple[str, str], list[float]] = defaultdict(list)
-    per_row: dict[tuple[str, str], list[float]] = defaultdict(list)
-    fixed: dict[tuple[str, str], list[float]] = defaultdict(list)
-    counts: dict[str, list[float]] = defaultdict(list)
-    finetuned: dict[str, list[bool]] = defaultdict(list)
-    for metrics, _ in records:
-        for key in ("eval_harmful", "eval_task"):
-            if (metrics.get("data_counts") or {}).get(key):
-                counts[key].append(metrics["data_counts"][key])
-    for metrics, config in records:
-        for defense in names(config):
-            add_record(defense, metrics["stages"], config, counts, per_token, per_row, fixed,
-                       finetuned)
-    median = {key: statistics.median(values) for key, values in per_token.items()}
-    base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
-    pooled_stages = {stage for stage, value in base.items() if value is None}
-    for stage, value in base.items():
-        if value is None:  # no plain sft record of this stage: the median of every defense
-            pooled = [v for (d, s), vs in per_token.items() if s == stage for v in vs]
-            if not pooled:
-                raise ConfigError(f"no record below {folder} at {precision} measures the "
-                                  f"{stage} stage")
-            base[stage] = statistics.median(pooled)
-    return Rates(
-        precision=precision, records=len(records),
-        parameters=statistics.median(parameters(str(c.model.name), 1.35e8) for _, c in records),
-        seconds_per_token={s: base[s] for s in TRAIN_STAGES},
-        eval_seconds_per_budget=base["eval"],
-        factor={key: value / base[key[1]] for key, value in median.items()},
-        fixed_seconds={key: statistics.median(v) for key, v in fixed.items()},
-        tokens_per_row={key: statistics.median(v) for key, v in per_row.items()
-                        if not key[1].endswith(":tokens")},
-        stage_tokens={(d, s.split(":")[0]): statistics.median(v) for (d, s), v in per_row.items()
-                      if s.endswith(":tokens")},
-        reuses_finetune={d for d, ran in finetuned.items() if not any(ran)},
-        pooled_stages=pooled_stages,
-    )
 
 
 def train_tokens(config: Any, rates: Rates, stage: str) -> float:
@@ -311,12 +153,6 @@ def cpu_cells(sweep: Sweep, rates: Rates) -> list[Cell]:
             for number, (run, (config, trains)) in enumerate(zip(sweep.runs, runs))]
 
 
-def parameters(model_name: str, unknown: float = 7e9) -> float:
-    """The model's parameter count from its name; ``unknown`` for a name not in the table."""
-    lowered = model_name.lower()
-    return next((count for part, count in PARAMETERS.items() if part in lowered), unknown)
-
-
 def gpu_cells(sweep: Sweep, rates: Rates, gpu: str) -> tuple[list[Cell], float]:
     """The sweep's cells at the 7B protocol on ``gpu``: the grid's values on top of
     :data:`GPU_CONFIG`; returns the cells and the model's parameter count."""
@@ -363,8 +199,10 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
     speeds = ", ".join(f"{1 / rates.seconds_per_token[s]:.0f} tokens/s in {label}"
                        + pooled * (s in rates.pooled_stages)
                        for s, label in (("finetune", "fine-tuning"), ("align", "alignment")))
+    paired = (f"; each defense's cost against sft's on the same machine where the records name "
+              f"it ({rates.machines} machines)" if rates.machines else "")
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
-             f"measured in {rates.records} records below {folder}: sft trains {speeds})"]
+             f"measured in {rates.records} records below {folder}: sft trains {speeds}{paired})"]
     for cell in cells:
         stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in cell.seconds.items() if v >= 30)
         guess = (f"; not measured for its defense, priced as sft's: {', '.join(cell.unmeasured)}"

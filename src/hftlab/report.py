@@ -53,12 +53,12 @@ def _headline(metrics: RunMetrics) -> str:
     )
 
 
-def _timing_rows(metrics: RunMetrics) -> list[tuple[str, str, str, str]]:
-    return [(name, fmt(t.seconds), fmt(t.tokens_per_s, 0), fmt(t.peak_rss_mb, 0))
-            for name, t in metrics.stages.items()]
+def _timing_rows(metrics: RunMetrics) -> list[tuple[str, str, str, str, str]]:
+    return [(name, fmt(t.seconds), fmt(t.tokens_per_s, 0), fmt(t.peak_rss_mb, 0),
+             t.machine or "-") for name, t in metrics.stages.items()]
 
 
-TIMING_HEADERS = ["stage", "seconds", "tokens/s", "peak RSS MB"]
+TIMING_HEADERS = ["stage", "seconds", "tokens/s", "peak RSS MB", "machine"]
 
 
 def _score_headers(metrics: RunMetrics) -> list[str]:

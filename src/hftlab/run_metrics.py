@@ -101,6 +101,7 @@ class StageTiming:
     seconds_per_step: float | None = None
     cached: bool | None = None  # the stage's model came from the cache
     skipped: str | None = None  # why fine-tuning did not run (no uploaded row left)
+    machine: str | None = None  # CPU, cores, torch threads, bf16, GPUs (devices.machine_label)
 
 
 @dataclass

@@ -1,0 +1,228 @@
+"""Speeds measured in run records, for ``hftlab plan``: plain SFT's seconds per token in each
+stage, each defense's cost relative to SFT's, tokens per row, and fixed seconds (data, repairs).
+
+A stage's timing names the machine it ran on (``stages.<stage>.machine``: CPU, cores, torch
+threads, bf16, GPUs). A defense's relative cost is taken between runs of one machine wherever
+the records name one, so a defense timed on a slow or shared machine is not charged for it; the
+median over every record serves the records that name none (made before the label existed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftlab.config import ConfigError, load_config
+
+TRAIN_STAGES = ("align", "finetune")
+#: Parameters of the models the configs name (by a part of the name).
+PARAMETERS = {"llama-2-7b": 6.74e9, "llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9,
+              "embedded": 1.35e8, "smollm2-135m": 1.35e8}
+
+
+@dataclass
+class Rates:
+    """Speeds measured in the run records of one precision."""
+
+    precision: str
+    records: int
+    seconds_per_token: dict[str, float]  # per training stage, plain sft
+    eval_seconds_per_budget: float  # per prompt × max new tokens, plain sft
+    factor: dict[tuple[str, str], float]  # (defense, stage) → its cost / sft's
+    fixed_seconds: dict[tuple[str, str], float]  # (defense, stage) → seconds (data, repairs)
+    tokens_per_row: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens per row
+    stage_tokens: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens (rows unknown)
+    reuses_finetune: set[str] = field(default_factory=set)  # defenses that skip fine-tuning
+    parameters: float = 1.35e8  # of the records' model: speeds scale by the inverse
+    # plain sft's seconds per token at the other precision (bf16 <-> fp32), for a fine-tuning
+    # run in it (finetune.precision); empty when no record measured that precision
+    other_seconds_per_token: dict[str, float] = field(default_factory=dict)
+    pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
+    machines: int = 0  # distinct machines the records name (0: records older than the label)
+
+
+@dataclass
+class Samples:
+    """What the records measured, before the medians: seconds per token per (defense, stage),
+    also split by the machine that timed them (None: a record that names none)."""
+
+    per_token: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: defaultdict(list))
+    by_machine: dict[tuple[str, str], dict[str | None, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    per_row: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    fixed: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    counts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    finetuned: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+
+    def add_speed(self, key: tuple[str, str], machine: str | None, value: float) -> None:
+        self.per_token[key].append(value)
+        self.by_machine[key][machine].append(value)
+
+
+
+def eval_budget(config: Any, counts: dict[str, float]) -> float:
+    """Prompt × new-token slots of one evaluation (all prompts when the config says n: null)."""
+    harmful = config.eval.harmful.n or counts.get("eval_harmful", 300)
+    task = (config.eval.task.n or counts.get("eval_task", 872)) if config.eval.task else 0
+    return harmful * config.eval.max_new_tokens + task * config.eval.task_max_new_tokens
+
+
+def train_rows(config: Any, stage: str) -> float:
+    """Rows a training stage steps through: n × epochs, or max_steps × batch when it stops
+    early."""
+    part = config.alignment if stage == "align" else config.finetune
+    n = part.data.n if stage == "align" else part.n
+    rows = (n or 0) * part.train.epochs
+    if part.train.max_steps:
+        rows = min(rows, part.train.max_steps * part.train.batch_size) if rows else (
+            part.train.max_steps * part.train.batch_size)
+    return float(rows)
+
+
+def read_records(folder: Path) -> list[tuple[dict, Any]]:
+    """(metrics, config) of every run record below ``folder``."""
+    found = []
+    for path in sorted(folder.rglob("metrics.json")):
+        config_path = path.parent / "config.yaml"
+        if not config_path.exists():
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+            config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in
+                                        yaml.safe_load(config_path.read_text()).items()])
+        except (OSError, ValueError, ConfigError):
+            continue  # a record of an older config format: not needed for the speeds
+        if metrics.get("stages"):
+            found.append((metrics, config))
+    return found
+
+
+def names(config: Any) -> list[str]:
+    """The keys a run's speeds are filed under: its defense with its options, and the defense
+    alone (the fallback for options no record measured)."""
+    label = f"{config.defense}{json.dumps(config.defense_args, sort_keys=True)}"
+    return [label, config.defense] if config.defense_args else [config.defense]
+
+
+def lookup(table: dict, config: Any, stage: str, default: float | None) -> float | None:
+    for name in names(config):
+        if (name, stage) in table:
+            return table[(name, stage)]
+    return default
+
+
+def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> None:
+    per_row = samples.per_row
+    for stage in TRAIN_STAGES:
+        info = stages.get(stage) or {}
+        if stage == "finetune":
+            samples.finetuned[defense].append(not info.get("cached"))
+        if info.get("cached") or not info.get("tokens"):
+            continue
+        samples.add_speed((defense, stage), info.get("machine"), info["seconds"] / info["tokens"])
+        per_row[(defense, f"{stage}:tokens")].append(info["tokens"])
+        if defense == config.defense:
+            per_row[("*", f"{stage}:tokens")].append(info["tokens"])
+        rows = train_rows(config, stage)
+        if rows:
+            per_row[(defense, stage)].append(info["tokens"] / rows)
+            if defense == config.defense:  # once per record
+                per_row[("*", stage)].append(info["tokens"] / rows)
+    samples.fixed[(defense, "data")].append((stages.get("data") or {}).get("seconds", 0.0))
+    samples.fixed[(defense, "post_finetune")].append(
+        (stages.get("post_finetune") or {}).get("seconds", 0.0))
+    evaluation = stages.get("eval") or {}
+    if evaluation.get("seconds") and (stages.get("align") or {}).get("cached", True):
+        budget = eval_budget(config, {k: statistics.median(v) for k, v in samples.counts.items()})
+        samples.add_speed((defense, "eval"), evaluation.get("machine"),
+                          evaluation["seconds"] / budget)
+
+
+def relative_cost(samples: Samples, key: tuple[str, str], base: float) -> float:
+    """A defense's seconds per token in a stage over plain sft's: the median over the machines
+    that timed both (each machine's medians), else over every record (``base``: sft's)."""
+    sft = samples.by_machine.get(("sft", key[1]), {})
+    paired = [statistics.median(values) / statistics.median(sft[machine])
+              for machine, values in samples.by_machine[key].items()
+              if machine is not None and sft.get(machine)]
+    if paired:
+        return statistics.median(paired)
+    return statistics.median(samples.per_token[key]) / base
+
+
+def measure(folder: Path, precision: str) -> Rates:
+    """Median speeds of the records at ``precision``, and each defense's cost relative to sft;
+    a defense measured only at the other precision takes its relative cost from there (the
+    extra passes a defense makes cost the same share in either)."""
+    # a run whose fine-tuning computed in another precision (finetune.precision) times neither
+    found = [(m, c) for m, c in read_records(folder) if not m.get("finetune_precision")]
+    rates = measure_records([(m, c) for m, c in found if m.get("precision") == precision],
+                            folder, precision)
+    other = [(m, c) for m, c in found if m.get("precision") != precision]
+    try:
+        fallback = measure_records(other, folder, "other")
+    except ConfigError:
+        return rates
+    for table in ("factor", "fixed_seconds", "tokens_per_row", "stage_tokens"):
+        mine, theirs = getattr(rates, table), getattr(fallback, table)
+        measured = {name for name, _ in mine}
+        mine.update({key: value for key, value in theirs.items() if key[0] not in measured})
+    rates.reuses_finetune |= {d for d in fallback.reuses_finetune
+                              if d not in {n for n, _ in rates.factor}}
+    rates.other_seconds_per_token = fallback.seconds_per_token
+    return rates
+
+
+def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: str) -> Rates:
+    if not records:
+        raise ConfigError(f"no run records at {precision} below {folder}; give --records or "
+                          "--precision fp32|bf16")
+    samples = Samples()
+    for metrics, _ in records:
+        # the evaluation's prompt counts: data.counts (metrics.json v2), data_counts (v1)
+        counts = (metrics.get("data") or {}).get("counts") or metrics.get("data_counts") or {}
+        for key in ("eval_harmful", "eval_task"):
+            if counts.get(key):
+                samples.counts[key].append(counts[key])
+    for metrics, config in records:
+        for defense in names(config):
+            add_record(defense, metrics["stages"], config, samples)
+    per_token, per_row = samples.per_token, samples.per_row
+    median = {key: statistics.median(values) for key, values in per_token.items()}
+    base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
+    pooled_stages = {stage for stage, value in base.items() if value is None}
+    for stage, value in base.items():
+        if value is None:  # no plain sft record of this stage: the median of every defense
+            pooled = [v for (d, s), vs in per_token.items() if s == stage for v in vs]
+            if not pooled:
+                raise ConfigError(f"no record below {folder} at {precision} measures the "
+                                  f"{stage} stage")
+            base[stage] = statistics.median(pooled)
+    return Rates(
+        precision=precision, records=len(records),
+        parameters=statistics.median(parameters(str(c.model.name), 1.35e8) for _, c in records),
+        seconds_per_token={s: base[s] for s in TRAIN_STAGES},
+        eval_seconds_per_budget=base["eval"],
+        factor={key: relative_cost(samples, key, base[key[1]]) for key in median},
+        fixed_seconds={key: statistics.median(v) for key, v in samples.fixed.items()},
+        tokens_per_row={key: statistics.median(v) for key, v in per_row.items()
+                        if not key[1].endswith(":tokens")},
+        stage_tokens={(d, s.split(":")[0]): statistics.median(v) for (d, s), v in per_row.items()
+                      if s.endswith(":tokens")},
+        reuses_finetune={d for d, ran in samples.finetuned.items() if not any(ran)},
+        pooled_stages=pooled_stages,
+        machines=len({m for by in samples.by_machine.values() for m in by if m is not None}),
+    )
+
+
+def parameters(model_name: str, unknown: float = 7e9) -> float:
+    """The model's parameter count from its name; ``unknown`` for a name not in the table."""
+    lowered = model_name.lower()
+    return next((count for part, count in PARAMETERS.items() if part in lowered), unknown)
