@@ -199,8 +199,8 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
     speeds = ", ".join(f"{1 / rates.seconds_per_token[s]:.0f} tokens/s in {label}"
                        + pooled * (s in rates.pooled_stages)
                        for s, label in (("finetune", "fine-tuning"), ("align", "alignment")))
-    paired = (f"; each defense's cost against sft's on the same machine where the records name "
-              f"it ({rates.machines} machines)" if rates.machines else "")
+    paired = (f"; {rates.paired} defense stage costs read against sft's on the same machine"
+              if rates.paired else "")
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
              f"measured in {rates.records} records below {folder}: sft trains {speeds}{paired})"]
     for cell in cells:

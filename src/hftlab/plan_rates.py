@@ -3,8 +3,10 @@ stage, each defense's cost relative to SFT's, tokens per row, and fixed seconds 
 
 A stage's timing names the machine it ran on (``stages.<stage>.machine``: CPU, cores, torch
 threads, bf16, GPUs). A defense's relative cost is taken between runs of one machine wherever
-the records name one, so a defense timed on a slow or shared machine is not charged for it; the
-median over every record serves the records that name none (made before the label existed).
+the records hold sft runs of that machine, so a defense timed on a slower CPU or with fewer
+threads is compared with sft timed alike; otherwise (records made before the label existed) its
+median over every record is set against sft's. Load from other work on the same machine is not
+in the label: such runs still vary.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Rates:
     # run in it (finetune.precision); empty when no record measured that precision
     other_seconds_per_token: dict[str, float] = field(default_factory=dict)
     pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
-    machines: int = 0  # distinct machines the records name (0: records older than the label)
+    paired: int = 0  # (defense, stage) costs read against sft's runs on the same machine
 
 
 @dataclass
@@ -145,16 +147,14 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
                           evaluation["seconds"] / budget)
 
 
-def relative_cost(samples: Samples, key: tuple[str, str], base: float) -> float:
-    """A defense's seconds per token in a stage over plain sft's: the median over the machines
-    that timed both (each machine's medians), else over every record (``base``: sft's)."""
+def paired_cost(samples: Samples, key: tuple[str, str]) -> float | None:
+    """A defense's seconds per token in a stage over plain sft's on the same machine: the median
+    over the machines that timed both (each machine's medians); None when none did."""
     sft = samples.by_machine.get(("sft", key[1]), {})
     paired = [statistics.median(values) / statistics.median(sft[machine])
               for machine, values in samples.by_machine[key].items()
               if machine is not None and sft.get(machine)]
-    if paired:
-        return statistics.median(paired)
-    return statistics.median(samples.per_token[key]) / base
+    return statistics.median(paired) if paired else None
 
 
 def measure(folder: Path, precision: str) -> Rates:
@@ -196,6 +196,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
             add_record(defense, metrics["stages"], config, samples)
     per_token, per_row = samples.per_token, samples.per_row
     median = {key: statistics.median(values) for key, values in per_token.items()}
+    paired = {key: cost for key in median if (cost := paired_cost(samples, key)) is not None}
     base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
     pooled_stages = {stage for stage, value in base.items() if value is None}
     for stage, value in base.items():
@@ -210,7 +211,8 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
         parameters=statistics.median(parameters(str(c.model.name), 1.35e8) for _, c in records),
         seconds_per_token={s: base[s] for s in TRAIN_STAGES},
         eval_seconds_per_budget=base["eval"],
-        factor={key: relative_cost(samples, key, base[key[1]]) for key in median},
+        # sft's own cost is 1 by definition; a defense's, paired by machine where the records allow
+        factor={key: paired.get(key, value / base[key[1]]) for key, value in median.items()},
         fixed_seconds={key: statistics.median(v) for key, v in samples.fixed.items()},
         tokens_per_row={key: statistics.median(v) for key, v in per_row.items()
                         if not key[1].endswith(":tokens")},
@@ -218,7 +220,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
                       if s.endswith(":tokens")},
         reuses_finetune={d for d, ran in samples.finetuned.items() if not any(ran)},
         pooled_stages=pooled_stages,
-        machines=len({m for by in samples.by_machine.values() for m in by if m is not None}),
+        paired=sum(key[0] != "sft" for key in paired),
     )
 
 
