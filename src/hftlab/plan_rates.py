@@ -68,7 +68,6 @@ class Samples:
         self.by_machine[key][machine].append(value)
 
 
-
 def eval_budget(config: Any, counts: dict[str, float]) -> float:
     """Prompt × new-token slots of one evaluation (all prompts when the config says n: null)."""
     harmful = config.eval.harmful.n or counts.get("eval_harmful", 300)
