@@ -186,3 +186,30 @@ def test_a_defense_timed_on_a_slower_machine_is_compared_with_sft_on_that_machin
     assert pooled.factor[("lisa", "finetune")] == pytest.approx(
         lisa_slow / pooled.seconds_per_token["finetune"])
     assert pooled.factor[("lisa", "finetune")] > 1.5 * rates.factor[("lisa", "finetune")]
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_evaluation_prompt_counts_are_read_from_either_metrics_schema(tmp_path) -> None:
+    import shutil
+
+    def records_with_task_prompts(folder: Path, count: int, v2: bool) -> Path:
+        """sft records whose evaluation saw ``count`` task prompts, filed as metrics.json v2
+        (data.counts) or v1 (data_counts)."""
+        for run in ("defense-sft_seed-0", "defense-sft_seed-1"):
+            shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, folder / run)
+            path = folder / run / "metrics.json"
+            metrics = json.loads(path.read_text())
+            counts = {**metrics.pop("data_counts"), "eval_task": count}
+            if v2:
+                metrics["data"] = {"counts": counts}
+            else:
+                metrics["data_counts"] = counts
+            path.write_text(json.dumps(metrics))
+        return folder
+
+    # the records' configs take every task prompt (n: null): the budget counts what they saw
+    half_v1 = measure(records_with_task_prompts(tmp_path / "v1", 436, v2=False), "fp32")
+    half_v2 = measure(records_with_task_prompts(tmp_path / "v2", 436, v2=True), "fp32")
+    full_v2 = measure(records_with_task_prompts(tmp_path / "full", 872, v2=True), "fp32")
+    assert half_v2.eval_seconds_per_budget == pytest.approx(half_v1.eval_seconds_per_budget)
+    assert half_v2.eval_seconds_per_budget > full_v2.eval_seconds_per_budget

@@ -3,6 +3,7 @@ so it imports nothing from hftlab."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -21,11 +22,17 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return "fp32"
 
 
-def cpu_has_bf16() -> bool:
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process ("" where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    flags = cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -38,14 +45,8 @@ def machine_label(processes: int = 1) -> str:
     """What a stage's timing was measured on: the CPU model, its usable cores, the threads torch
     computes with (fewer when sweep workers share the machine), native bf16, the GPUs, and the
     processes of a distributed run."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
+                 if line.startswith("model name")), "unknown CPU")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parts = [name, f"{cores} CPUs", f"{torch.get_num_threads()} threads"]
     if cpu_has_bf16():

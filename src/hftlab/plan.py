@@ -132,8 +132,8 @@ def alignments(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any,
 
 def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool) -> tuple[str, ...]:
     """The stages a run's defense acts in that no record measured for that defense (with or
-    without its options): priced as plain sft's, which may be far off (Lisa's 10/90-step cycle
-    cost 17.8 times sft's fine-tuning in results/parity_first_mix_bf16)."""
+    without its options): priced as plain sft's, which may be far off (EWC's Fisher, Booster's
+    and TAR's extra passes cost several times sft's step)."""
     if config.defense == "sft":
         return ()
     acts = build_defense(config.defense, config.defense_args).stages

@@ -51,21 +51,20 @@ class Rates:
 
 @dataclass
 class Samples:
-    """What the records measured, before the medians: seconds per token per (defense, stage),
-    also split by the machine that timed them (None: a record that names none)."""
+    """What the records measured, before the medians: seconds per token per (defense, stage)
+    and the machine that timed them (None: a record that names none)."""
 
-    per_token: dict[tuple[str, str], list[float]] = field(
-        default_factory=lambda: defaultdict(list))
+    eval_counts: dict[str, float]  # the evaluations' median prompt counts (eval_budget's)
     by_machine: dict[tuple[str, str], dict[str | None, list[float]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     per_row: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     fixed: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
-    counts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     finetuned: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
 
-    def add_speed(self, key: tuple[str, str], machine: str | None, value: float) -> None:
-        self.per_token[key].append(value)
-        self.by_machine[key][machine].append(value)
+    def per_token(self) -> dict[tuple[str, str], list[float]]:
+        """Every record's seconds per token per (defense, stage), whatever its machine."""
+        return {key: [v for values in by.values() for v in values]
+                for key, by in self.by_machine.items()}
 
 
 def eval_budget(config: Any, counts: dict[str, float]) -> float:
@@ -127,7 +126,8 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
             samples.finetuned[defense].append(not info.get("cached"))
         if info.get("cached") or not info.get("tokens"):
             continue
-        samples.add_speed((defense, stage), info.get("machine"), info["seconds"] / info["tokens"])
+        samples.by_machine[(defense, stage)][info.get("machine")].append(
+            info["seconds"] / info["tokens"])
         per_row[(defense, f"{stage}:tokens")].append(info["tokens"])
         if defense == config.defense:
             per_row[("*", f"{stage}:tokens")].append(info["tokens"])
@@ -141,9 +141,9 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
         (stages.get("post_finetune") or {}).get("seconds", 0.0))
     evaluation = stages.get("eval") or {}
     if evaluation.get("seconds") and (stages.get("align") or {}).get("cached", True):
-        budget = eval_budget(config, {k: statistics.median(v) for k, v in samples.counts.items()})
-        samples.add_speed((defense, "eval"), evaluation.get("machine"),
-                          evaluation["seconds"] / budget)
+        budget = eval_budget(config, samples.eval_counts)
+        samples.by_machine[(defense, "eval")][evaluation.get("machine")].append(
+            evaluation["seconds"] / budget)
 
 
 def paired_cost(samples: Samples, key: tuple[str, str]) -> float | None:
@@ -183,17 +183,18 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
     if not records:
         raise ConfigError(f"no run records at {precision} below {folder}; give --records or "
                           "--precision fp32|bf16")
-    samples = Samples()
+    counts: dict[str, list[float]] = defaultdict(list)
     for metrics, _ in records:
         # the evaluation's prompt counts: data.counts (metrics.json v2), data_counts (v1)
-        counts = (metrics.get("data") or {}).get("counts") or metrics.get("data_counts") or {}
+        found = (metrics.get("data") or {}).get("counts") or metrics.get("data_counts") or {}
         for key in ("eval_harmful", "eval_task"):
-            if counts.get(key):
-                samples.counts[key].append(counts[key])
+            if found.get(key):
+                counts[key].append(found[key])
+    samples = Samples({key: statistics.median(values) for key, values in counts.items()})
     for metrics, config in records:
         for defense in names(config):
             add_record(defense, metrics["stages"], config, samples)
-    per_token, per_row = samples.per_token, samples.per_row
+    per_token, per_row = samples.per_token(), samples.per_row
     median = {key: statistics.median(values) for key, values in per_token.items()}
     paired = {key: cost for key in median if (cost := paired_cost(samples, key)) is not None}
     base = {stage: median.get(("sft", stage)) for stage in (*TRAIN_STAGES, "eval")}
