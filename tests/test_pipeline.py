@@ -53,6 +53,8 @@ def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
         # the machine that timed it: CPU, usable cores, the threads torch computed with
         assert f"{torch.get_num_threads()} threads" in timing["machine"]
         assert " CPUs · " in timing["machine"]
+        # and the load other processes put on its cores meanwhile
+        assert timing["other_cores"] >= 0 and isinstance(timing["contended"], bool)
     assert json.loads((run / "metrics.json").read_text())["seed"] == 0
 
 

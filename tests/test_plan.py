@@ -189,6 +189,41 @@ def test_a_defense_timed_on_a_slower_machine_is_compared_with_sft_on_that_machin
 
 
 @pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_a_timing_made_under_load_gives_way_to_one_made_without(tmp_path, capsys) -> None:
+    import shutil
+
+    lisa = "defense-lisa_defense_args-alignment_step=3+finetune_step=22_seed-0"
+    records = tmp_path / "records"
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1", lisa):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, records / run)
+
+    def loaded(run: str, slower: float) -> float:
+        """Mark the run's fine-tuning contended, ``slower`` times its seconds; returns its
+        seconds per token."""
+        path = records / run / "metrics.json"
+        metrics = json.loads(path.read_text())
+        stage = metrics["stages"]["finetune"]
+        stage.update(seconds=stage["seconds"] * slower, other_cores=1.8, contended=True)
+        path.write_text(json.dumps(metrics))
+        return stage["seconds"] / stage["tokens"]
+
+    clean = json.loads((records / "defense-sft_seed-0" / "metrics.json").read_text())
+    clean_sft = clean["stages"]["finetune"]["seconds"] / clean["stages"]["finetune"]["tokens"]
+    loaded("defense-sft_seed-1", 4.0)
+    lisa_loaded = loaded(lisa, 4.0)
+    rates = measure(records, "fp32")
+    # sft was also timed without load: the loaded timing is left out
+    assert rates.seconds_per_token["finetune"] == pytest.approx(clean_sft)
+    assert rates.left_out == 1
+    # Lisa's only timing was loaded: kept, as the one measurement there is
+    assert rates.factor[("lisa", "finetune")] == pytest.approx(lisa_loaded / clean_sft)
+    assert main(["plan", str(CPU_DEFENSES), "--records", str(records), "--precision",
+                 "fp32"]) == 0
+    assert "1 timings made while other work took this run's cores left out" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
 def test_evaluation_prompt_counts_are_read_from_either_metrics_schema(tmp_path) -> None:
     import shutil
 

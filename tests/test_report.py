@@ -213,3 +213,16 @@ def test_task_label_answers_are_named_in_the_summary() -> None:
         "66 of 300 harmful prompts were answered with a bare sst2 label; harmful score with "
         "those counted as harmless: 42.0 %"]
     assert mechanism({**metrics, "task_label_harmful_completions": 0}) == []
+
+
+def test_timing_names_the_load_other_work_put_on_its_cores() -> None:
+    from hftlab.report import _machine
+    from hftlab.run_metrics import StageTiming
+
+    label = "AMD EPYC · 2 CPUs · 2 threads"
+    assert _machine(StageTiming(machine=label, other_cores=1.84, contended=True)) == (
+        f"{label} · 1.8 cores busy elsewhere (contended)")
+    assert _machine(StageTiming(machine=label, other_cores=0.3, contended=False)) == (
+        f"{label} · 0.3 cores busy elsewhere")
+    assert _machine(StageTiming(machine=label, other_cores=0.01)) == label
+    assert _machine(StageTiming()) == "-"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +49,7 @@ def machine_label(processes: int = 1) -> str:
     processes of a distributed run."""
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
                  if line.startswith("model name")), "unknown CPU")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [name, f"{cores} CPUs", f"{torch.get_num_threads()} threads"]
+    parts = [name, f"{len(usable_cores())} CPUs", f"{torch.get_num_threads()} threads"]
     if cpu_has_bf16():
         parts.append("bf16")
     if torch.cuda.is_available():
@@ -56,3 +57,55 @@ def machine_label(processes: int = 1) -> str:
     if processes > 1:
         parts.append(f"{processes} processes")
     return " · ".join(parts)
+
+
+def usable_cores() -> set[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class CpuClock:
+    """CPU time read at one moment, to tell how much of the machine other work took."""
+
+    busy: float | None  # seconds the usable cores were busy: every process, hypervisor steal
+    own: float  # this process's CPU seconds, all its threads
+    wall: float
+
+
+def cpu_clock() -> CpuClock:
+    """Now's CPU time; ``busy`` is None where there is no /proc/stat (not Linux)."""
+    own, wall = time.process_time(), time.monotonic()
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return CpuClock(None, own, wall)
+    cores, ticks = usable_cores(), 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
+            continue
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+        user, nice, system, _, _, irq, softirq, steal = (int(f) for f in fields[:8])
+        ticks += user + nice + system + irq + softirq + steal
+    return CpuClock(ticks / os.sysconf("SC_CLK_TCK"), own, wall)
+
+
+def other_cores(start: CpuClock, end: CpuClock) -> float | None:
+    """Cores that other processes (and the hypervisor) kept busy between two clocks, on
+    average: the load a stage's timing shared its cores with. None without /proc/stat."""
+    if start.busy is None or end.busy is None or end.wall <= start.wall:
+        return None
+    others = (end.busy - start.busy) - (end.own - start.own)
+    return max(0.0, others / (end.wall - start.wall))
+
+
+def contended(others: float | None, processes: int = 1) -> bool:
+    """Whether other work took cores this run's threads needed, on average more than a quarter
+    of a core: the stage's speed is then the machine's under load, not the run's."""
+    if others is None:
+        return False
+    spare = max(0, len(usable_cores()) - torch.get_num_threads() * processes)
+    return others > spare + 0.25

@@ -25,7 +25,7 @@ import torch
 from hftlab.cache import verify_entry
 from hftlab.config import Config, ConfigError, dump_config, load_config, read_yaml_mapping
 from hftlab.context import RunContext
-from hftlab.devices import machine_label, seed_everything
+from hftlab.devices import contended, cpu_clock, machine_label, other_cores, seed_everything
 from hftlab.experiment import Experiment
 from hftlab.faults import announce_change
 from hftlab.metrics import collect_metrics
@@ -188,9 +188,10 @@ def run_stage(
     seed_everything(seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, clock = time.perf_counter(), cpu_clock()
     info = fn(ctx)
     seconds = time.perf_counter() - start
+    others = other_cores(clock, cpu_clock())
     tokens = int(info.pop("tokens", 0))
     info["timing"] = {
         "seconds": round(seconds, 3),
@@ -199,6 +200,9 @@ def run_stage(
         "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's peak so far (host memory)
         # speeds compare only between runs of one machine
         "machine": machine_label(ctx.accelerator.num_processes),
+        # other work on the same cores slows a stage as much as a slower CPU does
+        "other_cores": None if others is None else round(others, 2),
+        "contended": contended(others, ctx.accelerator.num_processes),
     }
     if torch.cuda.is_available():  # this stage's own peak on the accelerator
         info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -201,6 +201,8 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
                        for s, label in (("finetune", "fine-tuning"), ("align", "alignment")))
     paired = (f"; {rates.paired} defense stage costs read against sft's on the same machine"
               if rates.paired else "")
+    paired += (f"; {rates.left_out} timings made while other work took this run's cores left "
+               "out" if rates.left_out else "")
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
              f"measured in {rates.records} records below {folder}: sft trains {speeds}{paired})"]
     for cell in cells:

@@ -6,7 +6,9 @@ threads, bf16, GPUs). A defense's relative cost is taken between runs of one mac
 the records hold sft runs of that machine, so a defense timed on a slower CPU or with fewer
 threads is compared with sft timed alike; otherwise (records made before the label existed) its
 median over every record is set against sft's. Load from other work on the same machine is not
-in the label: such runs still vary.
+in the label; a stage's timing says how many cores other processes kept busy meanwhile and
+whether that took cores the run needed (``contended``). A contended timing is left out wherever
+the records time the same defense and stage without contention.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Rates:
     other_seconds_per_token: dict[str, float] = field(default_factory=dict)
     pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
     paired: int = 0  # (defense, stage) costs read against sft's runs on the same machine
+    left_out: int = 0  # contended timings set aside for uncontended ones of the same stage
 
 
 @dataclass
@@ -60,6 +63,25 @@ class Samples:
     per_row: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     fixed: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     finetuned: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    # timings taken while other work took cores the run needed, kept apart until settle()
+    contended: dict[tuple[str, str], dict[str | None, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def add_speed(self, key: tuple[str, str], info: dict, seconds_per_token: float) -> None:
+        by = self.contended if info.get("contended") else self.by_machine
+        by[key][info.get("machine")].append(seconds_per_token)
+
+    def settle(self) -> int:
+        """Use a stage's contended timings only where it has no other; returns how many were
+        left out."""
+        left_out = 0
+        for key, by in self.contended.items():
+            if key in self.by_machine:
+                left_out += sum(len(values) for values in by.values())
+            else:
+                self.by_machine[key] = by
+        self.contended.clear()
+        return left_out
 
     def per_token(self) -> dict[tuple[str, str], list[float]]:
         """Every record's seconds per token per (defense, stage), whatever its machine."""
@@ -126,8 +148,7 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
             samples.finetuned[defense].append(not info.get("cached"))
         if info.get("cached") or not info.get("tokens"):
             continue
-        samples.by_machine[(defense, stage)][info.get("machine")].append(
-            info["seconds"] / info["tokens"])
+        samples.add_speed((defense, stage), info, info["seconds"] / info["tokens"])
         per_row[(defense, f"{stage}:tokens")].append(info["tokens"])
         if defense == config.defense:
             per_row[("*", f"{stage}:tokens")].append(info["tokens"])
@@ -142,8 +163,7 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
     evaluation = stages.get("eval") or {}
     if evaluation.get("seconds") and (stages.get("align") or {}).get("cached", True):
         budget = eval_budget(config, samples.eval_counts)
-        samples.by_machine[(defense, "eval")][evaluation.get("machine")].append(
-            evaluation["seconds"] / budget)
+        samples.add_speed((defense, "eval"), evaluation, evaluation["seconds"] / budget)
 
 
 def paired_cost(samples: Samples, key: tuple[str, str]) -> float | None:
@@ -194,6 +214,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
     for metrics, config in records:
         for defense in names(config):
             add_record(defense, metrics["stages"], config, samples)
+    left_out = samples.settle()
     per_token, per_row = samples.per_token(), samples.per_row
     median = {key: statistics.median(values) for key, values in per_token.items()}
     paired = {key: cost for key in median if (cost := paired_cost(samples, key)) is not None}
@@ -221,6 +242,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
         reuses_finetune={d for d, ran in samples.finetuned.items() if not any(ran)},
         pooled_stages=pooled_stages,
         paired=sum(key[0] != "sft" for key in paired),
+        left_out=left_out,
     )
 
 

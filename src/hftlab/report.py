@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hftlab import plots
 from hftlab.report_html import Table, draw, fmt, plots_md, render, with_interval
-from hftlab.run_metrics import RunMetrics
+from hftlab.run_metrics import RunMetrics, StageTiming
 from hftlab.utils import atomic_write_text
 
 
@@ -55,7 +55,16 @@ def _headline(metrics: RunMetrics) -> str:
 
 def _timing_rows(metrics: RunMetrics) -> list[tuple[str, str, str, str, str]]:
     return [(name, fmt(t.seconds), fmt(t.tokens_per_s, 0), fmt(t.peak_rss_mb, 0),
-             t.machine or "-") for name, t in metrics.stages.items()]
+             _machine(t)) for name, t in metrics.stages.items()]
+
+
+def _machine(timing: StageTiming) -> str:
+    """The machine's label and, where the stage shared its cores, how much other work took."""
+    label = timing.machine or "-"
+    if timing.other_cores is None or timing.other_cores < 0.05:
+        return label
+    shared = " (contended)" if timing.contended else ""
+    return f"{label} · {timing.other_cores:.1f} cores busy elsewhere{shared}"
 
 
 TIMING_HEADERS = ["stage", "seconds", "tokens/s", "peak RSS MB", "machine"]

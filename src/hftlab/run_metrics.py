@@ -102,6 +102,8 @@ class StageTiming:
     cached: bool | None = None  # the stage's model came from the cache
     skipped: str | None = None  # why fine-tuning did not run (no uploaded row left)
     machine: str | None = None  # CPU, cores, torch threads, bf16, GPUs (devices.machine_label)
+    other_cores: float | None = None  # cores other processes kept busy meanwhile, on average
+    contended: bool | None = None  # that load took cores this run's threads needed
 
 
 @dataclass
