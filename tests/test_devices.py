@@ -6,9 +6,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hftlab import devices
-from hftlab.devices import CpuClock, contended, cpu_clock, other_cores
+from hftlab.devices import CpuClock, contended, cpu_clock, machine_label, other_cores
+
+
+def test_machine_label_names_the_gpus_the_run_computed_on(monkeypatch) -> None:
+    monkeypatch.setattr(devices.torch.cuda, "get_device_name", lambda device=None: "H100")
+    monkeypatch.setattr(devices.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(devices, "usable_cores", lambda: set(range(16)))
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    label = machine_label(8, torch.device("cuda", 3))
+    assert label.endswith(" · 16 CPUs · 4 threads · 8× H100 · 8 processes")
+    # a CPU run names no GPU, whatever the node holds
+    assert "×" not in machine_label(1, torch.device("cpu"))
+    assert machine_label(1).endswith(" · 16 CPUs · 4 threads")
 
 
 def test_other_cores_is_the_machine_busy_time_less_this_process() -> None:

@@ -23,4 +23,6 @@ def test_cuda_tiny_pipeline_runs_on_the_gpu(tiny_overrides, tmp_path) -> None:
     assert metrics["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert 0 <= metrics["harmful_score"] <= 100
     assert metrics["stages"]["finetune"]["tokens"] > 0
+    # the timing names the one GPU the run computed on, not every GPU of the node
+    assert f"1× {torch.cuda.get_device_name(0)}" in metrics["stages"]["finetune"]["machine"]
 

@@ -43,17 +43,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def machine_label(processes: int = 1) -> str:
+def machine_label(processes: int = 1, device: torch.device | None = None) -> str:
     """What a stage's timing was measured on: the CPU model, its usable cores, the threads torch
-    computes with (fewer when sweep workers share the machine), native bf16, the GPUs, and the
-    processes of a distributed run."""
+    computes with (fewer when sweep workers share the machine), native bf16, the GPUs the run
+    computed on (one per process, as accelerate places them), and the processes of a
+    distributed run."""
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
                  if line.startswith("model name")), "unknown CPU")
     parts = [name, f"{len(usable_cores())} CPUs", f"{torch.get_num_threads()} threads"]
     if cpu_has_bf16():
         parts.append("bf16")
-    if torch.cuda.is_available():
-        parts.append(f"{torch.cuda.device_count()}× {torch.cuda.get_device_name()}")
+    if device is not None and device.type == "cuda":  # not the node's idle GPUs
+        parts.append(f"{processes}× {torch.cuda.get_device_name(device)}")
     if processes > 1:
         parts.append(f"{processes} processes")
     return " · ".join(parts)

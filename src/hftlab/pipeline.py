@@ -199,7 +199,7 @@ def run_stage(
         "tokens_per_s": round(tokens / seconds, 1) if seconds and tokens else 0.0,
         "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's peak so far (host memory)
         # speeds compare only between runs of one machine
-        "machine": machine_label(ctx.accelerator.num_processes),
+        "machine": machine_label(ctx.accelerator.num_processes, ctx.accelerator.device),
         # other work on the same cores slows a stage as much as a slower CPU does
         "other_cores": None if others is None else round(others, 2),
         "contended": contended(others, ctx.accelerator.num_processes),
