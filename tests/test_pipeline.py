@@ -54,7 +54,9 @@ def test_every_stage_writes_its_artifacts(tiny_config, tmp_path: Path) -> None:
         assert f"{torch.get_num_threads()} threads" in timing["machine"]
         assert " CPUs · " in timing["machine"]
         # and the load other processes put on its cores meanwhile
-        assert timing["other_cores"] >= 0 and isinstance(timing["contended"], bool)
+        # (absent: a stage under a second, too short for the kernel's 10 ms ticks)
+        assert timing.get("other_cores") is None or timing["other_cores"] >= 0
+        assert isinstance(timing.get("contended", False), bool)
     assert json.loads((run / "metrics.json").read_text())["seed"] == 0
 
 

@@ -209,18 +209,22 @@ def test_a_timing_made_under_load_gives_way_to_one_made_without(tmp_path, capsys
 
     clean = json.loads((records / "defense-sft_seed-0" / "metrics.json").read_text())
     clean_sft = clean["stages"]["finetune"]["seconds"] / clean["stages"]["finetune"]["tokens"]
-    loaded("defense-sft_seed-1", 4.0)
+    sft_loaded = loaded("defense-sft_seed-1", 4.0)
     lisa_loaded = loaded(lisa, 4.0)
     rates = measure(records, "fp32")
-    # sft was also timed without load: the loaded timing is left out
+    # sft was also timed without load: the loaded timing is left out of its speed, once
+    # (Lisa's record is filed under its options and its name, sft's under its name)
     assert rates.seconds_per_token["finetune"] == pytest.approx(clean_sft)
     assert rates.left_out == 1
-    # Lisa's only timing was loaded: kept, as the one measurement there is
-    assert rates.factor[("lisa", "finetune")] == pytest.approx(lisa_loaded / clean_sft)
+    # Lisa's only timing was loaded: kept, as the one measurement there is, and read against
+    # sft's timing under load, not against the unloaded one (4x cheaper)
+    assert rates.under_load == 1
+    assert rates.factor[("lisa", "finetune")] == pytest.approx(lisa_loaded / sft_loaded)
     assert main(["plan", str(CPU_DEFENSES), "--records", str(records), "--precision",
                  "fp32"]) == 0
-    assert "1 timings made while other work took this run's cores left out" in (
-        capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "; 1 timing(s) made under load from other work left out" in out
+    assert "; 1 defense stage cost(s) timed only under load" in out
 
 
 @pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")

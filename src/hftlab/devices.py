@@ -1,13 +1,11 @@
-"""Which compute precision a device runs in: shared by the run, the judges and the data tools,
-so it imports nothing from hftlab."""
+"""Which compute precision a device runs in, and the label of the machine a stage ran on:
+shared by the run, the judges and the data tools, so it imports nothing from hftlab."""
 
 from __future__ import annotations
 
 import functools
 import os
 import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,53 +58,10 @@ def machine_label(processes: int = 1, device: torch.device | None = None) -> str
     return " · ".join(parts)
 
 
-def usable_cores() -> set[int]:
-    """The CPUs this process may run on."""
+@functools.cache
+def usable_cores() -> frozenset[int]:
+    """The CPUs this process may run on, read once: an OpenMP runtime may later pin the calling
+    thread to one of them."""
     if hasattr(os, "sched_getaffinity"):
-        return os.sched_getaffinity(0)
-    return set(range(os.cpu_count() or 1))
-
-
-@dataclass(frozen=True)
-class CpuClock:
-    """CPU time read at one moment, to tell how much of the machine other work took."""
-
-    busy: float | None  # seconds the usable cores were busy: every process, hypervisor steal
-    own: float  # this process's CPU seconds, all its threads
-    wall: float
-
-
-def cpu_clock() -> CpuClock:
-    """Now's CPU time; ``busy`` is None where there is no /proc/stat (not Linux)."""
-    own, wall = time.process_time(), time.monotonic()
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return CpuClock(None, own, wall)
-    cores, ticks = usable_cores(), 0
-    for line in lines:
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
-            continue
-        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
-        user, nice, system, _, _, irq, softirq, steal = (int(f) for f in fields[:8])
-        ticks += user + nice + system + irq + softirq + steal
-    return CpuClock(ticks / os.sysconf("SC_CLK_TCK"), own, wall)
-
-
-def other_cores(start: CpuClock, end: CpuClock) -> float | None:
-    """Cores that other processes (and the hypervisor) kept busy between two clocks, on
-    average: the load a stage's timing shared its cores with. None without /proc/stat."""
-    if start.busy is None or end.busy is None or end.wall <= start.wall:
-        return None
-    others = (end.busy - start.busy) - (end.own - start.own)
-    return max(0.0, others / (end.wall - start.wall))
-
-
-def contended(others: float | None, processes: int = 1) -> bool:
-    """Whether other work took cores this run's threads needed, on average more than a quarter
-    of a core: the stage's speed is then the machine's under load, not the run's."""
-    if others is None:
-        return False
-    spare = max(0, len(usable_cores()) - torch.get_num_threads() * processes)
-    return others > spare + 0.25
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))

@@ -25,7 +25,8 @@ import torch
 from hftlab.cache import verify_entry
 from hftlab.config import Config, ConfigError, dump_config, load_config, read_yaml_mapping
 from hftlab.context import RunContext
-from hftlab.devices import contended, cpu_clock, machine_label, other_cores, seed_everything
+from hftlab.cpu_load import contended, cores_used, cpu_clock, other_cores
+from hftlab.devices import machine_label, seed_everything
 from hftlab.experiment import Experiment
 from hftlab.faults import announce_change
 from hftlab.metrics import collect_metrics
@@ -191,7 +192,11 @@ def run_stage(
     start, clock = time.perf_counter(), cpu_clock()
     info = fn(ctx)
     seconds = time.perf_counter() - start
-    others = other_cores(clock, cpu_clock())
+    end = cpu_clock()
+    others = other_cores(clock, end)
+    # a CPU run needs its compute threads; a GPU run the cores it kept busy
+    on_cpu = ctx.accelerator.device.type == "cpu"
+    needed = torch.get_num_threads() if on_cpu else cores_used(clock, end)
     tokens = int(info.pop("tokens", 0))
     info["timing"] = {
         "seconds": round(seconds, 3),
@@ -202,7 +207,7 @@ def run_stage(
         "machine": machine_label(ctx.accelerator.num_processes, ctx.accelerator.device),
         # other work on the same cores slows a stage as much as a slower CPU does
         "other_cores": None if others is None else round(others, 2),
-        "contended": contended(others, ctx.accelerator.num_processes),
+        "contended": contended(others, needed),
     }
     if torch.cuda.is_available():  # this stage's own peak on the accelerator
         info["timing"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -201,8 +201,10 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
                        for s, label in (("finetune", "fine-tuning"), ("align", "alignment")))
     paired = (f"; {rates.paired} defense stage costs read against sft's on the same machine"
               if rates.paired else "")
-    paired += (f"; {rates.left_out} timings made while other work took this run's cores left "
-               "out" if rates.left_out else "")
+    if rates.left_out:
+        paired += f"; {rates.left_out} timing(s) made under load from other work left out"
+    if rates.under_load:
+        paired += f"; {rates.under_load} defense stage cost(s) timed only under load"
     lines = [f"{sweep_file}: {len(cells)} runs from scratch on this CPU ({precision}; speeds "
              f"measured in {rates.records} records below {folder}: sft trains {speeds}{paired})"]
     for cell in cells:

@@ -8,7 +8,8 @@ threads is compared with sft timed alike; otherwise (records made before the lab
 median over every record is set against sft's. Load from other work on the same machine is not
 in the label; a stage's timing says how many cores other processes kept busy meanwhile and
 whether that took cores the run needed (``contended``). A contended timing is left out wherever
-the records time the same defense and stage without contention.
+the records time the same defense and stage without contention; a stage timed only under load
+is read against sft's timings under load where the records hold some.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Rates:
     pooled_stages: set[str] = field(default_factory=set)  # sft untimed: all records' median
     paired: int = 0  # (defense, stage) costs read against sft's runs on the same machine
     left_out: int = 0  # contended timings set aside for uncontended ones of the same stage
+    under_load: int = 0  # (defense, stage) costs timed only under load
 
 
 @dataclass
@@ -67,21 +69,30 @@ class Samples:
     contended: dict[tuple[str, str], dict[str | None, list[float]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list)))
 
+    under_load: set[tuple[str, str]] = field(default_factory=set)  # timed only contended
+    left_out: int = 0
+
     def add_speed(self, key: tuple[str, str], info: dict, seconds_per_token: float) -> None:
         by = self.contended if info.get("contended") else self.by_machine
         by[key][info.get("machine")].append(seconds_per_token)
 
-    def settle(self) -> int:
-        """Use a stage's contended timings only where it has no other; returns how many were
-        left out."""
-        left_out = 0
+    def settle(self) -> None:
+        """A stage's contended timings stand in only where it has no other. Those left out are
+        counted under the defense's bare name, which files every timing once."""
         for key, by in self.contended.items():
-            if key in self.by_machine:
-                left_out += sum(len(values) for values in by.values())
-            else:
+            if key not in self.by_machine:
                 self.by_machine[key] = by
-        self.contended.clear()
-        return left_out
+                self.under_load.add(key)
+            elif "{" not in key[0]:
+                self.left_out += sum(len(values) for values in by.values())
+
+    def sft(self, key: tuple[str, str]) -> dict[str | None, list[float]]:
+        """sft's timings to read a (defense, stage) against: those made under load for a
+        stage timed only under load, where there are some."""
+        loaded = self.contended.get(("sft", key[1]))
+        if key in self.under_load and loaded:
+            return loaded
+        return self.by_machine.get(("sft", key[1]), {})
 
     def per_token(self) -> dict[tuple[str, str], list[float]]:
         """Every record's seconds per token per (defense, stage), whatever its machine."""
@@ -169,11 +180,20 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
 def paired_cost(samples: Samples, key: tuple[str, str]) -> float | None:
     """A defense's seconds per token in a stage over plain sft's on the same machine: the median
     over the machines that timed both (each machine's medians); None when none did."""
-    sft = samples.by_machine.get(("sft", key[1]), {})
+    sft = samples.sft(key)
     paired = [statistics.median(values) / statistics.median(sft[machine])
               for machine, values in samples.by_machine[key].items()
               if machine is not None and sft.get(machine)]
     return statistics.median(paired) if paired else None
+
+
+def sft_median(samples: Samples, key: tuple[str, str], base: float) -> float:
+    """sft's median seconds per token to set a defense's against when no machine pairs them:
+    ``base``, or sft's median under load for a stage timed only under load."""
+    if key in samples.under_load and samples.contended.get(("sft", key[1])):
+        return statistics.median(v for values in samples.contended[("sft", key[1])].values()
+                                 for v in values)
+    return base
 
 
 def measure(folder: Path, precision: str) -> Rates:
@@ -214,7 +234,7 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
     for metrics, config in records:
         for defense in names(config):
             add_record(defense, metrics["stages"], config, samples)
-    left_out = samples.settle()
+    samples.settle()
     per_token, per_row = samples.per_token(), samples.per_row
     median = {key: statistics.median(values) for key, values in per_token.items()}
     paired = {key: cost for key in median if (cost := paired_cost(samples, key)) is not None}
@@ -233,7 +253,8 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
         seconds_per_token={s: base[s] for s in TRAIN_STAGES},
         eval_seconds_per_budget=base["eval"],
         # sft's own cost is 1 by definition; a defense's, paired by machine where the records allow
-        factor={key: paired.get(key, value / base[key[1]]) for key, value in median.items()},
+        factor={key: paired.get(key, value / sft_median(samples, key, base[key[1]]))
+                for key, value in median.items()},
         fixed_seconds={key: statistics.median(v) for key, v in samples.fixed.items()},
         tokens_per_row={key: statistics.median(v) for key, v in per_row.items()
                         if not key[1].endswith(":tokens")},
@@ -242,7 +263,8 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
         reuses_finetune={d for d, ran in samples.finetuned.items() if not any(ran)},
         pooled_stages=pooled_stages,
         paired=sum(key[0] != "sft" for key in paired),
-        left_out=left_out,
+        left_out=samples.left_out,
+        under_load=sum(d != "sft" and "{" not in d for d, _ in samples.under_load),
     )
 
 

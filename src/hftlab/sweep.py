@@ -245,8 +245,11 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> list[tuple[str, str]]:
                 failures.append((run.name, _describe(exc)))
         return record_failures(sweep, failures)
     plan = AlignmentOrder([(run, *alignment_group(sweep, run)) for run in todo])
-    threads = max(1, (os.cpu_count() or 1) // workers)
     import multiprocessing
+
+    from hftlab.devices import usable_cores
+
+    threads = max(1, len(usable_cores()) // workers)  # the cores this process may use
 
     context = multiprocessing.get_context("spawn")
     # One fresh process per run: a run's recorded peak memory is its process's lifetime peak
