@@ -206,6 +206,32 @@ def test_a_defense_that_trains_its_own_adapter_pairs_with_sft_on_that_adapter(tm
     assert own["harmful_score.vs_sft"]["diff"] == -70.0
 
 
+def test_settings_that_share_a_short_name_are_named_in_full(tmp_path) -> None:
+    """T-Vaccine aligned on its own adapter (r 8) and fine-tuned on the protocol's (r 32, also
+    varying, against the antidote-preset sft): each r is named by its whole key, and T-Vaccine's
+    baseline is sft aligned on the same adapter."""
+    reference, vaccine = {"lora": {"preset": "reference"}}, {"lora": {"preset": "vaccine"}}
+    antidote = {"lora": {"preset": "antidote"}}
+    for name, defense, align, finetune, hs in (
+            ("sft", "sft", reference, reference, 80.0),
+            ("sft-r256", "sft", reference, antidote, 78.0),
+            ("sft-vaccine", "sft", vaccine, reference, 60.0),
+            ("t_vaccine", "t_vaccine", vaccine, reference, 30.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": 0, "defense": defense, "alignment": {"train": align},
+             "finetune": {"train": finetune}}))
+        (run / "metrics.json").write_text(json.dumps({
+            "harmful_score": hs, "finetune_accuracy": 80.0, "n_eval_harmful": 300,
+            "n_eval_task": 872, "seed": 0}))
+    rows = {r["name"]: r for r in compare_rows(tmp_path)}
+    name = next(n for n in rows if "defense=t_vaccine" in n)
+    assert "alignment.train.lora.r=8" in name and "finetune.train.lora.r=32" in name
+    assert ", r=" not in name and not name.startswith("r=")
+    assert rows[name]["harmful_score.vs_sft"]["diff"] == -30.0
+
+
 def write_runs(folder, runs) -> None:
     """Run records by hand: (defense, seed, HS, FA, align seconds per step) each."""
     for defense, seed, hs, fa, per_step in runs:

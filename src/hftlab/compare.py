@@ -20,7 +20,7 @@ import yaml
 from hftlab.compare_checks import check_defense, check_metrics, check_value, unknown_setting
 from hftlab.config import ConfigError, load_config, load_yaml
 from hftlab.run_metrics import RunMetrics
-from hftlab.setting_names import names_setting, setting_name
+from hftlab.setting_names import names_setting, setting_names
 from hftlab.stats import SHARED, Difference, Summary, compare, summarize
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class Cell:
         (``finetune.precision=None``), so that no cell but the only one reads "(all runs)"."""
         named = {k: v for k, v in self.label.items() if v != {}}
         named = {k: v for k, v in named.items() if v is not None} or named
-        return ", ".join(f"{setting_name(k)}={_short(v)}" for k, v in named.items())
+        short = setting_names(self.label)
+        return ", ".join(f"{short[k]}={_short(v)}" for k, v in named.items())
 
 
 def _short(value: Any) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from hftlab.compare import Cell
 from hftlab.plot_base import POISON, Group, colour_for
-from hftlab.setting_names import setting_name
+from hftlab.setting_names import setting_names
 
 PRIMARY = ("defense", "attack")  # named by value alone, in this order
 
@@ -64,6 +64,7 @@ def series_names(labels: Sequence[dict[str, Any]]) -> list[str]:
             part.append(f"{text}({options})" if options else text)
     names = [" / ".join(p) for p in parts]
     rest = sorted({k for label in labels for k in label} - used)
+    short = setting_names(k for label in labels for k in label)
     for key in rest:
         groups: dict[str, list[int]] = defaultdict(list)
         for index, name in enumerate(names):
@@ -72,7 +73,7 @@ def series_names(labels: Sequence[dict[str, Any]]) -> list[str]:
             if len({_frozen(labels[i].get(key)) for i in members}) < 2:
                 continue
             for i in members:
-                setting = f"{setting_name(key)}={value_text(labels[i].get(key))}"
+                setting = f"{short[key]}={value_text(labels[i].get(key))}"
                 names[i] = f"{names[i]}, {setting}" if names[i] else setting
     return [name or "all runs" for name in names]
 
