@@ -68,9 +68,8 @@ class Samples:
     # timings taken while other work took cores the run needed, kept apart until settle()
     contended: dict[tuple[str, str], dict[str | None, list[float]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list)))
-
     under_load: set[tuple[str, str]] = field(default_factory=set)  # timed only contended
-    left_out: int = 0
+    left_out: int = 0  # contended timings set aside, each counted once
 
     def add_speed(self, key: tuple[str, str], info: dict, seconds_per_token: float) -> None:
         by = self.contended if info.get("contended") else self.by_machine
