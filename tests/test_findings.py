@@ -54,14 +54,20 @@ def _alignment_fingerprints(study: Path) -> dict[str, set[tuple]]:
     when they agree. Records older than the fingerprint carry None for it."""
     import json
 
+    import yaml
+
     from hftlab.run_metrics import RunMetrics
 
     groups: dict[str, set[tuple]] = {}
     for run in sorted(p for p in study.iterdir() if (p / "align" / "stage.json").is_file()):
         stage = json.loads((run / "align" / "stage.json").read_text(encoding="utf-8"))
         metrics = RunMetrics.load(run / "metrics.json")
-        # an alignment-stage defense trains its own alignment, shared by the cell's seeds
-        group = run.name.rsplit("_seed-", 1)[0] if stage.get("defense") else "shared sft alignment"
+        # an alignment-stage defense trains its own alignment, shared by the cell's seeds, and so
+        # does plain sft on another alignment adapter (T-Vaccine's control)
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        adapter = json.dumps(config["alignment"]["train"].get("lora"), sort_keys=True)
+        group = (run.name.rsplit("_seed-", 1)[0] if stage.get("defense")
+                 else f"shared sft alignment on {adapter}")
         aligned = metrics.aligned
         groups.setdefault(group, set()).add(
             (stage.get("data_fingerprint"), stage.get("steps"),
