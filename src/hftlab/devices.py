@@ -43,14 +43,17 @@ def seed_everything(seed: int) -> None:
 
 def machine_label(processes: int = 1, device: torch.device | None = None) -> str:
     """What a stage's timing was measured on: the CPU model, its usable cores, the threads torch
-    computes with (fewer when sweep workers share the machine), native bf16, the GPUs the run
-    computed on (one per process, as accelerate places them), and the processes of a
-    distributed run."""
+    computes with (fewer when sweep workers share the machine), native bf16, the vector kernels
+    torch dispatches to on a CPU (``ATEN_CPU_CAPABILITY`` lowers them, and they change both speed
+    and the last bits of fp32 results), the GPUs the run computed on (one per process, as
+    accelerate places them), and the processes of a distributed run."""
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
                  if line.startswith("model name")), "unknown CPU")
     parts = [name, f"{len(usable_cores())} CPUs", f"{torch.get_num_threads()} threads"]
     if cpu_has_bf16():
         parts.append("bf16")
+    if device is None or device.type == "cpu":
+        parts.append(f"{torch.backends.cpu.get_cpu_capability()} kernels")
     if device is not None and device.type == "cuda":  # not the node's idle GPUs
         parts.append(f"{processes}× {torch.cuda.get_device_name(device)}")
     if processes > 1:
