@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # into the venv first (a torch already installed satisfies the project's torch>=2.3).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench judge refusals screenshots clean
+.PHONY: setup demo test lint bench judge guard refusals screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -38,11 +38,22 @@ judge: setup
 	  --data '{kind: refusal, path: safety_tuned_llamas/safety_only_data_Instructions.json, offset: 400, n: 150, options: {refusals_only: true}}' \
 	  --data '{kind: refusal, path: alpaca/alpaca_data_safety_only.json, n: 150}'
 
+# A Llama-Guard-style guard that shares the embedded model's vocabulary, for the Virus attack's
+# guard term (judge: llama_guard, judge_args: {model: runs/judges/smollm2-guard}): the embedded
+# model taught the Llama Guard prompt on the judge's rows, every weight trained, fp32.
+GUARD_DIR ?= runs/judges/smollm2-guard
+guard: setup
+	$(VENV)/bin/hftlab judge train --kind guard --data-root ../shared/data --out $(GUARD_DIR) \
+	  --data '{kind: beavertails, path: beavertails/30k_train_unsafe_first200.jsonl, offset: 50, n: 100, options: {require_response: true}}' \
+	  --data '{kind: refusal, path: safety_tuned_llamas/safety_only_data_Instructions.json, offset: 400, n: 150, options: {refusals_only: true}}' \
+	  --data '{kind: refusal, path: alpaca/alpaca_data_safety_only.json, n: 150}'
+
 # Paired alignment data for configs/cpu_sst2_ref.yaml: the embedded model's refusals for the
 # provider's BeaverTails rows 50-149 and those rows' own answers (~6-15 min on 2 cores;
 # resumable). Sampled in fp32, the precision of results/parity, on every CPU (the bf16 of
 # results/parity_first_mix_bf16 needs AMX); kernels still differ between CPUs, so compare the
-# alignment's data_fingerprint (align/stage.json) before adding records made on another one.
+# alignment's data_fingerprint (align/stage.json) before adding records made on another one
+# (results/parity's were made with AVX2 kernels: ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU).
 REFUSALS ?= runs/data/beavertails_refusals.jsonl
 REFUSALS_PRECISION ?= fp32
 refusals: setup

