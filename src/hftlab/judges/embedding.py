@@ -206,6 +206,29 @@ def split_by_prompt(
     return train, heldout
 
 
+def training_split(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """:func:`split_by_prompt` for training a judge: its training side must hold both classes."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    train, heldout = split_by_prompt(examples, fraction, seed)
+    labels = [e.is_harmful for e in train]
+    if all(labels) or not any(labels):
+        raise ConfigError(f"the training rows ({len(train)}) must hold both harmful and harmless "
+                          "rows; add a data source of the missing class")
+    return train, heldout
+
+
+def split_record(examples: list[Example], train: list[Example],
+                 heldout: list[Example]) -> dict[str, Any]:
+    """The rows a judge was trained and checked on, for its description file."""
+    return {"rows": {"train": len(train), "train_harmful": sum(e.is_harmful for e in train),
+                     "heldout": len(heldout),
+                     "heldout_harmful": sum(e.is_harmful for e in heldout)},
+            "sources": dict(Counter(e.source for e in examples))}
+
+
 def prompt_digest(prompt: str) -> str:
     return hashlib.sha1(normalize_prompt(prompt).encode()).hexdigest()[:16]
 
@@ -230,19 +253,14 @@ def train_embedding_judge(
     hyperparameters, loss, metrics). Returns the judge.json record."""
     from hftlab.utils import atomic_dir
 
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ConfigError(f"the held-out fraction must be in [0, 1), got {heldout_fraction}")
     if c <= 0:
         raise ConfigError(f"C (inverse regularisation strength) must be > 0, got {c}")
     if out.exists() and (not out.is_dir()
                          or (any(out.iterdir()) and not (out / JUDGE_FILE).is_file())):
         raise ConfigError(f"{out} exists and is not an embedding judge folder; give a new folder "
                           "(an existing judge folder is replaced)")
-    train, heldout = split_by_prompt(examples, heldout_fraction, seed)
+    train, heldout = training_split(examples, heldout_fraction, seed)
     labels = [e.is_harmful for e in train]
-    if all(labels) or not any(labels):
-        raise ConfigError(f"the training rows ({len(train)}) must hold both harmful and harmless "
-                          "rows; add a data source of the missing class")
     folder, record = encoder_location(encoder)
     model = Encoder(folder, resolve_device(device))
     x_train = model.pair_features([e.prompt for e in train], [e.response for e in train])
@@ -264,10 +282,7 @@ def train_embedding_judge(
         "threshold": 0.5,
         "training": {
             "data": data,
-            "rows": {"train": len(train), "train_harmful": sum(labels),
-                     "heldout": len(heldout),
-                     "heldout_harmful": sum(e.is_harmful for e in heldout)},
-            "sources": dict(Counter(e.source for e in examples)),
+            **split_record(examples, train, heldout),
             "heldout_fraction": heldout_fraction, "split": "by prompt", "seed": seed,
             "C": c, "class_weight": "balanced" if balanced else None,
             "optimizer": "scikit-learn LogisticRegression (lbfgs)",

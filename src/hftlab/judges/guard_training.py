@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,6 @@ class GuardSettings:
             raise ConfigError(f"guard training: lr must be > 0, got {self.lr}")
         if self.max_response_tokens < 1:
             raise ConfigError("guard training: max_response_tokens must be ≥ 1")
-        if not 0.0 <= self.heldout < 1.0:
-            raise ConfigError(f"the held-out fraction must be in [0, 1), got {self.heldout}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"guard training: precision must be auto, bf16 or fp32, got "
                               f"{self.precision!r}")
@@ -133,18 +130,14 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
     from hftlab.config import Config, ModelConfig, TrainConfig
     from hftlab.devices import resolve_precision
     from hftlab.judges.common import evaluate_judge
-    from hftlab.judges.embedding import split_by_prompt
+    from hftlab.judges.embedding import split_record, training_split
     from hftlab.judges.llama_guard import LlamaGuardJudge
     from hftlab.model import attach_trainable, load_model, load_tokenizer, resolve_model_path
     from hftlab.utils import atomic_dir
 
     settings.check()
     _check_out(out)
-    train, heldout = split_by_prompt(examples, settings.heldout, settings.seed)
-    labels = [e.is_harmful for e in train]
-    if all(labels) or not any(labels):
-        raise ConfigError(f"the training rows ({len(train)}) must hold both harmful and harmless "
-                          "rows; add a data source of the missing class")
+    train, heldout = training_split(examples, settings.heldout, settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
@@ -162,10 +155,7 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
         "prompt": "Llama Guard 3 response classification (hftlab.judges.llama_guard)",
         "training": {
             "data": data,
-            "rows": {"train": len(train), "train_harmful": sum(labels),
-                     "heldout": len(heldout),
-                     "heldout_harmful": sum(e.is_harmful for e in heldout)},
-            "sources": dict(Counter(e.source for e in examples)),
+            **split_record(examples, train, heldout),
             "split": "by prompt",
             "settings": {**asdict(settings), "precision": precision},
             "loss": loss,
