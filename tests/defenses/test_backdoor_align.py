@@ -93,6 +93,17 @@ def test_safety_rows_carry_the_trigger_and_user_rows_do_not(tiny_overrides, tmp_
     assert served.prompt_text("q") == chat_prompt(f"{trigger} {TEMPLATE_DEFAULT}", "q")
 
 
+def test_safety_rows_are_the_refusals_of_a_mixed_alignment_set(tiny_overrides, tmp_path) -> None:
+    # alignment rows answered helpfully (configs/cpu_sst2_ref.yaml's Alpaca share) are not
+    # safety rows: the paper adds harmful prompts answered with refusals
+    mixed = ("alignment.data={kind: mix, options: {sources: [{kind: demo_refusal, n: 11}, "
+             "{kind: demo_sentiment, n: 80}]}}")
+    ctx = context(tiny_overrides, tmp_path, mixed, "finetune.harmful_data.offset=100")
+    safety = [e for e in ctx.data.user if "system_prompt" in e.meta]
+    assert sorted(e.row for e in safety) == list(range(11))
+    assert all(e.source.endswith("harmful.jsonl") for e in safety)  # none of sentiment.jsonl
+
+
 def test_alpaca_trigger_precedes_the_preamble(tiny_overrides, tmp_path) -> None:
     ctx = context(tiny_overrides, tmp_path, "model.prompt_format=alpaca",
                   "finetune.train.max_length=400")

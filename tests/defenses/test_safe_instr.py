@@ -72,6 +72,21 @@ def test_adds_the_expected_refusal_rows_from_the_alignment_data() -> None:
     assert any(o[100:] != [key(e) for e in added] for o in others)
 
 
+def test_only_the_refusals_of_a_mixed_alignment_set_are_added() -> None:
+    # configs/cpu_sst2_ref.yaml's alignment data answers benign prompts helpfully beside its
+    # refusals; the paper adds (harmful instruction → refusal) pairs only
+    mixed = ctx("alignment.data={kind: mix, options: {sources: [{kind: demo_refusal, n: 6}, "
+                "{kind: demo_sentiment, n: 60}]}}")
+    defense = safe_instr(n=6)
+    added = defense.prepare_data(FINETUNE, user_rows(), mixed)[100:]
+    assert sorted(e.row for e in added) == list(range(6))
+    assert all(e.source.endswith("harmful.jsonl") for e in added)  # none of sentiment.jsonl
+    report = defense.report("data")
+    assert report["source_rows"] == 66 and report["refusal_rows"] == 6
+    with pytest.raises(ConfigError, match="has 6 whose answer refuses"):
+        safe_instr(n=7).prepare_data(FINETUNE, user_rows(), mixed)
+
+
 @pytest.mark.parametrize(("options", "n_user", "want"), [
     ({"ratio": 0.1}, 100, 10),
     ({"n": 7}, 100, 7),

@@ -23,8 +23,10 @@ Departures:
   or a broken UTF-8 piece ("�") are left out, so the trigger re-encodes to about its nominal
   length and holds no control characters that could disturb a template (the reference string has
   one "�"). Its length and a hash, not the text, are recorded in the data stage's report;
-- the safety rows are ``safety_rows`` rows drawn (seeded) from the provider's alignment data
-  (``alignment.data``: refusals), not the reference's 11 hand-picked category examples. They are
+- the safety rows are ``safety_rows`` rows drawn (seeded) from the refusals among the
+  provider's alignment data (``alignment.data``, less rows answered helpfully:
+  :func:`hftlab.defenses.safety_rows.refusal_rows`), not the reference's 11 hand-picked
+  category examples. They are
   read even with ``alignment.enabled: false`` (an already aligned chat model, as Llama-2-chat in
   the paper), so a prompt shared with a user's harmful row is checked for here;
 - "the system prompt" is the formatter's default (``PromptFormatter.default_system_prompt``):
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from hftlab.config import ConfigError
 from hftlab.data.records import Example, check_no_shared_prompt
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
+from hftlab.defenses.safety_rows import refusal_rows
 from hftlab.formatting import SYSTEM_PROMPT_KEY
 
 if TYPE_CHECKING:
@@ -152,11 +155,12 @@ class BackdoorAlign(Defense):
         self.trigger = random_trigger(ctx.tokenizer, opts.trigger_tokens, ctx.config.seed)
         system = with_trigger(self.trigger, ctx.formatter.default_system_prompt)
         # ctx.data is being built right now, so the alignment rows are read from their spec
-        pool = ctx.load(ctx.config.alignment.data)
+        pool = refusal_rows(ctx.load(ctx.config.alignment.data))
         if len(pool) < opts.safety_rows:
             raise ConfigError(
                 f"backdoor_align needs {opts.safety_rows} safety rows from alignment.data but it "
-                f"has {len(pool)}: lower defense_args.safety_rows or give more alignment rows"
+                f"has {len(pool)} whose answer refuses: lower defense_args.safety_rows or give "
+                "more refusal rows"
             )
         rng = random.Random(f"backdoor_align/safety/{ctx.config.seed}")
         chosen = sorted(rng.sample(range(len(pool)), opts.safety_rows))

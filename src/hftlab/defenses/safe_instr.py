@@ -15,9 +15,11 @@ with ratio = 0.03 by default (the paper's headline 3%; its sweep spans 0.5%–10
 count directly (the reference's X) instead. The safety rows are a seeded random sample
 (``config.seed``) without replacement from the provider's refusal set:
 
-- ``source: alignment`` (default): the run's ``alignment.data`` (the provider's own refusals, in
-  configs/cpu_sst2.yaml the Safety-Tuned LLaMAs refusal pairs themselves), loaded from its spec
-  even when the alignment stage is disabled;
+- ``source: alignment`` (default): the refusals among the run's ``alignment.data``
+  (:func:`hftlab.defenses.safety_rows.refusal_rows`: in configs/cpu_sst2.yaml every row, the
+  Safety-Tuned LLaMAs refusal pairs themselves; in configs/cpu_sst2_ref.yaml its 191 refusals,
+  not its 400 benign Alpaca answers), loaded from its spec even when the alignment stage is
+  disabled;
 - ``source: data``: a separate refusal set given as a data spec in ``data``.
 
 Either way the rows must not share a prompt with the user's harmful rows or the mechanisms'
@@ -42,6 +44,7 @@ from hftlab.config import ConfigError
 from hftlab.data.records import Example, check_no_shared_prompt, normalize_prompt
 from hftlab.data.spec import DataSpec
 from hftlab.defenses.base import DEFENSES, FINETUNE, Defense, ReferenceSetting
+from hftlab.defenses.safety_rows import refusal_rows
 
 if TYPE_CHECKING:
     from hftlab.context import RunContext
@@ -160,12 +163,14 @@ class SafeInstr(Defense):
         spec = cfg.alignment.data if self.options.source == "alignment" else self.options.data
         assert spec is not None
         where = "alignment.data" if self.options.source == "alignment" else "defense_args.data"
-        pool = ctx.load(spec)
+        loaded = ctx.load(spec)
+        pool = refusal_rows(loaded) if self.options.source == "alignment" else loaded
         check_disjoint_from_held_out(pool, where, examples, ctx)
         k = safety_count(len(examples), self.options.ratio, self.options.n)
         if k > len(pool):
+            refusing = " whose answer refuses" if self.options.source == "alignment" else ""
             raise ConfigError(
-                f"safe_instr needs {k} safety rows but {where} has {len(pool)}: lower "
+                f"safe_instr needs {k} safety rows but {where} has {len(pool)}{refusing}: lower "
                 "defense_args.ratio / n or give more refusal rows"
             )
         added = [row.replace(meta={**row.meta, "added_by": self.name})
@@ -174,7 +179,8 @@ class SafeInstr(Defense):
         self._report = {
             "safety_rows_added": k,
             "source": where,
-            "source_rows": len(pool),
+            "source_rows": len(loaded),
+            "refusal_rows": len(pool),
             "user_rows": len(examples),
             "ratio": round(k / len(examples), 4) if examples else None,
             "rows": sorted(e.row for e in added),
