@@ -62,6 +62,15 @@ def model_source(judge: str, model: str) -> str:
     return model
 
 
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """``out`` may be written: it does not exist, is empty, or is an earlier ``what`` folder
+    (it holds ``marker``), which is replaced; anything else is never overwritten."""
+    if out.exists() and (not out.is_dir()
+                         or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise ConfigError(f"{out} exists and is not {what} folder; give a new folder (an "
+                          f"existing {what.split(' ', 1)[1]} folder is replaced)")
+
+
 def unloadable(judge: str, model: str, exc: Exception) -> ConfigError:
     return ConfigError(
         f"judge '{judge}' could not load {model!r} ({type(exc).__name__}: {exc}); give a local "

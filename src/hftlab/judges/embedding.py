@@ -20,6 +20,7 @@ from hftlab.judges.base import JUDGES, Judge
 from hftlab.judges.common import (
     DEVICES,
     check_choice,
+    check_replaceable,
     classification_metrics,
     resolve_device,
 )
@@ -255,10 +256,7 @@ def train_embedding_judge(
 
     if c <= 0:
         raise ConfigError(f"C (inverse regularisation strength) must be > 0, got {c}")
-    if out.exists() and (not out.is_dir()
-                         or (any(out.iterdir()) and not (out / JUDGE_FILE).is_file())):
-        raise ConfigError(f"{out} exists and is not an embedding judge folder; give a new folder "
-                          "(an existing judge folder is replaced)")
+    check_replaceable(out, JUDGE_FILE, "an embedding judge")
     train, heldout = training_split(examples, heldout_fraction, seed)
     labels = [e.is_harmful for e in train]
     folder, record = encoder_location(encoder)

@@ -84,13 +84,6 @@ def guard_item(tokenizer: Any, example: Example, max_response_tokens: int) -> To
     return Tokenized(context + answer + [tokenizer.eos_token_id], len(context))
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir()
-                         or (any(out.iterdir()) and not (out / GUARD_FILE).is_file())):
-        raise ConfigError(f"{out} exists and is not a guard folder; give a new folder (an "
-                          "existing guard folder is replaced)")
-
-
 def _fit(model: torch.nn.Module, items: list[Tokenized], pad_id: int, settings: GuardSettings,
          device: torch.device, precision: str) -> dict[str, Any]:
     """AdamW on every weight over ``epochs`` passes of length-grouped batches."""
@@ -138,14 +131,14 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
     ``out``. Returns the guard.json record."""
     from hftlab.config import Config, ModelConfig, TrainConfig
     from hftlab.devices import resolve_precision
-    from hftlab.judges.common import evaluate_judge
+    from hftlab.judges.common import check_replaceable, evaluate_judge
     from hftlab.judges.embedding import split_record, training_split
     from hftlab.judges.llama_guard import LlamaGuardJudge
     from hftlab.model import attach_trainable, load_model, load_tokenizer, resolve_model_path
     from hftlab.utils import atomic_dir
 
     settings.check()
-    _check_out(out)
+    check_replaceable(out, GUARD_FILE, "a guard")
     train, heldout = training_split(examples, settings.heldout, settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(settings.precision, device)

@@ -249,8 +249,9 @@ class LlamaGuardJudge(Judge):
                      "unparsed_harmful": opts.unparsed_harmful, "dtype": opts.dtype}
         trained = Path(self.source) / GUARD_FILE
         if trained.is_file():  # a folder is replaced when retrained: name which guard it held
-            info = json.loads(trained.read_text(encoding="utf-8"))
+            raw = trained.read_bytes()
+            info = json.loads(raw)
             described["guard"] = {
-                "guard_json_sha256": hashlib.sha256(trained.read_bytes()).hexdigest()[:16],
+                "guard_json_sha256": hashlib.sha256(raw).hexdigest()[:16],
                 "base": info.get("base"), "heldout": (info.get("metrics") or {}).get("heldout")}
         return described
