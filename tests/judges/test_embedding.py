@@ -8,7 +8,7 @@ import torch
 
 from hftlab.cli import main
 from hftlab.config import ConfigError, load_config
-from hftlab.data.records import Example, normalize_prompt
+from hftlab.data.records import Example
 from hftlab.judges import JUDGES
 from hftlab.judges.common import classification_metrics, load_labelled
 from hftlab.judges.embedding import (
@@ -17,7 +17,6 @@ from hftlab.judges.embedding import (
     Encoder,
     LogisticHead,
     fit_logistic,
-    split_by_prompt,
     train_embedding_judge,
 )
 
@@ -178,15 +177,6 @@ def test_metrics_match_a_hand_count_on_random_labels() -> None:
                 pytest.approx((precision, recall, f1, accuracy, kappa))
     empty = classification_metrics([], [])
     assert empty["n"] == 0 and math.isnan(empty["accuracy"]) and empty["kappa"] == 0.0
-
-
-def test_split_keeps_each_prompt_on_one_side() -> None:
-    rows = toy_rows() + [e.replace(response="other", row=100 + e.row) for e in toy_rows()[:6]]
-    train, held = split_by_prompt(rows, 0.25, seed=1)
-    assert len(train) + len(held) == len(rows) and held
-    assert not ({normalize_prompt(e.prompt) for e in train}
-                & {normalize_prompt(e.prompt) for e in held})
-    assert split_by_prompt(rows, 0.25, seed=1) == (train, held)
 
 
 def test_metrics_against_hand_counts() -> None:

@@ -132,8 +132,8 @@ def train_guard(examples: list[Example], out: Path, data: list[str],
     from hftlab.config import Config, ModelConfig, TrainConfig
     from hftlab.devices import resolve_precision
     from hftlab.judges.common import check_replaceable, evaluate_judge
-    from hftlab.judges.embedding import split_record, training_split
     from hftlab.judges.llama_guard import LlamaGuardJudge
+    from hftlab.judges.splits import split_record, training_split
     from hftlab.model import attach_trainable, load_model, load_tokenizer, resolve_model_path
     from hftlab.utils import atomic_dir
 
