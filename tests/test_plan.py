@@ -252,3 +252,56 @@ def test_evaluation_prompt_counts_are_read_from_either_metrics_schema(tmp_path) 
     full_v2 = measure(records_with_task_prompts(tmp_path / "full", 872, v2=True), "fp32")
     assert half_v2.eval_seconds_per_budget == pytest.approx(half_v1.eval_seconds_per_budget)
     assert half_v2.eval_seconds_per_budget > full_v2.eval_seconds_per_budget
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_an_attack_search_is_priced_once_for_the_runs_that_share_it(tmp_path, capsys) -> None:
+    import shutil
+
+    import yaml
+
+    records = tmp_path / "records"
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1"):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, records / run)
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "parity.yaml", check=False)
+    virus = "defense-sft_attack-virus_attack_args-f91a90a0_seed-{}"
+    screened = "defense-guardrail_defense_args-48049107_attack-virus_attack_args-f91a90a0_seed-{}"
+    cells = {c.name: c for c in cpu_cells(sweep, measure(records, "fp32"))}
+    # no record timed a virus search: the first run of each problem says so
+    assert "virus's search" in cells[virus.format(0)].unmeasured
+    assert "virus's search" not in cells[screened.format(0)].unmeasured  # reuses seed 0's
+    assert "virus's search" in cells[virus.format(1)].unmeasured  # another seed, another problem
+
+    def as_virus(name: str, searched: float, cached: bool) -> float:
+        """A copy of sft seed 1's record as a virus run that ran (or reused) a search; returns
+        its data stage's seconds without the search."""
+        folder = records / name
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / "defense-sft_seed-1", folder)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config.update(attack="virus", attack_args={"judge": "keyword", "judge_term": "ranking"})
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["attack"]["search"] = {"cached": cached, "seconds": searched}
+        plain = metrics["stages"]["data"]["seconds"]
+        metrics["stages"]["data"]["seconds"] += 0.0 if cached else searched
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return plain
+
+    records = tmp_path / "virus"
+    shutil.copytree(RECORDS / "cpu_defenses_fp32" / "defense-sft_seed-0",
+                    records / "defense-sft_seed-0")
+    aligning = json.loads((records / "defense-sft_seed-0" / "metrics.json").read_text())
+    rest = as_virus("searched", 900.0, cached=False)
+    rates = measure(records, "fp32")
+    assert rates.fixed_seconds[("attack:virus", "search")] == 900.0
+    # the search is taken out of the data stage's seconds, which every run pays
+    assert rates.fixed_seconds[("sft", "data")] == pytest.approx(
+        (aligning["stages"]["data"]["seconds"] + rest) / 2)
+    cells = {c.name: c for c in cpu_cells(sweep, rates)}
+    plain = rates.fixed_seconds[("sft", "data")]
+    assert cells[virus.format(0)].seconds["data"] == pytest.approx(900.0 + plain)
+    assert cells[virus.format(1)].seconds["data"] == pytest.approx(900.0 + plain)
+    assert cells[screened.format(0)].seconds["data"] < 900.0
+    assert "virus's search" not in cells[virus.format(0)].unmeasured
+    as_virus("reused", 10.0, cached=True)  # a reuse times no search: not a sample of one
+    assert measure(records, "fp32").fixed_seconds[("attack:virus", "search")] == 900.0

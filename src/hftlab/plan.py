@@ -5,7 +5,8 @@ stages; prompts × new tokens for the evaluation) times seconds per token measur
 committed run records (``results/*/*/metrics.json``: per stage seconds and tokens) at the
 precision this CPU computes in, times each defense's measured cost relative to plain SFT
 (:mod:`hftlab.plan_rates`: between runs of one machine where the records name it). An
-alignment shared by several runs is counted once, as the sweep trains it once.
+alignment shared by several runs is counted once, as the sweep trains it once, and so is an
+attack's search (Virus's GCG) that several runs share (the attack caches it per problem).
 
 On GPUs: the same runs at the 7B protocol (``configs/gpu``), from FLOPs and memory bandwidth
 with the assumptions printed beside the numbers, and the defenses' measured multipliers.
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hftlab.attacks import ATTACKS
 from hftlab.config import ConfigError, load_config
 from hftlab.defenses.base import ALIGNMENT, FINETUNE, POST_FINETUNE
 from hftlab.defenses.composite import build_defense
@@ -29,6 +31,7 @@ from hftlab.plan_rates import (
     measure,
     names,
     parameters,
+    search_key,
     train_rows,
 )
 from hftlab.sweep import Sweep, load_sweep
@@ -73,10 +76,13 @@ def train_tokens(config: Any, rates: Rates, stage: str) -> float:
     return rows * per_row
 
 
-def cell_seconds(config: Any, rates: Rates, trains_alignment: bool, base_eval: bool) -> dict:
-    """Seconds per stage of one run on the machine ``rates`` was measured on."""
-    seconds = {"data": lookup(rates.fixed_seconds, config, "data",
-                              rates.fixed_seconds.get(("sft", "data"), 0.0))}
+def cell_seconds(config: Any, rates: Rates, trains_alignment: bool, base_eval: bool,
+                 searches: bool = False) -> dict:
+    """Seconds per stage of one run on the machine ``rates`` was measured on; ``searches``: this
+    run runs its attack's search (the first of the runs that share it)."""
+    search = rates.fixed_seconds.get(search_key(config.attack), 0.0) if searches else 0.0
+    seconds = {"data": search + lookup(rates.fixed_seconds, config, "data",
+                                       rates.fixed_seconds.get(("sft", "data"), 0.0))}
     # another model's size: the speeds scale with the parameters (none known: as measured)
     scale = parameters(str(config.model.name), rates.parameters) / rates.parameters
     for stage in TRAIN_STAGES:
@@ -117,40 +123,58 @@ def alignment_signature(config: Any) -> str:
                         defense.cache_key(ALIGNMENT) if acts else None])
 
 
-def alignments(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any, bool]]:
-    """(config, whether this run trains its alignment) per run: the first run of each
-    alignment does, from scratch (no cache counted)."""
-    seen: set[str] = set()
+def search_signature(config: Any) -> str | None:
+    """What makes two runs' attack searches the same, read from their configs (the attack's
+    cache key hashes the rows, the surrogate and the aligned adapter these settings make): the
+    attack with its options, the seed, the user's data settings, the model and the alignment.
+    None for an attack that runs no search."""
+    if not ATTACKS.get(config.attack).searches:
+        return None
+    upload = {k: v for k, v in asdict(config.finetune).items() if k not in ("train", "precision")}
+    return stable_hash([config.attack, config.attack_args, config.seed, upload,
+                        str(config.model.name), alignment_signature(config)])
+
+
+def first_runs(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any, bool, bool]]:
+    """(config, whether this run trains its alignment, whether it runs its attack's search) per
+    run: the first run of each alignment and of each search does, from scratch (no cache
+    counted); the later ones reuse it."""
+    seen: set[str | None] = {None}
     found = []
     for extra in overrides:
         config = load_config(config_path, extra)
-        key = alignment_signature(config)
-        found.append((config, config.alignment.enabled and key not in seen))
-        seen.add(key)
+        alignment, search = alignment_signature(config), search_signature(config)
+        found.append((config, config.alignment.enabled and alignment not in seen,
+                      search not in seen))
+        seen |= {alignment, search}
     return found
 
 
-def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool) -> tuple[str, ...]:
+def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool,
+                      searches: bool = False) -> tuple[str, ...]:
     """The stages a run's defense acts in that no record measured for that defense (with or
     without its options): priced as plain sft's, which may be far off (EWC's Fisher, Booster's
-    and TAR's extra passes cost several times sft's step)."""
+    and TAR's extra passes cost several times sft's step); and the attack's search when no
+    record timed one (Virus's GCG: priced as sft's data stage, which has none)."""
+    search = ((f"{config.attack}'s search",)
+              if searches and search_key(config.attack) not in rates.fixed_seconds else ())
     if config.defense == "sft":
-        return ()
+        return search
     acts = build_defense(config.defense, config.defense_args).stages
     priced = [("align", rates.factor, ALIGNMENT in acts and trains_alignment),
               ("finetune", rates.factor,
                FINETUNE in acts and not any(n in rates.reuses_finetune for n in names(config))),
               ("post_finetune", rates.fixed_seconds, POST_FINETUNE in acts)]
     return tuple(stage for stage, table, needed in priced
-                 if needed and lookup(table, config, stage, None) is None)
+                 if needed and lookup(table, config, stage, None) is None) + search
 
 
 def cpu_cells(sweep: Sweep, rates: Rates) -> list[Cell]:
     """Every run of the sweep on this CPU, from scratch."""
-    runs = alignments(sweep.config, [r.overrides for r in sweep.runs])
-    return [Cell(run.name, cell_seconds(config, rates, trains, number == 0),
-                 unmeasured_stages(config, rates, trains))
-            for number, (run, (config, trains)) in enumerate(zip(sweep.runs, runs))]
+    runs = first_runs(sweep.config, [r.overrides for r in sweep.runs])
+    return [Cell(run.name, cell_seconds(config, rates, trains, number == 0, searches),
+                 unmeasured_stages(config, rates, trains, searches))
+            for number, (run, (config, trains, searches)) in enumerate(zip(sweep.runs, runs))]
 
 
 def gpu_cells(sweep: Sweep, rates: Rates, gpu: str) -> tuple[list[Cell], float]:
@@ -159,8 +183,8 @@ def gpu_cells(sweep: Sweep, rates: Rates, gpu: str) -> tuple[list[Cell], float]:
     spec = GPUS[gpu]
     overrides = [[f"{k}={json.dumps(v)}" for k, v in r.values.items()] for r in sweep.runs]
     cells, count = [], 0.0
-    for number, (run, (config, trains)) in enumerate(
-            zip(sweep.runs, alignments(GPU_CONFIG, overrides))):
+    for number, (run, (config, trains, _)) in enumerate(
+            zip(sweep.runs, first_runs(GPU_CONFIG, overrides))):
         count = parameters(str(config.model.name))
         train_token = 4 * count / (TRAIN_MFU * spec["flops"])  # forward + input gradients
         decode_step = 2 * count / (DECODE_EFFICIENCY * spec["bandwidth"])  # bf16 weights
@@ -209,7 +233,8 @@ def plan_lines(sweep_file: Path, overrides: list[str] | None = None, gpu: str | 
              f"measured in {rates.records} records below {folder}: sft trains {speeds}{paired})"]
     for cell in cells:
         stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in cell.seconds.items() if v >= 30)
-        guess = (f"; not measured for its defense, priced as sft's: {', '.join(cell.unmeasured)}"
+        guess = (f"; not measured for its defense or attack, priced as sft's: "
+                 f"{', '.join(cell.unmeasured)}"
                  if cell.unmeasured else "")
         lines.append(f"  {cell.name}: {hours(cell.total)} ({stages} min{guess})")
     total = sum(c.total for c in cells)

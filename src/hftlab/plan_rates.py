@@ -40,7 +40,8 @@ class Rates:
     seconds_per_token: dict[str, float]  # per training stage, plain sft
     eval_seconds_per_budget: float  # per prompt × max new tokens, plain sft
     factor: dict[tuple[str, str], float]  # (defense, stage) → its cost / sft's
-    fixed_seconds: dict[tuple[str, str], float]  # (defense, stage) → seconds (data, repairs)
+    # (defense, stage) → seconds (data, repairs); ("attack:NAME", "search") → an attack's search
+    fixed_seconds: dict[tuple[str, str], float]
     tokens_per_row: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens per row
     stage_tokens: dict[tuple[str, str], float]  # (defense or "*", stage) → tokens (rows unknown)
     reuses_finetune: set[str] = field(default_factory=set)  # defenses that skip fine-tuning
@@ -150,6 +151,22 @@ def lookup(table: dict, config: Any, stage: str, default: float | None) -> float
     return default
 
 
+def search_key(attack: str) -> tuple[str, str]:
+    """Where an attack's search seconds are filed among the fixed seconds."""
+    return (f"attack:{attack}", "search")
+
+
+def attack_search(metrics: dict) -> float | None:
+    """The seconds a record's attack spent in its search (``search`` in the attack's report),
+    when this run ran it: None when it read the result from the cache, when its attack has no
+    search, or for a record made before attacks timed theirs. A search is priced once per
+    problem (the runs that share it reuse it), the rest of the data stage per run."""
+    search = (metrics.get("attack") or {}).get("search")
+    if not isinstance(search, dict) or search.get("cached") or search.get("seconds") is None:
+        return None
+    return float(search["seconds"])
+
+
 def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> None:
     per_row = samples.per_row
     for stage in TRAIN_STAGES:
@@ -231,8 +248,14 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
                 counts[key].append(found[key])
     samples = Samples({key: statistics.median(values) for key, values in counts.items()})
     for metrics, config in records:
+        stages = metrics["stages"]
+        search = attack_search(metrics)
+        if search is not None:
+            samples.fixed[search_key(config.attack)].append(search)
+            data = stages.get("data") or {}
+            stages = {**stages, "data": {**data, "seconds": data.get("seconds", 0.0) - search}}
         for defense in names(config):
-            add_record(defense, metrics["stages"], config, samples)
+            add_record(defense, stages, config, samples)
     samples.settle()
     per_token, per_row = samples.per_token(), samples.per_row
     median = {key: statistics.median(values) for key, values in per_token.items()}

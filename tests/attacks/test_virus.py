@@ -262,7 +262,12 @@ def test_optimised_rows_are_cached_per_problem(tiny_overrides, tmp_path, monkeyp
     monkeypatch.setattr(Virus, "_run_gcg", no_gcg)
     again = RunContext(config, tmp_path / "again")
     assert again.data.user == first
-    assert again.attack.describe(first) == ctx.attack.describe(first)
+    computed, reused = ctx.attack.describe(first), again.attack.describe(first)
+    # the search's cost stays on record when its rows are read back, marked as cached
+    searched = computed.pop("search")
+    assert searched["cached"] is False and searched["seconds"] > 0
+    assert reused.pop("search") == {"cached": True, "seconds": searched["seconds"]}
+    assert reused == computed
     # another seed is another problem: it must optimise (and here meets the stub)
     other = load_config(None, [*tiny_overrides, "attack=virus", f"attack_args={args}", "seed=1"])
     with pytest.raises(AssertionError, match="ran again"):

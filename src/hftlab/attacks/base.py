@@ -23,7 +23,7 @@ import random
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hftlab.config import ConfigError
 from hftlab.data.records import DataError, Example
@@ -69,6 +69,10 @@ class EvalVariant:
 
 
 class Attack(Plugin):
+    #: whether building the data runs a costly search (Virus's GCG) that the attack caches per
+    #: problem; its report then times it (``search``: seconds, cached) for ``hftlab plan``
+    searches: ClassVar[bool] = False
+
     @abstractmethod
     def build(self, inputs: AttackInputs) -> list[Example]:
         """The user's data set; each row's ``is_harmful`` says whether it is a harmful row."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +157,7 @@ class Virus(Attack):
     paper = "Huang et al. 2025, Virus, arXiv 2501.17433"
     reference = ("git-disl/Virus trainer.py (VirusAttackTrainer, VirusAttackFinetuneTrainer), "
                  "train.py, poison/evaluation/moderation.py, script/attack/virus.sh")
+    searches = True
 
     @dataclass
     class Options:
@@ -219,6 +221,8 @@ class Virus(Attack):
         self._records: list[dict[str, Any]] = []
         self._surrogate_info: dict[str, Any] = {}
         self._judge_counts: dict[str, Any] = {}
+        # the GCG search's seconds when it ran (kept in the cache) and whether this run reused it
+        self._search: dict[str, Any] | None = None
 
     def prepare(self, ctx: RunContext) -> None:
         """Bind the run whose data this attack builds: the surrogate becomes the run's model
@@ -305,11 +309,14 @@ class Virus(Attack):
             self._optimised = [Example.from_dict(d) for d in saved["optimised"]]
             self._records, self._surrogate_info = saved["records"], saved["surrogate"]
             self._judge_counts = saved["judge_counts"]
+            self._search = {"cached": True, "seconds": saved.get("search_seconds")}
             log.info("virus: %d optimised rows found in cache: %s", len(self._optimised), cache)
             return
+        start = time.perf_counter()
         self._run_gcg(benign, harmful, seed)
+        self._search = {"cached": False, "seconds": round(time.perf_counter() - start, 1)}
         if cache is not None:
-            write_json(cache, {
+            write_json(cache, {"search_seconds": self._search["seconds"],
                 "unoptimised": [e.to_dict() for e in self._unoptimised],
                 "optimised": [e.to_dict() for e in self._optimised],
                 "records": self._records, "surrogate": self._surrogate_info,
@@ -381,7 +388,7 @@ class Virus(Attack):
         trained = sum(e.is_harmful and "virus" in e.meta for e in data)
         return {**super().describe(data), "virus_rows": len(self._optimised),
                 "virus_rows_trained": trained, "surrogate": self._surrogate_info,
-                "attack_judge": self._judge_counts,
+                "attack_judge": self._judge_counts, "search": self._search,
                 "retokenizing_rows": sum(r["retokenizes"] for r in self._records),
                 "rows": self._records}
 
