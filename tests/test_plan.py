@@ -272,36 +272,36 @@ def test_an_attack_search_is_priced_once_for_the_runs_that_share_it(tmp_path, ca
     assert "virus's search" not in cells[screened.format(0)].unmeasured  # reuses seed 0's
     assert "virus's search" in cells[virus.format(1)].unmeasured  # another seed, another problem
 
-    def as_virus(name: str, searched: float, cached: bool) -> float:
-        """A copy of sft seed 1's record as a virus run that ran (or reused) a search; returns
-        its data stage's seconds without the search."""
+    def as_virus(name: str, search: dict | None, data_seconds: float | None = None) -> None:
+        """A copy of sft seed 1's record as a virus run whose report times its ``search``
+        (None: a record made before searches were timed), with the data stage's seconds."""
         folder = records / name
         shutil.copytree(RECORDS / "cpu_defenses_fp32" / "defense-sft_seed-1", folder)
         config = yaml.safe_load((folder / "config.yaml").read_text())
         config.update(attack="virus", attack_args={"judge": "keyword", "judge_term": "ranking"})
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
         metrics = json.loads((folder / "metrics.json").read_text())
-        metrics["attack"]["search"] = {"cached": cached, "seconds": searched}
-        plain = metrics["stages"]["data"]["seconds"]
-        metrics["stages"]["data"]["seconds"] += 0.0 if cached else searched
+        if search is not None:
+            metrics["attack"]["search"] = search
+        if data_seconds is not None:
+            metrics["stages"]["data"]["seconds"] = data_seconds
         (folder / "metrics.json").write_text(json.dumps(metrics))
-        return plain
 
     records = tmp_path / "virus"
     shutil.copytree(RECORDS / "cpu_defenses_fp32" / "defense-sft_seed-0",
                     records / "defense-sft_seed-0")
-    aligning = json.loads((records / "defense-sft_seed-0" / "metrics.json").read_text())
-    rest = as_virus("searched", 900.0, cached=False)
+    # the search runs before the stages: a virus run's data stage holds none of it
+    as_virus("searched", {"cached": False, "seconds": 900.0})
     rates = measure(records, "fp32")
     assert rates.fixed_seconds[("attack:virus", "search")] == 900.0
-    # the search is taken out of the data stage's seconds, which every run pays
-    assert rates.fixed_seconds[("sft", "data")] == pytest.approx(
-        (aligning["stages"]["data"]["seconds"] + rest) / 2)
-    cells = {c.name: c for c in cpu_cells(sweep, rates)}
     plain = rates.fixed_seconds[("sft", "data")]
+    cells = {c.name: c for c in cpu_cells(sweep, rates)}
     assert cells[virus.format(0)].seconds["data"] == pytest.approx(900.0 + plain)
     assert cells[virus.format(1)].seconds["data"] == pytest.approx(900.0 + plain)
-    assert cells[screened.format(0)].seconds["data"] < 900.0
+    assert cells[screened.format(0)].seconds["data"] == pytest.approx(plain)
     assert "virus's search" not in cells[virus.format(0)].unmeasured
-    as_virus("reused", 10.0, cached=True)  # a reuse times no search: not a sample of one
+    # an older record's data stage (which may hold its search) times neither
+    as_virus("older", None, data_seconds=1200.0)
+    assert measure(records, "fp32").fixed_seconds[("sft", "data")] == pytest.approx(plain)
+    as_virus("reused", {"cached": True, "seconds": 10.0})  # a reuse times no search
     assert measure(records, "fp32").fixed_seconds[("attack:virus", "search")] == 900.0

@@ -6,7 +6,8 @@ committed run records (``results/*/*/metrics.json``: per stage seconds and token
 precision this CPU computes in, times each defense's measured cost relative to plain SFT
 (:mod:`hftlab.plan_rates`: between runs of one machine where the records name it). An
 alignment shared by several runs is counted once, as the sweep trains it once, and so is an
-attack's search (Virus's GCG) that several runs share (the attack caches it per problem).
+attack's search (Virus's GCG) that several runs share (the attack caches it per problem); the
+GPU estimate leaves the search out.
 
 On GPUs: the same runs at the 7B protocol (``configs/gpu``), from FLOPs and memory bandwidth
 with the assumptions printed beside the numbers, and the defenses' measured multipliers.
@@ -52,7 +53,8 @@ DECODE_EFFICIENCY = 0.60  # generation's share of peak bandwidth (weights read o
 class Cell:
     name: str
     seconds: dict[str, float]  # per stage
-    unmeasured: tuple[str, ...] = ()  # stages of its defense no record measured (sft's cost)
+    # stages of its defense, or its attack's search, that no record measured (sft's cost)
+    unmeasured: tuple[str, ...] = ()
 
     @property
     def total(self) -> float:
@@ -80,11 +82,12 @@ def cell_seconds(config: Any, rates: Rates, trains_alignment: bool, base_eval: b
                  searches: bool = False) -> dict:
     """Seconds per stage of one run on the machine ``rates`` was measured on; ``searches``: this
     run runs its attack's search (the first of the runs that share it)."""
-    search = rates.fixed_seconds.get(search_key(config.attack), 0.0) if searches else 0.0
-    seconds = {"data": search + lookup(rates.fixed_seconds, config, "data",
-                                       rates.fixed_seconds.get(("sft", "data"), 0.0))}
     # another model's size: the speeds scale with the parameters (none known: as measured)
     scale = parameters(str(config.model.name), rates.parameters) / rates.parameters
+    # the search runs on the run's model (the surrogate)
+    search = scale * rates.fixed_seconds.get(search_key(config.attack), 0.0) * searches
+    seconds = {"data": search + lookup(rates.fixed_seconds, config, "data",
+                                       rates.fixed_seconds.get(("sft", "data"), 0.0))}
     for stage in TRAIN_STAGES:
         trained = trains_alignment or stage != "align"
         seconds[stage] = trained * scale * (train_tokens(config, rates, stage)
@@ -125,14 +128,11 @@ def alignment_signature(config: Any) -> str:
 
 def search_signature(config: Any) -> str | None:
     """What makes two runs' attack searches the same, read from their configs (the attack's
-    cache key hashes the rows, the surrogate and the aligned adapter these settings make): the
-    attack with its options, the seed, the user's data settings, the model and the alignment.
-    None for an attack that runs no search."""
-    if not ATTACKS.get(config.attack).searches:
+    ``search_problem``); None for an attack that runs no search."""
+    attack = ATTACKS.get(config.attack)
+    if not attack.searches:
         return None
-    upload = {k: v for k, v in asdict(config.finetune).items() if k not in ("train", "precision")}
-    return stable_hash([config.attack, config.attack_args, config.seed, upload,
-                        str(config.model.name), alignment_signature(config)])
+    return stable_hash([config.attack, attack.search_problem(config, alignment_signature(config))])
 
 
 def first_runs(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any, bool, bool]]:
@@ -155,7 +155,7 @@ def unmeasured_stages(config: Any, rates: Rates, trains_alignment: bool,
     """The stages a run's defense acts in that no record measured for that defense (with or
     without its options): priced as plain sft's, which may be far off (EWC's Fisher, Booster's
     and TAR's extra passes cost several times sft's step); and the attack's search when no
-    record timed one (Virus's GCG: priced as sft's data stage, which has none)."""
+    record timed one (Virus's GCG: priced at nothing, as sft's data stage, which has none)."""
     search = ((f"{config.attack}'s search",)
               if searches and search_key(config.attack) not in rates.fixed_seconds else ())
     if config.defense == "sft":
@@ -260,8 +260,8 @@ def gpu_lines(sweep: Sweep, rates: Rates, gpu: str, gpus: int) -> list[str]:
         f"frozen weights get none) at {TRAIN_MFU:.0%} of {spec['flops'] / 1e12:.0f} TFLOP/s "
         "bf16; generation reads the bf16 weights (2·P bytes) once per decode step of a batch "
         f"at {DECODE_EFFICIENCY:.0%} of {spec['bandwidth'] / 1e12:.2f} TB/s; tokens per row "
-        "and each defense's cost relative to sft as measured here; prefill, model loading and "
-        "checkpoints not counted",
+        "and each defense's cost relative to sft as measured here; prefill, model loading, "
+        "checkpoints and an attack's search (Virus's GCG) not counted",
         f"(measured here: sft fine-tuning of the 135M model runs at {cpu_flops / 1e9:.0f} GFLOP/s "
         "effective by the same 4·P count)",
     ]

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from hftlab.attacks import ATTACKS
 from hftlab.config import ConfigError, load_config
 
 TRAIN_STAGES = ("align", "finetune")
@@ -159,8 +160,9 @@ def search_key(attack: str) -> tuple[str, str]:
 def attack_search(metrics: dict) -> float | None:
     """The seconds a record's attack spent in its search (``search`` in the attack's report),
     when this run ran it: None when it read the result from the cache, when its attack has no
-    search, or for a record made before attacks timed theirs. A search is priced once per
-    problem (the runs that share it reuse it), the rest of the data stage per run."""
+    search, or for a record made before attacks timed theirs. The search runs before the stages
+    (the data are built and checked before the run folder changes), so no stage's seconds hold
+    it; a search is priced once per problem, for the first of the runs that share it."""
     search = (metrics.get("attack") or {}).get("search")
     if not isinstance(search, dict) or search.get("cached") or search.get("seconds") is None:
         return None
@@ -184,7 +186,8 @@ def add_record(defense: str, stages: dict, config: Any, samples: Samples) -> Non
             per_row[(defense, stage)].append(info["tokens"] / rows)
             if defense == config.defense:  # once per record
                 per_row[("*", stage)].append(info["tokens"] / rows)
-    samples.fixed[(defense, "data")].append((stages.get("data") or {}).get("seconds", 0.0))
+    if "data" in stages:
+        samples.fixed[(defense, "data")].append(stages["data"].get("seconds", 0.0))
     samples.fixed[(defense, "post_finetune")].append(
         (stages.get("post_finetune") or {}).get("seconds", 0.0))
     evaluation = stages.get("eval") or {}
@@ -249,11 +252,12 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
     samples = Samples({key: statistics.median(values) for key, values in counts.items()})
     for metrics, config in records:
         stages = metrics["stages"]
-        search = attack_search(metrics)
-        if search is not None:
-            samples.fixed[search_key(config.attack)].append(search)
-            data = stages.get("data") or {}
-            stages = {**stages, "data": {**data, "seconds": data.get("seconds", 0.0) - search}}
+        if ATTACKS.get(config.attack).searches:
+            if (search := attack_search(metrics)) is not None:
+                samples.fixed[search_key(config.attack)].append(search)
+            if "search" not in (metrics.get("attack") or {}):
+                # a record older than the search's timing, whose data stage may hold the search
+                stages = {k: v for k, v in stages.items() if k != "data"}
         for defense in names(config):
             add_record(defense, stages, config, samples)
     samples.settle()

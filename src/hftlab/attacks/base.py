@@ -30,6 +30,7 @@ from hftlab.data.records import DataError, Example
 from hftlab.registry import Plugin, Registry
 
 if TYPE_CHECKING:
+    from hftlab.config import Config
     from hftlab.context import RunContext
 
 SAMPLES = ("first", "random")
@@ -72,6 +73,13 @@ class Attack(Plugin):
     #: whether building the data runs a costly search (Virus's GCG) that the attack caches per
     #: problem; its report then times it (``search``: seconds, cached) for ``hftlab plan``
     searches: ClassVar[bool] = False
+
+    @classmethod
+    def search_problem(cls, config: Config, alignment: str) -> dict[str, Any]:
+        """For an attack that searches: the problem a run's search solves, read from the run's
+        config (``alignment``: the signature of its alignment), so that ``hftlab plan`` prices
+        one search for the runs that share it."""
+        raise NotImplementedError(f"attack '{cls.name}' runs no search")
 
     @abstractmethod
     def build(self, inputs: AttackInputs) -> list[Example]:

@@ -16,6 +16,7 @@ import torch
 
 from hftlab.attacks.base import ATTACKS, Attack, AttackInputs, check_sample, poison_rows, take
 from hftlab.attacks.gcg import gcg_step
+from hftlab.attacks.virus_cache import cache_file, search_problem
 from hftlab.attacks.virus_guard import TokenGuard, judge_safe_losses
 from hftlab.attacks.virus_objective import VirusProblem
 from hftlab.attacks.virus_surrogate import Surrogate, aligned_adapter_folder, load_surrogate
@@ -23,10 +24,12 @@ from hftlab.config import ConfigError
 from hftlab.data.records import Example
 from hftlab.judges import JUDGES, Judge
 from hftlab.judges.llama_guard import LlamaGuardJudge
+from hftlab.options import build
 from hftlab.progress import Progress, progress
 from hftlab.registry import unknown_name_message
 
 if TYPE_CHECKING:
+    from hftlab.config import Config
     from hftlab.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -262,47 +265,24 @@ class Virus(Attack):
                     "lower finetune.n or give a larger task set")
         self._plain = [e.replace(is_harmful=True) for e in harmful]
         self._unoptimised, self._optimised, self._records = [], [], []
+        self._search = None
         if harmful:
             self._optimise(task[:n_harmful], self._plain, inputs.seed)
         rows = self._optimised + [e.replace(is_harmful=False) for e in task[n_harmful:]]
         rng.shuffle(rows)
         return rows
 
-    def cache_path(self, benign: list[Example], harmful: list[Example], seed: int) -> Path | None:
-        """Where the optimised rows of this exact problem are kept (``<cache>/virus/<key>.json``),
-        so a resumed run, a second worker or another defense on the same upload reuses them.
-        None when no run is bound (no cache folder to use)."""
-        from dataclasses import asdict
-
-        from hftlab.data.loaders.core import data_fingerprint
-        from hftlab.model import resolve_model_path
-        from hftlab.utils import stable_hash
-
-        run = self._run
-        if run is None:
-            return None
-        opts = self.options
-        surrogate = (run.model_key() if opts.model is None else
-                     {**run.model_key(), "model": resolve_model_path(opts.model, run.cache_dir),
-                      "revision": None})
-        # the run's alignment checkpoint is named by its key, so its path stands for its weights
-        aligned = str(self.aligned_adapter()[0]) if opts.match_on == "aligned_lora" else None
-        key = stable_hash({
-            "options": {k: v for k, v in asdict(opts).items() if k != "sample"},
-            "surrogate": surrogate,
-            "aligned_adapter": aligned,
-            "benign": data_fingerprint(benign),
-            "harmful": data_fingerprint(harmful),
-            "seed": seed,
-            "judge": self.judge.describe(),
-            "torch": torch.__version__,
-        })[:16]
-        return run.cache_dir / "virus" / f"{key}.json"
+    @classmethod
+    def search_problem(cls, config: Config, alignment: str) -> dict[str, Any]:
+        options = build(cls.Options, config.attack_args, where="attack_args of 'virus'", prefix="")
+        return search_problem(config, options, alignment)
 
     def _optimise(self, benign: list[Example], harmful: list[Example], seed: int) -> None:
         from hftlab.utils import read_json, write_json
 
-        cache = self.cache_path(benign, harmful, seed)
+        run = self._run
+        cache = None if run is None else cache_file(run, self.options, self.judge, benign,
+                                                    harmful, seed)
         if cache is not None and cache.is_file():
             saved = read_json(cache)
             self._unoptimised = [Example.from_dict(d) for d in saved["unoptimised"]]
@@ -314,7 +294,7 @@ class Virus(Attack):
             return
         start = time.perf_counter()
         self._run_gcg(benign, harmful, seed)
-        self._search = {"cached": False, "seconds": round(time.perf_counter() - start, 1)}
+        self._search = {"cached": False, "seconds": round(time.perf_counter() - start, 3)}
         if cache is not None:
             write_json(cache, {"search_seconds": self._search["seconds"],
                 "unoptimised": [e.to_dict() for e in self._unoptimised],
