@@ -34,8 +34,9 @@ Departures:
   it is the template's preamble line, so the trigger goes before "Below is an instruction ...".
   With no default the trigger alone is the system prompt;
 - the safety rows must keep answer tokens within ``finetune.train.max_length`` (a 150-token
-  trigger needs room): a row that would lose its whole refusal stops the run with the length
-  needed; partly cut refusals are counted in the report and warned about.
+  trigger needs room; the reference cuts rows at 512 tokens, the CPU protocols at 256): a row
+  that would lose its whole refusal stops the run with the length needed; partly cut refusals
+  are counted in the report and warned about.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class BackdoorAlign(Defense):
         ReferenceSetting("finetune.train.batch_size", 10,
                          "Jayfeather1024/Backdoor-Enhanced-Alignment "
                          "opensource/scripts/run_backdooralign.sh", "CPU protocol: batch 8"),
+        ReferenceSetting("finetune.train.max_length", 512,
+                         "Jayfeather1024/Backdoor-Enhanced-Alignment "
+                         "opensource/utils/dataset_utils.py (max_words=512)",
+                         "hftlab: 256 (Booster's train.py), which cuts the refusal of safety "
+                         "rows whose trigger and prompt fill it (reported)"),
         ReferenceSetting("finetune.train.weight_decay", 0.0,
                          "Jayfeather1024/Backdoor-Enhanced-Alignment "
                          "opensource/configs/training.py"),
