@@ -305,3 +305,29 @@ def test_an_attack_search_is_priced_once_for_the_runs_that_share_it(tmp_path, ca
     assert measure(records, "fp32").fixed_seconds[("sft", "data")] == pytest.approx(plain)
     as_virus("reused", {"cached": True, "seconds": 10.0})  # a reuse times no search
     assert measure(records, "fp32").fixed_seconds[("attack:virus", "search")] == 900.0
+
+
+@pytest.mark.skipif(not (RECORDS / "cpu_defenses_fp32").is_dir(), reason="no records")
+def test_a_defense_that_acts_in_fine_tuning_is_never_taken_to_reuse_sfts(tmp_path) -> None:
+    import shutil
+
+    import yaml
+
+    records = tmp_path / "records"
+    for run in ("defense-sft_seed-0", "defense-sft_seed-1"):
+        shutil.copytree(RECORDS / "cpu_defenses_fp32" / run, records / run)
+    # a guardrail that screened nothing out found its fine-tuning in the cache (sft's upload)
+    screened = records / "screened"
+    shutil.copytree(records / "defense-sft_seed-1", screened)
+    config = yaml.safe_load((screened / "config.yaml").read_text())
+    config.update(defense="guardrail", defense_args={"judge": "keyword"})
+    (screened / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = json.loads((screened / "metrics.json").read_text())
+    metrics["stages"]["finetune"]["cached"] = True
+    (screened / "metrics.json").write_text(json.dumps(metrics))
+    rates = measure(records, "fp32")
+    assert not rates.reuses_finetune
+    cells = {c.name: c for c in cpu_cells(load_sweep(CPU_DEFENSES, check=False), rates)}
+    guarded = next(c for name, c in cells.items() if name.startswith("defense-guardrail"))
+    assert guarded.seconds["finetune"] == pytest.approx(cells["defense-sft_seed-1"].seconds[
+        "finetune"])

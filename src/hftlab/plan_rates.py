@@ -25,6 +25,8 @@ import yaml
 
 from hftlab.attacks import ATTACKS
 from hftlab.config import ConfigError, load_config
+from hftlab.defenses import DEFENSES
+from hftlab.defenses.base import FINETUNE
 
 TRAIN_STAGES = ("align", "finetune")
 #: Parameters of the models the configs name (by a part of the name).
@@ -286,12 +288,20 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
                         if not key[1].endswith(":tokens")},
         stage_tokens={(d, s.split(":")[0]): statistics.median(v) for (d, s), v in per_row.items()
                       if s.endswith(":tokens")},
-        reuses_finetune={d for d, ran in samples.finetuned.items() if not any(ran)},
+        reuses_finetune={d for d, ran in samples.finetuned.items()
+                         if not any(ran) and not shapes_finetuning(d)},
         pooled_stages=pooled_stages,
         paired=sum(key[0] != "sft" for key in paired),
         left_out=samples.left_out,
         under_load=sum(d != "sft" and "{" not in d for d, _ in samples.under_load),
     )
+
+
+def shapes_finetuning(name: str) -> bool:
+    """Whether a defense (a records name: bare or with its options) acts in the fine-tuning
+    stage. Only a defense that does not can reuse sft's fine-tuning; one that does (a guardrail
+    that screened nothing out) may have found its fine-tuning in the cache by chance."""
+    return FINETUNE in DEFENSES.get(name.split("{")[0]).stages
 
 
 def parameters(model_name: str, unknown: float = 7e9) -> float:
