@@ -129,10 +129,8 @@ def alignment_signature(config: Any) -> str:
 def search_signature(config: Any) -> str | None:
     """What makes two runs' attack searches the same, read from their configs (the attack's
     ``search_problem``); None for an attack that runs no search."""
-    attack = ATTACKS.get(config.attack)
-    if not attack.searches:
-        return None
-    return stable_hash([config.attack, attack.search_problem(config, alignment_signature(config))])
+    problem = ATTACKS.get(config.attack).search_problem(config, alignment_signature(config))
+    return None if problem is None else stable_hash([config.attack, problem])
 
 
 def first_runs(config_path: Path, overrides: list[list[str]]) -> list[tuple[Any, bool, bool]]:

@@ -254,7 +254,8 @@ def measure_records(records: list[tuple[dict, Any]], folder: Path, precision: st
     samples = Samples({key: statistics.median(values) for key, values in counts.items()})
     for metrics, config in records:
         stages = metrics["stages"]
-        if ATTACKS.get(config.attack).searches:
+        # whether the attack searches does not depend on the alignment: none is named here
+        if ATTACKS.get(config.attack).search_problem(config, "") is not None:
             if (search := attack_search(metrics)) is not None:
                 samples.fixed[search_key(config.attack)].append(search)
             if "search" not in (metrics.get("attack") or {}):

@@ -23,7 +23,7 @@ import random
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from hftlab.config import ConfigError
 from hftlab.data.records import DataError, Example
@@ -70,16 +70,14 @@ class EvalVariant:
 
 
 class Attack(Plugin):
-    #: whether building the data runs a costly search (Virus's GCG) that the attack caches per
-    #: problem; its report then times it (``search``: seconds, cached) for ``hftlab plan``
-    searches: ClassVar[bool] = False
-
     @classmethod
-    def search_problem(cls, config: Config, alignment: str) -> dict[str, Any]:
-        """For an attack that searches: the problem a run's search solves, read from the run's
-        config (``alignment``: the signature of its alignment), so that ``hftlab plan`` prices
-        one search for the runs that share it."""
-        raise NotImplementedError(f"attack '{cls.name}' runs no search")
+    def search_problem(cls, config: Config, alignment: str) -> dict[str, Any] | None:
+        """For an attack whose data are built by a costly search that it caches per problem
+        (Virus's GCG; its report then times it: ``search``, seconds and cached): the problem a
+        run's search solves, read from the run's config (``alignment``: the signature of its
+        alignment), so that ``hftlab plan`` prices one search for the runs that share it. None:
+        the attack runs no search."""
+        return None
 
     @abstractmethod
     def build(self, inputs: AttackInputs) -> list[Example]:

@@ -160,7 +160,6 @@ class Virus(Attack):
     paper = "Huang et al. 2025, Virus, arXiv 2501.17433"
     reference = ("git-disl/Virus trainer.py (VirusAttackTrainer, VirusAttackFinetuneTrainer), "
                  "train.py, poison/evaluation/moderation.py, script/attack/virus.sh")
-    searches = True
 
     @dataclass
     class Options:
